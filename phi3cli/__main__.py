@@ -1,0 +1,3 @@
+from phi3cli.cli import main
+
+main()

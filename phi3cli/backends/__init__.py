@@ -1,0 +1,76 @@
+"""The registry of backends: what each is called, where it lives, which extra installs it.
+
+Probing uses importlib's find_spec only, so listing backends imports no runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+
+from phi3cli.errors import BackendUnavailableError
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend as the registry knows it before importing it."""
+
+    name: str
+    module: str
+    class_name: str
+    extra: str
+    probes: tuple[str, ...]  # top-level modules that must be importable
+    devices: tuple[str, ...]  # devices it can drive, where present
+    formats: tuple[str, ...]  # weight formats it runs; the first is the default
+    description: str
+    platforms: tuple[str, ...] = ()  # sys.platform values it installs on; empty means all
+
+    def missing(self) -> str | None:
+        """Why this backend cannot be used here, or None when it can."""
+        if self.platforms and sys.platform not in self.platforms:
+            return f"{self.name} installs only on {', '.join(self.platforms)} (this is {sys.platform})"
+        absent = [m for m in self.probes if importlib.util.find_spec(m) is None]
+        if absent:
+            return f"{', '.join(absent)} not installed: pip install 'phi3cli[{self.extra}]'"
+        return None
+
+    @property
+    def installed(self) -> bool:
+        return self.missing() is None
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec(
+            name="torch",
+            module="phi3cli.backends.torch_backend",
+            class_name="TorchBackend",
+            extra="torch",
+            probes=("torch", "transformers"),
+            devices=("cpu",),
+            formats=("fp32", "bf16"),
+            description="transformers + PyTorch; the full-precision reference",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> BackendSpec:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise BackendUnavailableError(
+            f"Unknown backend {name!r}.", hint=f"Choose one of: {', '.join(BACKENDS)}."
+        ) from None
+
+
+def get_backend(name: str):
+    """An instance of the named backend, or a BackendUnavailableError naming the extra to install."""
+    spec = get_spec(name)
+    if reason := spec.missing():
+        raise BackendUnavailableError(f"The {name} backend is not available: {reason}.")
+    module = importlib.import_module(spec.module)
+    return getattr(module, spec.class_name)()

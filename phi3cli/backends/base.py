@@ -1,0 +1,200 @@
+"""The one interface every backend implements, and the small pieces they share.
+
+A backend turns a model source into a LoadedModel for a device. A LoadedModel encodes text and
+generates RawTokens; it does not time anything itself beyond stamping when each token was
+produced. phi3cli.generation turns those tokens into TokenEvents and ReplyStats, so every backend
+is measured by the same code.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from phi3cli.errors import ConversionError
+from phi3cli.progress import Progress
+from phi3cli.sources import ModelSource
+from phi3cli.store import ModelStore
+from phi3cli.templates import ChatTemplate
+
+DEVICES = ("cpu", "gpu", "npu")
+
+
+@dataclass
+class GenerationSettings:
+    """How to generate: greedy when temperature is 0."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: Sequence[str] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class RawToken:
+    """One generated token as the runtime produced it."""
+
+    text: str  # the text this token completes ("" while a multi-byte character is still pending)
+    t: float = field(default_factory=time.perf_counter)  # when it was produced
+    token_id: int | None = None
+
+
+@dataclass
+class LoadRequest:
+    """What to load: a source, on a device, at a weight format, with backend-specific options."""
+
+    source: ModelSource
+    device: str = "cpu"
+    format: str | None = None  # None: the backend's default for the device
+    threads: int | None = None
+    trust_remote_code: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class LoadedModel(ABC):
+    """A model ready to generate on one device."""
+
+    backend: str
+    device: str  # the device asked for: cpu, gpu or npu
+    executed_device: str  # what the runtime reports it runs on, read back after loading
+    path: Path  # the folder the runtime loaded
+    format: str
+    context_length: int
+    chat_template: ChatTemplate
+    max_prompt_tokens: int | None = None  # a tighter prompt budget than the context (an NPU's static shape)
+    load_seconds: float = 0.0  # stamped by phi3cli.generation.load_model
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, adding no special tokens (the chat template writes those)."""
+
+    @abstractmethod
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
+        """Generate after the prompt, one RawToken per new token; closing the iterator stops the runtime."""
+
+    def close(self) -> None:
+        """Release the runtime's resources."""
+
+
+class Backend(ABC):
+    """A runtime that can load (and where it can, build) Phi-3 models."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def load(self, request: LoadRequest, store: ModelStore, progress: Progress) -> LoadedModel:
+        """Find or build what the runtime needs for the request, and load it."""
+
+    def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, store: ModelStore, progress: Progress) -> None:
+        """Convert a Hugging Face folder into this runtime's format, writing into the (staging) folder out."""
+        raise ConversionError(f"The {self.name} backend does not convert models.")
+
+    def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
+        """Compress the weights of a model already in this runtime's format, writing into out."""
+        raise ConversionError(f"The {self.name} backend does not quantize models.")
+
+    def converter_version(self) -> str:
+        """The versions of the converting libraries; part of every store key, so upgrades rebuild."""
+        return ""
+
+    def runtime_versions(self) -> dict[str, str]:
+        """Versions of the libraries this backend uses, recorded in each variant's manifest."""
+        return {}
+
+
+@dataclass(frozen=True)
+class ConvertRecipe:
+    """How to build a variant: weight format, target device, and the compression knobs."""
+
+    format: str  # int4 | int8 | fp16 | fp32
+    target: str = "cpu"  # openvino: cpu | gpu | npu; onnx: cpu | dml | cuda
+    group_size: int | None = None  # None: the backend's default
+    ratio: float | None = None
+    sym: bool | None = None
+    awq: bool = False
+    dataset: str | None = None
+
+    def canonical(self) -> str:
+        """A stable text of every field, for store keys."""
+        return ";".join(f"{k}={v}" for k, v in sorted(self.__dict__.items()))
+
+
+class IncrementalDecoder:
+    """Turns token ids into text pieces as they arrive, holding back incomplete UTF-8 sequences.
+
+    Decodes a short window (from a few tokens back) per step, so the cost per token stays constant.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return after[len(before) :]
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def pull_from_push(producer: Callable[[Callable[[RawToken], bool]], None]) -> Iterator[RawToken]:
+    """Run a push-style generate (a streamer callback) in a worker thread and yield what it pushes.
+
+    The producer calls ``emit(token)`` for each token; emit returns False once the consumer has
+    stopped (closed the iterator, or Ctrl-C), and the producer must then stop generating.
+    """
+    items: queue.Queue = queue.Queue()
+    stopped = threading.Event()
+
+    def emit(token: RawToken) -> bool:
+        if stopped.is_set():
+            return False
+        items.put(token)
+        return True
+
+    def work() -> None:
+        try:
+            producer(emit)
+        except BaseException as exc:  # re-raised in the consumer's thread
+            items.put(_Failure(exc))
+        finally:
+            items.put(_DONE)
+
+    worker = threading.Thread(target=work, name="phi3-generate", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                break
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stopped.set()
+        worker.join()

@@ -1,0 +1,142 @@
+"""The reference backend: transformers + PyTorch on the CPU, full precision."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from phi3cli.backends.base import (
+    Backend,
+    GenerationSettings,
+    IncrementalDecoder,
+    LoadedModel,
+    LoadRequest,
+    RawToken,
+    pull_from_push,
+)
+from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError, UnsupportedModelError
+from phi3cli.progress import Progress
+from phi3cli.store import ModelStore
+from phi3cli.templates import load_chat_template
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Streamer(BaseStreamer):
+    """Receives each new token from generate() and pushes it, decoded, to the consumer."""
+
+    def __init__(self, decoder: IncrementalDecoder, emit: Callable[[RawToken], bool], stop: list[bool]):
+        self._decoder, self._emit, self._stop = decoder, emit, stop
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            if not self._emit(RawToken(self._decoder.push(token_id), token_id=token_id)):
+                self._stop[0] = True
+
+    def end(self):
+        pass
+
+
+class _StopWhenAsked(StoppingCriteria):
+    def __init__(self, stop: list[bool]):
+        self._stop = stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self._stop[0], dtype=torch.bool)
+
+
+class TorchModel(LoadedModel):
+    backend = "torch"
+
+    def __init__(self, path: Path, model, tokenizer, fmt: str, device: str):
+        self.path, self.model, self.tokenizer, self.format = path, model, tokenizer, fmt
+        self.device = device
+        self.executed_device = str(next(model.parameters()).device).upper()
+        self.context_length = int(model.config.max_position_embeddings)
+        self.chat_template = load_chat_template(path)
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = eos if isinstance(eos, list) else [eos]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
+        decoder = IncrementalDecoder(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        kwargs = dict(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=not settings.greedy,
+            pad_token_id=self.eos_ids[0],
+            eos_token_id=None if settings.ignore_eos else self.eos_ids,
+        )
+        if settings.ignore_eos:
+            kwargs["min_new_tokens"] = settings.max_new_tokens
+        if not settings.greedy:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+
+        def produce(emit: Callable[[RawToken], bool]) -> None:
+            stop = [False]
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=torch.tensor([prompt_ids]),
+                    attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                    streamer=_Streamer(decoder, emit, stop),
+                    stopping_criteria=StoppingCriteriaList([_StopWhenAsked(stop)]),
+                    **kwargs,
+                )
+
+        return pull_from_push(produce)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def load(self, request: LoadRequest, store: ModelStore, progress: Progress) -> LoadedModel:
+        if request.device != "cpu":
+            raise DeviceUnavailableError(
+                f"The torch backend runs on the CPU only here; {request.device} was asked.",
+                hint="Use --device cpu, or --backend openvino for GPU and NPU.",
+            )
+        if request.source.runtime:
+            raise BackendUnavailableError(
+                f"{request.source.spec} is an {request.source.runtime} model; the torch backend needs "
+                "the Hugging Face model.",
+                hint=f"Use --backend {request.source.runtime}.",
+            )
+        fmt = request.format or "fp32"
+        if fmt not in DTYPES:
+            raise UnsupportedModelError(
+                f"The torch backend runs fp32, bf16 or fp16 weights, not {fmt}.",
+                hint="Use --backend openvino or onnx for int4/int8.",
+            )
+        folder = request.source.hf_dir(store, progress)
+        if request.threads:
+            torch.set_num_threads(request.threads)
+        progress.phase(f"Loading {request.source.spec} with transformers ({fmt})")
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("auto_map") and not request.trust_remote_code:
+            progress.note("The model ships remote code; phi3 uses transformers' built-in Phi-3 instead.")
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=request.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=DTYPES[fmt],
+            use_safetensors=True,
+            trust_remote_code=request.trust_remote_code,
+            low_cpu_mem_usage=True,
+        ).eval()
+        return TorchModel(folder, model, tokenizer, fmt, request.device)

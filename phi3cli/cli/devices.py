@@ -1,0 +1,26 @@
+"""`phi3 devices`: what this machine has, per runtime."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from phi3cli.backends import BACKENDS
+from phi3cli.cli.errors import user_errors
+from phi3cli.devices import probe
+
+
+@user_errors
+def devices() -> None:
+    """Show the CPU, the devices each installed runtime sees, and which extras are missing."""
+    report = probe()
+    console = Console(highlight=False)
+    console.print(f"[bold]CPU:[/] {report.cpu}")
+    table = Table("backend", "devices", "what it saw", "install", title="Runtimes")
+    for name, spec in BACKENDS.items():
+        if name in report.missing:
+            table.add_row(name, "[dim]-[/]", f"[yellow]{report.missing[name]}[/]", f"phi3cli[{spec.extra}]")
+        else:
+            devs = ", ".join(report.present.get(name, [])) or "[red]none[/]"
+            table.add_row(name, devs, report.details.get(name, ""), "[green]installed[/]")
+    console.print(table)

@@ -1,0 +1,58 @@
+"""One place that turns exceptions into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import typer
+
+from phi3cli.errors import Phi3Error
+
+EXIT_INTERRUPTED = 130
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("PHI3_DEBUG", "") not in ("", "0")
+
+
+def message_for(exc: BaseException) -> tuple[str, str | None, int]:
+    """(message, hint, exit code) for an exception reaching the command line."""
+    if isinstance(exc, Phi3Error):
+        return exc.message, exc.hint, exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted; nothing was left half-written.", None, EXIT_INTERRUPTED
+    if isinstance(exc, MemoryError):
+        return "Out of memory.", "Try a smaller --format (int4) or close other programs.", 1
+    text = str(exc).strip().splitlines()
+    return (
+        f"Unexpected error: {exc.__class__.__name__}: {text[0] if text else ''}",
+        "Run again with --debug (or PHI3_DEBUG=1) for the traceback.",
+        1,
+    )
+
+
+def user_errors(command):
+    """Wrap a command so users see one line and an exit code, and --debug shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            if debug_enabled():
+                raise
+            message, hint, code = message_for(exc)
+            from rich.console import Console
+
+            err = Console(stderr=True, highlight=False)
+            err.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True)
+            if hint:
+                err.print(f"[dim]{hint}[/]", soft_wrap=True)
+            sys.stderr.flush()
+            raise typer.Exit(code) from None
+
+    return wrapper

@@ -1,0 +1,67 @@
+"""Rich rendering shared by the commands: progress for long work and the figures after a reply."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from phi3cli.generation import ReplyStats
+
+err_console = Console(stderr=True, highlight=False)
+
+
+class RichProgress:
+    """The core's Progress protocol drawn on stderr: a spinner per phase, a bar when the size is known."""
+
+    def __init__(self, console: Console = err_console):
+        self.console = console
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> RichProgress:
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress:
+            if exc[0] is None:
+                self._finish_task()
+            self._progress.stop()
+            self._progress = None
+
+    def phase(self, description: str, total: float | None = None) -> None:
+        if not self._progress:
+            return
+        self._finish_task()
+        self._task = self._progress.add_task(description, total=total)
+
+    def _finish_task(self) -> None:
+        if self._progress and self._task is not None:
+            task = self._progress.tasks[-1]
+            self.console.print(f"[green]✓[/] [dim]{task.description} ({task.elapsed or 0:.1f} s)[/]")
+            self._progress.remove_task(self._task)
+            self._task = None
+
+    def advance(self, amount: float = 1.0) -> None:
+        if self._progress and self._task is not None:
+            self._progress.advance(self._task, amount)
+
+    def note(self, message: str) -> None:
+        self.console.print(f"[yellow]{message}[/]", soft_wrap=True)
+
+
+def stats_line(stats: ReplyStats) -> str:
+    """One dim line after a reply: what ran where, and how fast."""
+    return (
+        f"{stats.backend} on {stats.executed_device} · TTFT {stats.ttft_s * 1000:.0f} ms · "
+        f"{stats.decode_tps:.1f} tok/s · {stats.generated_tokens} tokens "
+        f"({stats.prompt_tokens} prompt) · {stats.finish_reason}"
+    )

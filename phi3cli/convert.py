@@ -1,0 +1,83 @@
+"""Building variants: into the model store (reused on the next run) or into a folder the user names.
+
+Every build goes through a staging folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from phi3cli.backends import get_backend
+from phi3cli.backends.base import Backend, ConvertRecipe
+from phi3cli.progress import Progress, SilentProgress
+from phi3cli.sources import ModelSource
+from phi3cli.store import ModelStore, VariantKey, atomic_output
+
+
+def variant_key(backend: Backend, source: ModelSource, recipe: ConvertRecipe) -> VariantKey:
+    return VariantKey(
+        source=source.slug,
+        backend=backend.name,
+        format=recipe.format,
+        target=recipe.target,
+        converter=backend.converter_version(),
+        recipe=recipe.canonical(),
+    )
+
+
+def ensure_variant(
+    backend: Backend, source: ModelSource, recipe: ConvertRecipe, store: ModelStore, progress: Progress | None = None
+) -> Path:
+    """The stored variant for (source, backend, recipe, converter version), built on first use."""
+    progress = progress or SilentProgress()
+    key = variant_key(backend, source, recipe)
+    if variant := store.find_variant(key):
+        store.touch(variant)
+        return variant.path
+    with store.lock(f"variant-{key.source}-{key.dirname}"):
+        if variant := store.find_variant(key):
+            return variant.path
+        hf_dir = source.hf_dir(store, progress)
+        progress.note(
+            f"Converting {source.spec} for {backend.name} ({recipe.format}, {recipe.target}); once, then reused."
+        )
+        with store.build_variant(key, source_spec=source.spec, versions=backend.runtime_versions(), force=True) as out:
+            backend.build(hf_dir, recipe, out, store, progress)
+    return store.variant_dir(key)
+
+
+def convert(
+    source: ModelSource,
+    backend_name: str,
+    recipe: ConvertRecipe,
+    output: Path | None,
+    *,
+    force: bool = False,
+    store: ModelStore | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Convert a source to a backend's format: into output if given, else into the store."""
+    store = store or ModelStore()
+    progress = progress or SilentProgress()
+    backend = get_backend(backend_name)
+    if output is None:
+        return ensure_variant(backend, source, recipe, store, progress)
+    with atomic_output(output, force=force) as staging:
+        backend.build(source.hf_dir(store, progress), recipe, staging, store, progress)
+    return Path(output).absolute()
+
+
+def quantize(
+    model_dir: Path,
+    backend_name: str,
+    recipe: ConvertRecipe,
+    output: Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Compress the weights of a model already in a backend's format into a new folder."""
+    backend = get_backend(backend_name)
+    with atomic_output(output, force=force) as staging:
+        backend.quantize(Path(model_dir), recipe, staging, progress or SilentProgress())
+    return Path(output).absolute()

@@ -1,0 +1,46 @@
+"""Errors meant for the user: the CLI prints them as one line (plus a hint) and exits non-zero."""
+
+from __future__ import annotations
+
+
+class Phi3Error(Exception):
+    """An error with a message a user can act on; `hint` names the command or flag that fixes it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ModelNotFoundError(Phi3Error):
+    """The model id, path or alias does not resolve to anything."""
+
+
+class UnsupportedModelError(Phi3Error):
+    """The model exists but is not a Phi-3-architecture model, or not in a format we can read."""
+
+
+class OfflineError(Phi3Error):
+    """The hub cannot be reached (or HF_HUB_OFFLINE is set) and nothing is cached."""
+
+
+class BackendUnavailableError(Phi3Error):
+    """A backend's optional extra is not installed, or it cannot run on this platform."""
+
+
+class DeviceUnavailableError(Phi3Error):
+    """The requested device is not present, or the runtime executed on another one."""
+
+
+class ContextOverflowError(Phi3Error):
+    """The prompt does not fit the model's context window."""
+
+
+class ConversionError(Phi3Error):
+    """A convert or quantize step failed; nothing was left at the output path."""
+
+
+class OutputExistsError(Phi3Error):
+    """The output path exists and --force was not given."""

@@ -1,0 +1,188 @@
+"""Loading a model and streaming a reply, timed in one place for every backend.
+
+`stream_reply` reads a backend's RawTokens and yields TokenEvents, then one ReplyStats. Chat,
+bench and serve all read this one stream, so their figures come from the code path users run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from phi3cli.backends import get_backend
+from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
+from phi3cli.errors import ContextOverflowError
+from phi3cli.progress import Progress, SilentProgress
+from phi3cli.store import ModelStore
+
+
+@dataclass
+class TokenEvent:
+    """A piece of the reply: the text one generated token added."""
+
+    text: str
+    index: int  # how many tokens have been generated so far
+    elapsed: float  # seconds since the request started
+
+
+@dataclass
+class ReplyStats:
+    """Figures for one reply, measured around the real runtime calls."""
+
+    backend: str
+    device: str
+    executed_device: str
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float  # request start to first token: tokenizing the prompt plus prefill
+    total_s: float
+    finish_reason: str  # stop | length | cancelled
+    text: str
+    token_times: list[float] = field(default_factory=list)  # seconds since request start, per token
+
+    @property
+    def decode_s(self) -> float:
+        return self.token_times[-1] - self.token_times[0] if len(self.token_times) > 1 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens per second after the first token (the runtime's steady decode rate)."""
+        return (len(self.token_times) - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def tpot_ms(self) -> float:
+        return 1000 * self.decode_s / (len(self.token_times) - 1) if len(self.token_times) > 1 else 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    @property
+    def e2e_tps(self) -> float:
+        return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+def load_model(
+    request: LoadRequest, backend: str, store: ModelStore | None = None, progress: Progress | None = None
+) -> LoadedModel:
+    """Load a model with the named backend, stamping its load time."""
+    start = time.perf_counter()
+    model = get_backend(backend).load(request, store or ModelStore(), progress or SilentProgress())
+    model.load_seconds = time.perf_counter() - start
+    return model
+
+
+def prompt_budget(model: LoadedModel) -> int:
+    """How many prompt tokens the model accepts (leaving room for at least one new token)."""
+    limit = model.context_length - 1
+    if model.max_prompt_tokens:
+        limit = min(limit, model.max_prompt_tokens)
+    return limit
+
+
+def stream_reply(
+    model: LoadedModel, prompt: str | list[int], settings: GenerationSettings
+) -> Iterator[TokenEvent | ReplyStats]:
+    """Generate after a prompt (text already templated, or token ids); yield tokens, then the stats.
+
+    Closing the iterator early (Ctrl-C, a client that went away) stops the runtime and yields nothing more.
+    """
+    start = time.perf_counter()
+    ids = model.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if len(ids) > prompt_budget(model):
+        raise ContextOverflowError(
+            f"The prompt is {len(ids)} tokens; this model accepts at most {prompt_budget(model)}.",
+            hint="Shorten the prompt" + (" or raise --max-prompt-len." if model.max_prompt_tokens else "."),
+        )
+    budget = min(settings.max_new_tokens, model.context_length - len(ids))
+    run = GenerationSettings(**{**settings.__dict__, "max_new_tokens": budget})
+    pieces: list[str] = []
+    times: list[float] = []
+    finish = "length"
+    tokens = model.generate(ids, run)
+    try:
+        for token in tokens:
+            times.append(token.t - start)
+            pieces.append(token.text)
+            if token.text:
+                yield TokenEvent(token.text, len(times), times[-1])
+            if settings.stop and _hit_stop(pieces, settings.stop):
+                finish = "stop"
+                break
+            if len(times) >= budget:
+                break
+        else:
+            finish = "stop" if len(times) < budget else "length"
+    finally:
+        tokens.close()
+    text = "".join(pieces)
+    if finish == "stop" and settings.stop:
+        text = _cut_at_stop(text, settings.stop)
+    yield ReplyStats(
+        backend=model.backend,
+        device=model.device,
+        executed_device=model.executed_device,
+        prompt_tokens=len(ids),
+        generated_tokens=len(times),
+        ttft_s=times[0] if times else time.perf_counter() - start,
+        total_s=time.perf_counter() - start,
+        finish_reason=finish,
+        text=text,
+        token_times=times,
+    )
+
+
+def _hit_stop(pieces: list[str], stops) -> bool:
+    tail = "".join(pieces[-32:])
+    return any(s and s in tail for s in stops)
+
+
+def _cut_at_stop(text: str, stops) -> str:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def generate_text(model: LoadedModel, prompt: str | list[int], settings: GenerationSettings) -> ReplyStats:
+    """Run stream_reply to the end and return its stats (the full text is in .text)."""
+    stats = None
+    for event in stream_reply(model, prompt, settings):
+        if isinstance(event, ReplyStats):
+            stats = event
+    assert stats is not None
+    return stats
+
+
+def open_model(
+    model: str | None,
+    *,
+    backend: str | None = None,
+    device: str = "auto",
+    format: str | None = None,
+    threads: int | None = None,
+    trust_remote_code: bool = False,
+    options: dict | None = None,
+    store: ModelStore | None = None,
+    progress: Progress | None = None,
+):
+    """Resolve a model, route it to a backend and device, and load it: what chat, bench and serve share.
+
+    Returns the LoadedModel and the Route taken (whose reason says why, for --device auto).
+    """
+    from phi3cli.devices import probe
+    from phi3cli.routing import choose_route
+    from phi3cli.sources import resolve_source
+
+    store = store or ModelStore()
+    progress = progress or SilentProgress()
+    source = resolve_source(model, store, progress=progress)
+    route = choose_route(probe(), device=device, backend=backend, runtime=source.runtime)
+    request = LoadRequest(
+        source=source,
+        device=route.device,
+        format=format,
+        threads=threads,
+        trust_remote_code=trust_remote_code,
+        options=dict(options or {}),
+    )
+    return load_model(request, route.backend, store, progress), route

@@ -1,0 +1,193 @@
+"""Model sources: a Hugging Face id, a local folder, a .gguf file, a runtime folder, or `demo`.
+
+Resolving a source never imports torch or transformers: it reads config files only. Materialising a
+.gguf or building the demo model does, inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi3cli.errors import ModelNotFoundError, OfflineError, Phi3Error, UnsupportedModelError
+from phi3cli.progress import Progress, SilentProgress
+from phi3cli.store import ModelStore, short_hash, slugify
+
+DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+SUPPORTED_MODEL_TYPES = ("phi3",)
+SUPPORTED_HELP = (
+    "phi3 runs the Phi-3 architecture (config model_type 'phi3', Phi3ForCausalLM): Phi-3-mini/medium, "
+    "Phi-3.5-mini and Phi-4-mini, or `demo`"
+)
+# Only what a Phi-3 checkpoint needs; safetensors only, never pickled weights.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# What kind of thing a folder is, by the file that marks it.
+RUNTIME_MARKERS = {"openvino": "openvino_model.xml", "onnx": "genai_config.json"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: what the user named, what kind it is, and where it lies on disk."""
+
+    spec: str
+    kind: str  # demo | hub | folder | gguf | openvino | onnx
+    path: Path
+    slug: str
+
+    @property
+    def runtime(self) -> str | None:
+        """The backend a prebuilt runtime folder belongs to, or None for a Hugging Face model."""
+        return self.kind if self.kind in RUNTIME_MARKERS else None
+
+    def hf_dir(self, store: ModelStore, progress: Progress | None = None) -> Path:
+        """A Hugging Face folder (config, tokenizer, safetensors) for this source, built once if needed."""
+        if self.kind in ("hub", "folder", "demo"):
+            return self.path
+        if self.kind == "gguf":
+            from phi3cli.demo import materialise_gguf
+
+            return materialise_gguf(self.path, store.source_dir(self.slug), store, progress)
+        raise UnsupportedModelError(
+            f"{self.spec} is already a {self.kind} model; it cannot be converted again.",
+            hint="Give the original Hugging Face model or .gguf file as the source.",
+        )
+
+
+def check_architecture(config_path: Path, spec: str) -> dict:
+    """Read a config.json and refuse any architecture that is not Phi-3."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"{config_path} cannot be read as a model config: {exc}") from exc
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        archs = ", ".join(config.get("architectures") or []) or "unknown"
+        raise UnsupportedModelError(
+            f"{spec} is a '{model_type}' model ({archs}), not Phi-3.", hint=SUPPORTED_HELP + "."
+        )
+    return config
+
+
+def folder_kind(path: Path) -> str | None:
+    """'openvino', 'onnx' or 'folder' for a model folder, None for anything else."""
+    for kind, marker in RUNTIME_MARKERS.items():
+        if (path / marker).is_file():
+            return kind
+    if (path / "config.json").is_file():
+        return "folder"
+    return None
+
+
+def gguf_architecture(path: Path) -> str:
+    """The general.architecture field of a .gguf file, read from its header."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise Phi3Error("Reading a .gguf file needs the gguf package.", hint="pip install 'phi3cli[torch]'") from exc
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:  # a truncated or foreign file
+        raise UnsupportedModelError(f"{path} is not a readable .gguf file: {exc}") from exc
+
+
+def resolve_source(
+    spec: str | None,
+    store: ModelStore | None = None,
+    *,
+    progress: Progress | None = None,
+    revision: str | None = None,
+) -> ModelSource:
+    """Turn what the user typed into a ModelSource, downloading or building it if needed."""
+    spec = spec or DEFAULT_MODEL
+    store = store or ModelStore()
+    progress = progress or SilentProgress()
+
+    if spec == "demo":
+        from phi3cli.demo import ensure_demo
+
+        return ModelSource(spec, "demo", ensure_demo(store, progress), "demo")
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UnsupportedModelError(
+                f"{spec} is a file but not a .gguf model.",
+                hint="Give a .gguf file, a model folder, a Hugging Face id, or `demo`.",
+            )
+        arch = gguf_architecture(path)
+        if arch != "phi3":
+            raise UnsupportedModelError(f"{spec} is a '{arch}' .gguf, not Phi-3.", hint=SUPPORTED_HELP + ".")
+        resolved = path.resolve()
+        return ModelSource(spec, "gguf", resolved, f"gguf--{slugify(path.stem)}-{short_hash(str(resolved))}")
+    if path.is_dir():
+        kind = folder_kind(path)
+        if kind is None:
+            raise UnsupportedModelError(
+                f"{spec} is a folder but holds no model (no config.json, openvino_model.xml or genai_config.json).",
+                hint="Point --model at a Hugging Face model folder or one made by `phi3 convert`.",
+            )
+        if kind == "folder":
+            check_architecture(path / "config.json", spec)
+        resolved = path.resolve()
+        return ModelSource(spec, kind, resolved, f"local--{slugify(path.name)}-{short_hash(str(resolved))}")
+    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"No model named {spec!r}: it is not a file, a folder, or a Hugging Face id (owner/name).",
+            hint="Try `--model demo` for the built-in demo model.",
+        )
+    folder = download_from_hub(spec, revision=revision)
+    check_architecture(folder / "config.json", spec)
+    return ModelSource(spec, "hub", folder, f"hub--{slugify(spec)}" + (f"@{slugify(revision)}" if revision else ""))
+
+
+def download_from_hub(repo_id: str, *, revision: str | None = None) -> Path:
+    """Download (or find in the hub cache) the safetensors checkpoint of a hub model.
+
+    huggingface-hub resumes partial downloads, shows its own progress bars, and honours
+    HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+        )
+    except GatedRepoError as exc:
+        raise ModelNotFoundError(
+            f"{repo_id} is gated on the hub.", hint="Accept its licence on the hub, then `hf auth login`."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(f"{repo_id} does not exist on the Hugging Face hub (or is private).") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}.") from exc
+    except LocalEntryNotFoundError as exc:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        raise OfflineError(
+            f"{repo_id} is not in the local hub cache and {why}.",
+            hint="Connect and retry, point --model at a local folder, or use `--model demo`.",
+        ) from exc
+    except OSError as exc:  # connection errors surface as requests/httpx OSError subclasses
+        raise OfflineError(
+            f"Could not download {repo_id}: {exc.__class__.__name__}.",
+            hint="Check the connection, or use a local folder or `--model demo`.",
+        ) from exc
+    if not (folder / "config.json").is_file():
+        raise UnsupportedModelError(f"{repo_id} has no config.json; it is not a transformers model.")
+    if not any(folder.glob("*.safetensors")):
+        raise UnsupportedModelError(
+            f"{repo_id} publishes no .safetensors weights; phi3 does not load pickled checkpoints.",
+        )
+    return folder
