@@ -54,6 +54,37 @@ BACKENDS: dict[str, BackendSpec] = {
             formats=("fp32", "bf16"),
             description="transformers + PyTorch; the full-precision reference",
         ),
+        BackendSpec(
+            name="openvino",
+            module="phi3cli.backends.openvino",
+            class_name="OpenVINOBackend",
+            extra="openvino",
+            probes=("openvino", "openvino_genai", "openvino_tokenizers"),
+            devices=("npu", "gpu", "cpu"),
+            formats=("int4", "int8", "fp16"),
+            description="OpenVINO GenAI LLMPipeline on IR built by optimum-intel + NNCF",
+        ),
+        BackendSpec(
+            name="onnx",
+            module="phi3cli.backends.onnx",
+            class_name="OnnxBackend",
+            extra="onnx",
+            probes=("onnxruntime_genai",),
+            devices=("gpu", "cpu"),
+            formats=("int4", "fp16", "fp32"),
+            description="ONNX Runtime GenAI (CPU, CUDA, DirectML) on its model builder's output",
+        ),
+        BackendSpec(
+            name="npu-lib",
+            module="phi3cli.backends.npu_lib",
+            class_name="NpuLibBackend",
+            extra="npu",
+            probes=("intel_npu_acceleration_library",),
+            devices=("npu",),
+            formats=("int4", "int8", "fp16"),
+            description="Intel NPU Acceleration Library (Windows; no longer developed)",
+            platforms=("win32",),
+        ),
     )
 }
 

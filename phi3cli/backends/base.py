@@ -106,6 +106,10 @@ class Backend(ABC):
         """Compress the weights of a model already in this runtime's format, writing into out."""
         raise ConversionError(f"The {self.name} backend does not quantize models.")
 
+    def default_target(self) -> str:
+        """The build target used when the user names none (onnx: dml on Windows with DirectML)."""
+        return "cpu"
+
     def converter_version(self) -> str:
         """The versions of the converting libraries; part of every store key, so upgrades rebuild."""
         return ""

@@ -10,6 +10,7 @@ import typer
 
 from phi3cli import __version__
 from phi3cli.cli.chat import chat
+from phi3cli.cli.convert import convert
 from phi3cli.cli.devices import devices
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ def root(
 
 
 app.command("chat")(chat)
+app.command("convert")(convert)
 app.command("devices")(devices)
 
 

@@ -1,0 +1,66 @@
+"""Shared fixtures: one model store for the whole test run, and the real demo model in it.
+
+The store lives in .phi3-test-home/ at the repository root (or $PHI3_TEST_HOME), so the demo model
+and converted variants are built once and reused by later runs; every build goes through the same
+locks and atomic staging the tool uses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_HOME = Path(os.environ.get("PHI3_TEST_HOME", ROOT / ".phi3-test-home"))
+os.environ["PHI3_HOME"] = str(TEST_HOME)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Questions whose greedy answers the backends are compared on.
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "Write one sentence about the sea.",
+]
+
+
+@pytest.fixture(scope="session")
+def store():
+    from phi3cli.store import ModelStore
+
+    return ModelStore(TEST_HOME)
+
+
+@pytest.fixture(scope="session")
+def demo_source(store):
+    """The real demo model (built from the PyPI wheel on first use)."""
+    from phi3cli.sources import resolve_source
+
+    return resolve_source("demo", store)
+
+
+@pytest.fixture(scope="session")
+def torch_model(demo_source, store):
+    """The reference: the demo model on transformers, fp32, CPU."""
+    from phi3cli.backends.base import LoadRequest
+    from phi3cli.generation import load_model
+
+    model = load_model(LoadRequest(demo_source, device="cpu", format="fp32"), "torch", store)
+    yield model
+    model.close()
+
+
+def run_phi3(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 600):
+    """Run the real `phi3` command in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "phi3cli", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
