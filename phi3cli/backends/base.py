@@ -85,6 +85,10 @@ class LoadedModel(ABC):
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         """Generate after the prompt, one RawToken per new token; closing the iterator stops the runtime."""
 
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """Log-probability of each of ids[1:] given the tokens before it (for perplexity)."""
+        raise NotImplementedError(f"{self.backend} cannot score tokens")
+
     def close(self) -> None:
         """Release the runtime's resources."""
 

@@ -99,6 +99,12 @@ class TorchModel(LoadedModel):
 
         return pull_from_push(produce)
 
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids])).logits[0, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
     def close(self) -> None:
         self.model = None
 
