@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.markup import escape
 
 from phi3cli.backends.base import GenerationSettings
 from phi3cli.chat import ChatSession, HistoryTrimmed
@@ -72,7 +73,7 @@ def chat(
             progress=progress,
         )
     if device == DeviceChoice.auto:
-        err_console.print(f"[dim]{route.reason}[/]", soft_wrap=True)
+        err_console.print(f"[dim]{escape(route.reason)}[/]", soft_wrap=True)
     session = ChatSession(
         loaded,
         GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),

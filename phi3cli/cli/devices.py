@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from phi3cli.backends import BACKENDS
@@ -19,8 +20,10 @@ def devices() -> None:
     table = Table("backend", "devices", "what it saw", "install", title="Runtimes")
     for name, spec in BACKENDS.items():
         if name in report.missing:
-            table.add_row(name, "[dim]-[/]", f"[yellow]{report.missing[name]}[/]", f"phi3cli[{spec.extra}]")
+            table.add_row(
+                name, "[dim]-[/]", f"[yellow]{escape(report.missing[name])}[/]", escape(f"phi3cli[{spec.extra}]")
+            )
         else:
             devs = ", ".join(report.present.get(name, [])) or "[red]none[/]"
-            table.add_row(name, devs, report.details.get(name, ""), "[green]installed[/]")
+            table.add_row(name, devs, escape(report.details.get(name, "")), "[green]installed[/]")
     console.print(table)

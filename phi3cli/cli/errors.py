@@ -47,11 +47,12 @@ def user_errors(command):
                 raise
             message, hint, code = message_for(exc)
             from rich.console import Console
+            from rich.markup import escape
 
             err = Console(stderr=True, highlight=False)
-            err.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
             if hint:
-                err.print(f"[dim]{hint}[/]", soft_wrap=True)
+                err.print(f"[dim]{escape(hint)}[/]", soft_wrap=True)
             sys.stderr.flush()
             raise typer.Exit(code) from None
 

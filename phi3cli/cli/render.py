@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from phi3cli.generation import ReplyStats
@@ -55,7 +56,7 @@ class RichProgress:
             self._progress.advance(self._task, amount)
 
     def note(self, message: str) -> None:
-        self.console.print(f"[yellow]{message}[/]", soft_wrap=True)
+        self.console.print(f"[yellow]{escape(message)}[/]", soft_wrap=True)
 
 
 def stats_line(stats: ReplyStats) -> str:

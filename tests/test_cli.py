@@ -1,0 +1,130 @@
+"""The `phi3` command as a user runs it: start-up cost, one-shot chat, and every bad input's message."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+
+from tests.conftest import run_phi3
+
+HEAVY = ("torch", "transformers", "openvino", "openvino_genai", "onnxruntime", "onnxruntime_genai", "optimum", "nncf")
+
+
+def imported_modules(*args: str) -> set[str]:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "phi3cli", *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = set()
+    for line in done.stderr.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+\d+ \|\s+(\S.*)$", line)
+        if m:
+            names.add(m.group(1).strip().split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("args", [["--help"], ["chat", "--help"], ["convert", "--help"]])
+def test_help_imports_no_heavy_library(args):
+    names = imported_modules(*args)
+    assert "typer" in names  # the measurement works
+    assert not names & set(HEAVY), names & set(HEAVY)
+
+
+def test_one_shot_chat_prints_only_the_answer(demo_source):
+    done = run_phi3("chat", "--model", "demo", "--backend", "torch", "What is the capital of France?")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "The capital of France is Paris."
+    assert "tok/s" in done.stderr and "torch on CPU" in done.stderr
+
+
+def test_prompt_on_stdin(demo_source):
+    done = run_phi3("chat", "-m", "demo", "-b", "torch", "-n", "16", input="What is the capital of France?\n")
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+
+
+def test_auto_device_says_what_it_picked(demo_source):
+    done = run_phi3("chat", "-m", "demo", "--device", "auto", "-n", "8", "Hi")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"auto: picked cpu with \w+", done.stderr), done.stderr
+
+
+def assert_clean_error(done, *needles):
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+def test_unknown_path():
+    assert_clean_error(run_phi3("chat", "-m", "./no/such/model", "hi"), "No model named", "--model demo")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    assert_clean_error(run_phi3("chat", "-m", str(tmp_path), "hi"), "holds no model")
+
+
+def test_non_phi3_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert_clean_error(run_phi3("chat", "-m", str(tmp_path), "hi"), "'llama' model", "Phi3ForCausalLM")
+
+
+def test_non_phi3_gguf(demo_source):
+    from phi3cli.demo import DEMO_GGUF
+
+    # The demo's own source .gguf is a Llama: phi3 refuses it as a direct source.
+    gguf = next(demo_source.path.parent.parent.rglob(DEMO_GGUF), None)
+    if gguf is None:
+        pytest.skip("the demo .gguf is not kept after the build")
+    assert_clean_error(run_phi3("chat", "-m", str(gguf), "hi"), "'llama' .gguf")
+
+
+def test_offline_hub_with_nothing_cached(tmp_path):
+    done = run_phi3(
+        "chat", "-m", "microsoft/Phi-3-mini-4k-instruct", "hi", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    )
+    assert_clean_error(done, "not in the local hub cache", "HF_HUB_OFFLINE")
+
+
+def test_device_not_present(demo_source):
+    assert_clean_error(run_phi3("chat", "-m", "demo", "--device", "gpu", "hi"), "No gpu", "This machine has: cpu")
+
+
+def test_backend_whose_extra_is_missing(demo_source):
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['openvino_genai'] = None; sys.argv = ['phi3'] + sys.argv[1:]; "
+        "from phi3cli.cli import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "chat", "-m", "demo", "--backend", "openvino", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_clean_error(done, "openvino_genai not installed", "pip install 'phi3cli[openvino]'")
+
+
+def test_prompt_longer_than_the_context(demo_source):
+    done = run_phi3("chat", "-m", "demo", "-b", "torch", input="word " * 9000)
+    assert_clean_error(done, "the model accepts")
+
+
+def test_debug_shows_the_traceback():
+    done = run_phi3("--debug", "chat", "-m", "./no/such/model", "hi")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "ModelNotFoundError" in done.stderr
+
+
+def test_devices_runs_without_loading_models():
+    done = run_phi3("devices")
+    assert done.returncode == 0, done.stderr
+    assert "CPU:" in done.stdout and "torch" in done.stdout and "npu-lib" in done.stdout
