@@ -54,6 +54,48 @@ class _StopWhenAsked(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self._stop[0], dtype=torch.bool)
 
 
+def transformers_generate(
+    model, tokenizer, eos_ids: list[int], prompt_ids: list[int], settings: GenerationSettings
+) -> Iterator[RawToken]:
+    """Stream model.generate() of a transformers causal LM (torch, or the NPU library's compiled one)."""
+    decoder = IncrementalDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    kwargs = dict(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=not settings.greedy,
+        pad_token_id=eos_ids[0],
+        eos_token_id=None if settings.ignore_eos else eos_ids,
+    )
+    if settings.ignore_eos:
+        kwargs["min_new_tokens"] = settings.max_new_tokens
+    if not settings.greedy:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    def produce(emit: Callable[[RawToken], bool]) -> None:
+        stop = [False]
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        with torch.inference_mode():
+            model.generate(
+                input_ids=torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                streamer=_Streamer(decoder, emit, stop),
+                stopping_criteria=StoppingCriteriaList([_StopWhenAsked(stop)]),
+                **kwargs,
+            )
+
+    return pull_from_push(produce)
+
+
+def transformers_logprobs(model, ids: list[int]) -> list[float]:
+    """Log-probability of each of ids[1:] given the tokens before it, from one forward pass."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
+
 class TorchModel(LoadedModel):
     backend = "torch"
 
@@ -70,40 +112,10 @@ class TorchModel(LoadedModel):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
-        decoder = IncrementalDecoder(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        kwargs = dict(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=not settings.greedy,
-            pad_token_id=self.eos_ids[0],
-            eos_token_id=None if settings.ignore_eos else self.eos_ids,
-        )
-        if settings.ignore_eos:
-            kwargs["min_new_tokens"] = settings.max_new_tokens
-        if not settings.greedy:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-
-        def produce(emit: Callable[[RawToken], bool]) -> None:
-            stop = [False]
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            with torch.inference_mode():
-                self.model.generate(
-                    input_ids=torch.tensor([prompt_ids]),
-                    attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                    streamer=_Streamer(decoder, emit, stop),
-                    stopping_criteria=StoppingCriteriaList([_StopWhenAsked(stop)]),
-                    **kwargs,
-                )
-
-        return pull_from_push(produce)
+        return transformers_generate(self.model, self.tokenizer, self.eos_ids, prompt_ids, settings)
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
-        with torch.inference_mode():
-            logits = self.model(torch.tensor([ids])).logits[0, :-1].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+        return transformers_logprobs(self.model, ids)
 
     def close(self) -> None:
         self.model = None
