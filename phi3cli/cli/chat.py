@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.live import Live
-from rich.markdown import Markdown
 from rich.markup import escape
 
 from phi3cli.backends.base import GenerationSettings
 from phi3cli.chat import ChatSession, HistoryTrimmed
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import (
+    AllowFallbackOpt,
     BackendOpt,
     DeviceChoice,
     DeviceOpt,
@@ -25,13 +26,35 @@ from phi3cli.cli.options import (
     TrustRemoteCodeOpt,
 )
 from phi3cli.cli.render import RichProgress, err_console, stats_line
-from phi3cli.generation import ReplyStats, TokenEvent, open_model
+from phi3cli.errors import ModelNotFoundError, OfflineError, Phi3Error, SessionFileError, UnsupportedModelError
+from phi3cli.generation import ReplyStats, TokenEvent, open_model, prompt_budget
+from phi3cli.sessions import SavedSession, load_session, restore, save_session, snapshot
 from phi3cli.sources import DEFAULT_MODEL
 
 HELP = """\
 Commands: /reset clears the history · /system TEXT sets the system prompt · /stats shows the last reply's
-figures · /model shows what is loaded · /clear clears the screen · \"\"\" starts and ends a multi-line message ·
-/exit or Ctrl-D leaves · Ctrl-C stops a reply and keeps the session."""
+figures · /model shows what is loaded and where it runs · /save [FILE] and /load FILE keep and restore the
+conversation · /clear clears the screen · \"\"\" starts and ends a multi-line message · /exit or Ctrl-D leaves ·
+Ctrl-C stops a reply and keeps the session."""
+
+DEFAULTS = GenerationSettings()
+
+
+@dataclass
+class _ChatState:
+    """The session plus what /save needs to write it: the model as named, the device asked, the file."""
+
+    session: ChatSession
+    model_spec: str
+    device_asked: str
+    file: Path | None = None  # where /save writes when given no name: --save, --resume, or the last /save or /load
+    autosave: bool = False  # --save: written after every reply
+
+    def save(self, path: Path | None = None) -> Path:
+        path = path or self.file
+        assert path is not None
+        self.file = save_session(path, snapshot(self.session, model=self.model_spec, device=self.device_asked))
+        return self.file
 
 
 @user_errors
@@ -39,87 +62,177 @@ def chat(
     prompt: Annotated[
         str | None, typer.Argument(help="Ask once and print only the answer (or pipe it on stdin).")
     ] = None,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
     backend: BackendOpt = None,
     format: FormatOpt = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Longest reply.")] = 512,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", "-n", min=1, help="Longest reply.", show_default=str(DEFAULTS.max_new_tokens)),
+    ] = None,
     temperature: Annotated[
-        float, typer.Option("--temperature", "-t", min=0.0, max=2.0, help="0 is greedy (deterministic).")
-    ] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.")] = 1.0,
+        float | None,
+        typer.Option(
+            "--temperature",
+            "-t",
+            min=0.0,
+            max=2.0,
+            help="0 is greedy (deterministic).",
+            show_default=str(DEFAULTS.temperature),
+        ),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.", show_default=str(DEFAULTS.top_p)),
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_fallback: AllowFallbackOpt = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            "-r",
+            help="Continue a chat saved with /save or --save: its history, model, backend, format, device and "
+            "settings (options given here override them). With a PROMPT, answers it as the next turn.",
+        ),
+    ] = None,
+    save: Annotated[
+        Path | None,
+        typer.Option(
+            "--save",
+            help="Write the conversation to this file after every reply (JSON), so `--resume` can continue it. "
+            '`--resume chat.json --save chat.json "next question"` builds a conversation from the shell.',
+        ),
+    ] = None,
 ) -> None:
     """Chat with a Phi-3 model, streaming the answer token by token.
 
     With a PROMPT (or text on stdin) it answers once and prints only the answer on stdout, so it pipes;
-    the figures go to stderr. Without, it starts an interactive session.
+    the figures go to stderr. Without, it starts an interactive session. The model defaults to
+    microsoft/Phi-3-mini-4k-instruct, or the one a --resume file names.
     """
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise typer.BadParameter("stdin was empty; give a prompt.", param_hint="PROMPT")
-    with RichProgress() as progress:
-        loaded, route = open_model(
-            model,
-            backend=backend,
-            device=device.value,
-            format=format,
-            threads=threads,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-        )
+    saved = load_session(resume) if resume else None
+    if saved:
+        model_from_file = model is None
+        model = model or saved.model
+        backend = backend or saved.backend
+        format = format or saved.format
+        if device == DeviceChoice.auto and saved.device in DeviceChoice.__members__:
+            device = DeviceChoice(saved.device)
+    model = model or DEFAULT_MODEL
+    try:
+        with RichProgress() as progress:
+            loaded, route = open_model(
+                model,
+                backend=backend,
+                device=device.value,
+                format=format,
+                threads=threads,
+                trust_remote_code=trust_remote_code,
+                allow_fallback=allow_fallback,
+                progress=progress,
+            )
+    except (ModelNotFoundError, OfflineError, UnsupportedModelError) as exc:
+        if saved and model_from_file:
+            raise SessionFileError(
+                f"{resume} continues a chat with {model}, which is not available here: {exc.message}",
+                hint="Pass --model to continue the conversation with another model.",
+            ) from exc
+        raise
     if device == DeviceChoice.auto:
         err_console.print(f"[dim]{escape(route.reason)}[/]", soft_wrap=True)
-    session = ChatSession(
-        loaded,
-        GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
-        system=system,
+    settings = GenerationSettings(**(saved.settings.__dict__ if saved else {}))
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p)):
+        if value is not None:
+            setattr(settings, name, value)
+    if seed is not None:
+        settings.seed = seed
+    session = ChatSession(loaded, settings)
+    state = _ChatState(session, model, device.value, file=save or resume, autosave=save is not None)
+    if saved:
+        restore(session, saved)
+        err_console.print(f"[dim]{escape(_resumed_line(resume, saved, loaded))}[/]", soft_wrap=True)
+    if system is not None:
+        session.system = system
+    try:
+        if prompt is not None:
+            _answer_once(state, prompt)
+        else:
+            err_console.print(
+                f"[bold]{escape(model)}[/] · {loaded.backend} on {loaded.executed_device} · loaded in "
+                f"{loaded.load_seconds:.1f} s\n[dim]{HELP}[/]"
+            )
+            _interactive(state, Console(highlight=False))
+    finally:
+        loaded.close()
+
+
+def _resumed_line(path: Path, saved: SavedSession, loaded) -> str:
+    line = (
+        f"Resumed {path}: {len(saved.messages)} messages, saved with {saved.model} "
+        f"({saved.backend}, {saved.format}, ran on {saved.executed_device or saved.device})"
     )
-    if prompt is not None:
-        _answer_once(session, prompt)
-    else:
-        err_console.print(
-            f"[bold]{model}[/] · {loaded.backend} on {loaded.executed_device} · loaded in "
-            f"{loaded.load_seconds:.1f} s\n[dim]{HELP}[/]"
-        )
-        _interactive(session, Console(highlight=False))
-    loaded.close()
+    if (loaded.backend, loaded.format) != (saved.backend, saved.format):
+        line += f"; continuing with {loaded.backend} {loaded.format}, so answers may differ"
+    return line + "."
 
 
-def _answer_once(session: ChatSession, prompt: str) -> None:
+def _answer_once(state: _ChatState, prompt: str) -> None:
     """Plain text on stdout as it streams; notices and figures on stderr."""
     out = sys.stdout
+    session = state.session
     for event in session.ask(prompt):
         if isinstance(event, TokenEvent):
             out.write(event.text)
             out.flush()
         elif isinstance(event, HistoryTrimmed):
-            err_console.print(f"[yellow]{_trim_notice(event)}[/]")
+            err_console.print(f"[yellow]{_trim_notice(event, session)}[/]")
         elif isinstance(event, ReplyStats):
             out.write("\n")
             out.flush()
             err_console.print(f"[dim]{stats_line(event)}[/]")
+    if state.autosave:
+        err_console.print(f"[dim]Saved {len(session.messages)} messages to {escape(str(state.save()))}.[/]")
 
 
-def _trim_notice(event: HistoryTrimmed) -> str:
-    return f"Dropped the {event.messages} oldest messages to fit the context ({event.prompt_tokens} prompt tokens)."
+def _trim_notice(event: HistoryTrimmed, session: ChatSession) -> str:
+    model = session.model
+    limit = prompt_budget(model)
+    why = (
+        f"the prompt limit of {limit} tokens (the device's static prompt length)"
+        if model.max_prompt_tokens and limit == model.max_prompt_tokens
+        else f"the {model.context_length}-token context with room for the reply"
+    )
+    return f"Dropped the {event.messages} oldest messages to fit {why}; the prompt is now {event.prompt_tokens} tokens."
 
 
 def _read_message(console: Console) -> str:
+    """One message; \"\"\" opens and closes a multi-line one (as in Ollama), on its own line or around text."""
     line = console.input("[bold green]>>> [/]")
-    if line.strip() != '"""':
+    if not line.lstrip().startswith('"""'):
         return line
-    lines = []
-    while (more := console.input("[dim]... [/]")).strip() != '"""':
+    first = line.lstrip()[3:]
+    if first.rstrip().endswith('"""'):
+        return first.rstrip()[:-3]
+    lines = [first] if first.strip() else []
+    while True:
+        more = console.input("[dim]... [/]")
+        if more.rstrip().endswith('"""'):
+            if last := more.rstrip()[:-3]:
+                lines.append(last)
+            return "\n".join(lines)
         lines.append(more)
-    return "\n".join(lines)
 
 
-def _interactive(session: ChatSession, console: Console) -> None:
+def _interactive(state: _ChatState, console: Console) -> None:
+    session = state.session
     while True:
         try:
             text = _read_message(console).strip()
@@ -132,13 +245,23 @@ def _interactive(session: ChatSession, console: Console) -> None:
         if not text:
             continue
         if text.startswith("/"):
-            if _command(session, text, console):
-                return
+            try:
+                if _command(state, text, console):
+                    return
+            except Phi3Error as exc:  # a bad file name must not end the chat
+                console.print(
+                    f"[bold red]Error:[/] {escape(exc.message)}" + (f" [dim]{escape(exc.hint)}[/]" if exc.hint else "")
+                )
             continue
         _stream(session, text, console)
+        if state.autosave and session.last_stats:
+            state.save()
 
 
 def _stream(session: ChatSession, text: str, console: Console) -> None:
+    from rich.live import Live  # interactive only: keeps `phi3 --help` and one-shot chat light
+    from rich.markdown import Markdown
+
     answer = ""
     events = session.ask(text)
     with contextlib.closing(events), Live(console=console, refresh_per_second=12, vertical_overflow="visible") as live:
@@ -148,7 +271,7 @@ def _stream(session: ChatSession, text: str, console: Console) -> None:
                     answer += event.text
                     live.update(Markdown(answer))
                 elif isinstance(event, HistoryTrimmed):
-                    console.print(f"[yellow]{_trim_notice(event)}[/]")
+                    console.print(f"[yellow]{_trim_notice(event, session)}[/]")
                 elif isinstance(event, ReplyStats):
                     live.update(Markdown(event.text))
         except KeyboardInterrupt:
@@ -158,9 +281,10 @@ def _stream(session: ChatSession, text: str, console: Console) -> None:
         console.print(f"[dim]{stats_line(session.last_stats)}[/]")
 
 
-def _command(session: ChatSession, text: str, console: Console) -> bool:
+def _command(state: _ChatState, text: str, console: Console) -> bool:
     """Run a slash command; True means leave."""
     name, _, arg = text.partition(" ")
+    session = state.session
     model = session.model
     if name in ("/exit", "/quit", "/bye"):
         return True
@@ -174,9 +298,31 @@ def _command(session: ChatSession, text: str, console: Console) -> bool:
         console.print(f"[dim]{stats_line(session.last_stats)}[/]" if session.last_stats else "[dim]No reply yet.[/]")
     elif name == "/model":
         console.print(
-            f"[dim]{model.path} · {model.backend} · {model.format} · asked {model.device}, running on "
-            f"{model.executed_device} · context {model.context_length} tokens · {len(session.messages)} messages[/]"
+            f"[dim]{escape(state.model_spec)} ({escape(str(model.path))}) · {model.backend} · {model.format} · "
+            f"asked {model.device}, running on {model.executed_device} · context {model.context_length} tokens, "
+            f"prompt up to {prompt_budget(model)} · {len(session.messages)} messages[/]"
         )
+    elif name == "/save":
+        path = Path(arg.strip()).expanduser() if arg.strip() else state.file
+        if path is None:
+            console.print("[yellow]Usage: /save FILE[/] [dim](JSON; continue it with /load FILE or --resume)[/]")
+        else:
+            console.print(f"[dim]Saved {len(session.messages)} messages to {escape(str(state.save(path)))}.[/]")
+    elif name == "/load":
+        if not arg.strip():
+            console.print("[yellow]Usage: /load FILE[/]")
+        else:
+            path = Path(arg.strip()).expanduser()
+            saved = load_session(path)
+            restore(session, saved)
+            state.file = path
+            console.print(f"[dim]Loaded {len(saved.messages)} messages from {escape(str(path))}.[/]")
+            if (saved.backend, saved.format) != (model.backend, model.format) or saved.model != state.model_spec:
+                console.print(
+                    f"[yellow]It was saved with {escape(saved.model)} ({saved.backend}, {saved.format}); continuing "
+                    f"with the loaded {escape(state.model_spec)} ({model.backend}, {model.format}).[/] "
+                    f"[dim]To use its model: phi3 chat --resume {escape(str(path))}[/]"
+                )
     elif name == "/clear":
         console.clear()
     elif name == "/help":
