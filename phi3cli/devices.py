@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from phi3cli.backends import BACKENDS
@@ -57,11 +58,11 @@ def onnx_devices() -> tuple[list[str], str]:
 
 
 def npu_lib_devices() -> tuple[list[str], str]:
-    """The NPU library's own check, npu_available()."""
+    """The NPU library's own check, npu_available() (importing the library imports torch and transformers)."""
     from intel_npu_acceleration_library.backend import npu_available
 
     ok = bool(npu_available())
-    return (["npu"] if ok else []), f"intel_npu_acceleration_library npu_available(): {ok}"
+    return (["npu"] if ok else []), f"{PROBE_LABELS['npu-lib']}: {ok}"
 
 
 def torch_devices() -> tuple[list[str], str]:
@@ -70,12 +71,22 @@ def torch_devices() -> tuple[list[str], str]:
 
 PROBES = {"openvino": openvino_devices, "onnx": onnx_devices, "npu-lib": npu_lib_devices, "torch": torch_devices}
 
+# What each probe asks, for messages that say where phi3 looked.
+PROBE_LABELS = {
+    "openvino": "OpenVINO's device list",
+    "onnx": "ONNX Runtime GenAI's providers",
+    "npu-lib": "the Intel NPU Acceleration Library's npu_available()",
+    "torch": "PyTorch",
+}
 
-def probe() -> DeviceReport:
-    """Ask every installed backend what it can run on here."""
+def probe(backends: Iterable[str] | None = None) -> DeviceReport:
+    """Ask every installed backend (or only those named) what it can run on here."""
     report = DeviceReport(cpu=f"{cpu_name()} ({os.cpu_count()} logical cores)")
     for name, spec in BACKENDS.items():
+    wanted = set(BACKENDS if backends is None else backends)
         if reason := spec.missing():
+        if name not in wanted:
+            continue
             report.missing[name] = reason
             continue
         try:
@@ -84,3 +95,15 @@ def probe() -> DeviceReport:
             report.present[name] = []
             report.details[name] = f"probe failed: {exc.__class__.__name__}: {exc}".splitlines()[0]
     return report
+
+
+def npu_checks(report: DeviceReport) -> list[tuple[str, bool | None, str]]:
+    """Both ways phi3 looks for an NPU: (what was asked, NPU found or None if it could not be asked, what it said)."""
+    checks = []
+    for name in ("openvino", "npu-lib"):
+        label = PROBE_LABELS[name]
+        if name in report.missing:
+            checks.append((label, None, f"cannot be asked here: {report.missing[name]}"))
+        elif name in report.present:
+            checks.append((label, "npu" in report.present[name], report.details.get(name, "")))
+    return checks

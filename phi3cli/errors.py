@@ -31,7 +31,14 @@ class BackendUnavailableError(Phi3Error):
 
 
 class DeviceUnavailableError(Phi3Error):
-    """The requested device is not present, or the runtime executed on another one."""
+    """The requested device is not present, or the runtime executed on another one.
+
+    `instead` names a device that is present (gpu, cpu); the CLI turns it into the command to run there.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, instead: str | None = None):
+        super().__init__(message, hint)
+        self.instead = instead
 
 
 class ContextOverflowError(Phi3Error):

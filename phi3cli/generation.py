@@ -170,13 +170,14 @@ def open_model(
     Returns the LoadedModel and the Route taken (whose reason says why, for --device auto).
     """
     from phi3cli.devices import probe
-    from phi3cli.routing import choose_route
+    from phi3cli.routing import backends_to_probe, choose_route
     from phi3cli.sources import resolve_source
 
     store = store or ModelStore()
     progress = progress or SilentProgress()
     source = resolve_source(model, store, progress=progress)
-    route = choose_route(probe(), device=device, backend=backend, runtime=source.runtime)
+    report = probe(backends_to_probe(device, backend or source.runtime))
+    route = choose_route(report, device=device, backend=backend, runtime=source.runtime)
     request = LoadRequest(
         source=source,
         device=route.device,

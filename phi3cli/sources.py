@@ -27,7 +27,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # What kind of thing a folder is, by the file that marks it.
-RUNTIME_MARKERS = {"openvino": "openvino_model.xml", "onnx": "genai_config.json"}
+RUNTIME_MARKERS = {"openvino": "openvino_model.xml", "onnx": "genai_config.json", "npu-lib": "npu_model.json"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ModelSource:
     """A resolved model: what the user named, what kind it is, and where it lies on disk."""
 
     spec: str
-    kind: str  # demo | hub | folder | gguf | openvino | onnx
+    kind: str  # demo | hub | folder | gguf | openvino | onnx | npu-lib
     path: Path
     slug: str
 

@@ -26,11 +26,14 @@ class BackendSpec:
     formats: tuple[str, ...]  # weight formats it runs; the first is the default
     description: str
     platforms: tuple[str, ...] = ()  # sys.platform values it installs on; empty means all
+    platform_note: str = ""  # why it installs only there
+    instead: str = ""  # what to use where it is unavailable (a hint naming the flags)
 
     def missing(self) -> str | None:
         """Why this backend cannot be used here, or None when it can."""
         if self.platforms and sys.platform not in self.platforms:
-            return f"{self.name} installs only on {', '.join(self.platforms)} (this is {sys.platform})"
+            why = f": {self.platform_note}" if self.platform_note else ""
+            return f"{self.name} installs only on {', '.join(self.platforms)} (this is {sys.platform}){why}"
         absent = [m for m in self.probes if importlib.util.find_spec(m) is None]
         if absent:
             return f"{', '.join(absent)} not installed: pip install 'phi3cli[{self.extra}]'"
@@ -84,6 +87,9 @@ BACKENDS: dict[str, BackendSpec] = {
             formats=("int4", "int8", "fp16"),
             description="Intel NPU Acceleration Library (Windows; no longer developed)",
             platforms=("win32",),
+            platform_note="its wheels are Windows-only; elsewhere pip builds it from source, which downloads "
+            "OpenVINO 2024.4 and accepts only Ubuntu; the library is no longer developed",
+            instead="Use OpenVINO GenAI's NPU plugin instead: --backend openvino --device npu.",
         ),
     )
 }
@@ -102,6 +108,6 @@ def get_backend(name: str):
     """An instance of the named backend, or a BackendUnavailableError naming the extra to install."""
     spec = get_spec(name)
     if reason := spec.missing():
-        raise BackendUnavailableError(f"The {name} backend is not available: {reason}.")
+        raise BackendUnavailableError(f"The {name} backend is not available: {reason}.", hint=spec.instead or None)
     module = importlib.import_module(spec.module)
     return getattr(module, spec.class_name)()

@@ -12,6 +12,7 @@ from phi3cli import __version__
 from phi3cli.cli.chat import chat
 from phi3cli.cli.convert import convert
 from phi3cli.cli.devices import devices
+from phi3cli.cli.quantize import quantize
 
 app = typer.Typer(
     name="phi3",
@@ -44,6 +45,7 @@ def root(
 app.command("chat")(chat)
 app.command("convert")(convert)
 app.command("devices")(devices)
+app.command("quantize")(quantize)
 
 
 def _terminate(signum, frame):

@@ -8,12 +8,12 @@ from rich.table import Table
 
 from phi3cli.backends import BACKENDS
 from phi3cli.cli.errors import user_errors
-from phi3cli.devices import probe
+from phi3cli.devices import npu_checks, probe
 
 
 @user_errors
 def devices() -> None:
-    """Show the CPU, the devices each installed runtime sees, and which extras are missing."""
+    """Show the CPU, the devices each installed runtime sees, which extras are missing, and both NPU checks."""
     report = probe()
     console = Console(highlight=False)
     console.print(f"[bold]CPU:[/] {report.cpu}")
@@ -27,3 +27,7 @@ def devices() -> None:
             devs = ", ".join(report.present.get(name, [])) or "[red]none[/]"
             table.add_row(name, devs, escape(report.details.get(name, "")), "[green]installed[/]")
     console.print(table)
+    console.print("[bold]NPU:[/] looked for with")
+    for label, found, said in npu_checks(report):
+        mark = "[dim]?[/]" if found is None else "[green]✓[/]" if found else "[red]✗[/]"
+        console.print(f"  {mark} {escape(label)}: {escape(said)}", soft_wrap=True)

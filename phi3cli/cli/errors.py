@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 
 import typer
 
-from phi3cli.errors import Phi3Error
+from phi3cli.errors import DeviceUnavailableError, Phi3Error
 
 EXIT_INTERRUPTED = 130
 
@@ -17,8 +18,25 @@ def debug_enabled() -> bool:
     return os.environ.get("PHI3_DEBUG", "") not in ("", "0")
 
 
+def command_on(device: str, argv: list[str] | None = None) -> str:
+    """The command being run, with --device set to device (added if it was not given)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg in ("--device", "-d") and i + 1 < len(args):
+            args[i + 1] = device
+            break
+        if arg.startswith("--device="):
+            args[i] = f"--device={device}"
+            break
+    else:
+        args += ["--device", device]
+    return shlex.join(["phi3", *args])
+
+
 def message_for(exc: BaseException) -> tuple[str, str | None, int]:
     """(message, hint, exit code) for an exception reaching the command line."""
+    if isinstance(exc, DeviceUnavailableError) and exc.instead and not exc.hint:
+        return exc.message, f"Run it on the {exc.instead.upper()} instead: {command_on(exc.instead)}", exc.exit_code
     if isinstance(exc, Phi3Error):
         return exc.message, exc.hint, exc.exit_code
     if isinstance(exc, KeyboardInterrupt):

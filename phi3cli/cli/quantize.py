@@ -1,0 +1,126 @@
+"""`phi3 quantize`: compress a model's weights with one runtime's own quantizer, into a new folder."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from phi3cli.backends import get_backend
+from phi3cli.backends.base import ConvertRecipe
+from phi3cli.cli.errors import user_errors
+from phi3cli.cli.render import RichProgress
+from phi3cli.convert import quantize as quantize_model
+from phi3cli.errors import Phi3Error, UnsupportedModelError
+from phi3cli.sources import resolve_source
+from phi3cli.store import ModelStore, dir_size
+
+
+class QuantizeBackend(str, Enum):
+    npu_lib = "npu-lib"
+    openvino = "openvino"
+    onnx = "onnx"
+
+
+class QuantizeFormat(str, Enum):
+    int4 = "int4"
+    int8 = "int8"
+    fp16 = "fp16"
+
+
+class QuantizeTarget(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+    npu = "npu"
+
+
+# What each backend quantizes, and the command that makes it from a Hugging Face model.
+_INPUT = {
+    "openvino": ("an OpenVINO IR folder (fp16 or fp32)", "phi3 convert {model} --to openvino --format fp16 -o DIR"),
+    "onnx": ("an ONNX Runtime GenAI folder (fp16 or fp32)", "phi3 convert {model} --to onnx --format fp32 -o DIR"),
+    "npu-lib": ("a Hugging Face model (folder, hub id, .gguf or `demo`)", ""),
+}
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+@user_errors
+def quantize(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="What to quantize. npu-lib: a Hugging Face model (folder, hub id, .gguf or `demo`); "
+            "openvino: an OpenVINO IR folder; onnx: an ONNX Runtime GenAI folder (both fp16 or fp32).",
+            show_default=False,
+        ),
+    ],
+    backend: Annotated[
+        QuantizeBackend,
+        typer.Option("--backend", "-b", help="Whose quantizer to use (see above).", show_default=False),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.", show_default=False)],
+    format: Annotated[QuantizeFormat, typer.Option("--format", "-f", help="Weight format to produce.")] = (
+        QuantizeFormat.int4
+    ),
+    target: Annotated[
+        QuantizeTarget | None,
+        typer.Option("--device", "--target", "-d", help="openvino: the device the IR is for (npu: its NPU recipe)."),
+    ] = None,
+    group_size: Annotated[
+        int | None, typer.Option("--group-size", help="openvino/onnx: int4 group (block) size.")
+    ] = None,
+    ratio: Annotated[
+        float | None, typer.Option("--ratio", min=0.0, max=1.0, help="openvino: share of layers in int4.")
+    ] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="openvino/onnx: symmetric int4.")] = None,
+    awq: Annotated[bool, typer.Option("--awq", help="openvino: data-aware AWQ (needs --dataset).")] = False,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="openvino: calibration data for --awq.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Quantize a model's weights to int4, int8 or fp16 with a runtime's own quantizer.
+
+    [bold]openvino[/]: NNCF weight compression of an existing IR (for example fp16 to int4), without going back to the original model.
+
+    [bold]onnx[/]: ONNX Runtime's int4 weight quantizer on an fp16 or fp32 ONNX Runtime GenAI folder.
+
+    [bold]npu-lib[/] (Windows only): the Intel NPU Acceleration Library's quantization and compilation, as in Intel's Phi-3 AI PC sample. The library's own cache pickles the whole model, which recent torch refuses to load; phi3 stores the compiled weights as safetensors plus a JSON layer map instead, so loading never unpickles anything. Run the result with `phi3 chat --model DIR --backend npu-lib --device npu`.
+
+    The output folder appears only when complete; a failure or Ctrl-C leaves nothing behind.
+    """
+    name = backend.value
+    get_backend(name)  # says why it is unavailable (and what to use instead) before any work
+    if awq and not dataset:
+        raise Phi3Error("--awq needs calibration data.", hint="Add --dataset (for example wikitext2).")
+    recipe = ConvertRecipe(
+        format=format.value,
+        target=target.value if target else ("npu" if name == "npu-lib" else "cpu"),
+        group_size=group_size,
+        ratio=ratio,
+        sym=sym,
+        awq=awq,
+        dataset=dataset,
+    )
+    store = ModelStore()
+    with RichProgress() as progress:
+        source = resolve_source(model, store, progress=progress)
+        wanted, make = _INPUT[name]
+        if source.runtime != (None if name == "npu-lib" else name):
+            what = f"an {source.runtime} model" if source.runtime else "a Hugging Face model"
+            hints = [f"quantize it with --backend {source.runtime}"] if source.runtime in _INPUT else []
+            hints.append(f"make one first: {make.format(model=model)}" if make else "give the original model")
+            raise UnsupportedModelError(
+                f"{model} is {what}; --backend {name} quantizes {wanted}.", hint=_sentence(" or ".join(hints))
+            )
+        model_dir = source.hf_dir(store, progress) if name == "npu-lib" else source.path
+        path = quantize_model(model_dir, name, recipe, output, force=force, progress=progress)
+    Console(highlight=False).print(
+        f"[green]Quantized[/] {escape(model)} → [bold]{escape(str(path))}[/] ({name}, {format.value}, "
+        f"{dir_size(path) / 1e6:.0f} MB)",
+        soft_wrap=True,
+    )
