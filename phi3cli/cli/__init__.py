@@ -13,6 +13,7 @@ from phi3cli.cli.chat import chat
 from phi3cli.cli.convert import convert
 from phi3cli.cli.devices import devices
 from phi3cli.cli.quantize import quantize
+from phi3cli.cli.serve import serve
 
 app = typer.Typer(
     name="phi3",
@@ -45,6 +46,7 @@ def root(
 app.command("chat")(chat)
 app.command("convert")(convert)
 app.command("devices")(devices)
+app.command("serve")(serve)
 app.command("quantize")(quantize)
 
 

@@ -1,0 +1,82 @@
+"""`phi3 serve`'s core: a loaded model behind an OpenAI-compatible HTTP API (Starlette on uvicorn).
+
+Imported only by the serve command, so the rest of phi3 never needs the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+import sys
+
+from phi3cli.errors import Phi3Error
+
+try:
+    import starlette  # noqa: F401
+    import uvicorn
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise Phi3Error(
+        f"phi3 serve needs the serve extra ({exc.name} is not installed).",
+        hint="pip install 'phi3cli[serve]'",
+    ) from None
+
+from phi3cli.serve.app import create_app  # noqa: E402
+
+__all__ = ["bind", "create_app", "is_loopback", "run"]
+
+
+class ServeError(Phi3Error):
+    """The server cannot start: the address is taken or cannot be bound."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0 picks a free one), or a ServeError saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ServeError(f"Cannot resolve the host {host!r}: {exc.strerror}.", hint="Check --host.") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(f"Port {port} on {host} is already in use.", hint="Choose another with --port.") from None
+        raise ServeError(f"Cannot listen on {host}:{port}: {exc.strerror}.", hint="Check --host and --port.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def run(app, sock: socket.socket) -> None:
+    """Serve app on the bound socket until Ctrl-C or SIGTERM; requests are logged to stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log = logging.getLogger("phi3.serve")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        log.removeHandler(handler)
+        sock.close()
