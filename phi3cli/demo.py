@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from phi3cli.errors import Phi3Error
+from phi3cli.errors import Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.store import ModelStore, atomic_output
 
@@ -154,8 +154,11 @@ def gguf_to_phi3(gguf: Path, out: Path, progress: Progress, *, repack_llama: boo
 
     progress.phase(f"Loading {gguf.name} (dequantizing)")
     folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        raise UnsupportedModelError(f"transformers could not load {gguf.name}: {exc}".splitlines()[0]) from exc
 
     if repack_llama:
         progress.phase("Repacking Llama weights into Phi-3's fused projections")

@@ -1,0 +1,62 @@
+"""Model sources: .gguf files (dequantized once into the store), local folders, and their bad forms."""
+
+from __future__ import annotations
+
+import pytest
+
+from phi3cli.errors import UnsupportedModelError
+from phi3cli.sources import resolve_source
+from tests.conftest import run_phi3
+from tests.gguf_files import write_header_only_gguf, write_phi3_gguf
+
+
+@pytest.fixture(scope="session")
+def phi3_gguf(demo_source, tmp_path_factory):
+    return write_phi3_gguf(demo_source.path, tmp_path_factory.mktemp("gguf") / "demo-phi3.gguf")
+
+
+def test_phi3_gguf_is_materialised_once_with_the_same_weights(phi3_gguf, store, torch_model):
+    from phi3cli.backends.base import LoadRequest
+    from phi3cli.generation import load_model
+
+    source = resolve_source(str(phi3_gguf), store)
+    assert source.kind == "gguf" and source.runtime is None
+    model = load_model(LoadRequest(source, device="cpu"), "torch", store)
+    assert model.path == store.source_dir(source.slug)
+    assert type(model.model).__name__ == "Phi3ForCausalLM"
+    ids = torch_model.encode(torch_model.chat_template.render([{"role": "user", "content": "Hi there"}]))
+    ours, reference = model.token_logprobs(ids), torch_model.token_logprobs(ids)
+    assert max(abs(a - b) for a, b in zip(ours, reference, strict=True)) < 1e-4
+    # The second resolve reuses the materialised folder.
+    before = model.path.stat().st_mtime_ns
+    assert resolve_source(str(phi3_gguf), store).hf_dir(store) == model.path
+    assert model.path.stat().st_mtime_ns == before
+    model.close()
+
+
+def test_phi3_gguf_chats_through_the_cli(phi3_gguf):
+    done = run_phi3("chat", "-m", str(phi3_gguf), "-b", "torch", "-n", "8", "Hi")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    path = write_header_only_gguf(tmp_path / "llama.gguf", "llama")
+    with pytest.raises(UnsupportedModelError, match="'llama' .gguf, not Phi-3"):
+        resolve_source(str(path))
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    bogus = tmp_path / "weights.gguf"
+    bogus.write_bytes(b"not a gguf at all")
+    with pytest.raises(UnsupportedModelError, match="not a readable .gguf"):
+        resolve_source(str(bogus))
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"\0")
+    with pytest.raises(UnsupportedModelError, match="not a .gguf model"):
+        resolve_source(str(other))
+
+
+def test_local_hf_folder_is_a_source(demo_source):
+    source = resolve_source(str(demo_source.path))
+    assert source.kind == "folder" and source.path == demo_source.path.resolve()
