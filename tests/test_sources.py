@@ -60,3 +60,32 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
 def test_local_hf_folder_is_a_source(demo_source):
     source = resolve_source(str(demo_source.path))
     assert source.kind == "folder" and source.path == demo_source.path.resolve()
+
+
+def fake_hub_cache(hf_home, repo_id: str, files: dict) -> None:
+    """Lay out huggingface-hub's cache for repo_id as a completed download would (snapshot + refs/main)."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for name, target in files.items():
+        (snapshot / name).symlink_to(target)
+
+
+def test_hub_id_resolves_from_the_hub_cache_offline(demo_source, tmp_path):
+    files = {p.name: p for p in demo_source.path.iterdir() if p.is_file()}
+    fake_hub_cache(tmp_path, "acme/phi3-demo", files)
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = run_phi3("chat", "-m", "acme/phi3-demo", "-b", "torch", "What is the capital of France?", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+
+
+def test_hub_model_without_safetensors_is_refused(demo_source, tmp_path):
+    files = {p.name: p for p in demo_source.path.iterdir() if p.is_file() and p.suffix != ".safetensors"}
+    fake_hub_cache(tmp_path, "acme/pickled-only", files)
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = run_phi3("chat", "-m", "acme/pickled-only", "-b", "torch", "hi", env=env)
+    assert done.returncode == 1 and "publishes no .safetensors" in done.stderr, done.stderr
