@@ -94,7 +94,12 @@ def test_offline_hub_with_nothing_cached(tmp_path):
 
 
 def test_device_not_present(demo_source):
-    assert_clean_error(run_phi3("chat", "-m", "demo", "--device", "gpu", "hi"), "No gpu", "This machine has: cpu")
+    assert_clean_error(
+        run_phi3("chat", "-m", "demo", "--device", "gpu", "hi"),
+        "No GPU found",
+        "This machine has: CPU",
+        "phi3 chat -m demo --device cpu hi",
+    )
 
 
 def test_backend_whose_extra_is_missing(demo_source):
