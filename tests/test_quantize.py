@@ -44,9 +44,12 @@ def answer(model_dir) -> str:
 def test_quantize_to_int4_and_chat(backend, fixture, tmp_path, request):
     source = request.getfixturevalue(fixture)
     out = tmp_path / f"{backend}-int4"
-    done = run_phi3("quantize", str(source), "--backend", backend, "--format", "int4", "-o", str(out))
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    done = run_phi3("quantize", str(source), "--backend", backend, "--format", "int4", "-o", str(out), "--force")
     assert done.returncode == 0, done.stderr
     assert f"({backend}, int4," in done.stdout and "Traceback" not in done.stderr
+    assert not (out / "stale.txt").exists() and not list(tmp_path.glob(f".{out.name}.*"))  # replaced whole
     assert dir_size(out) < 0.6 * dir_size(source)  # int4 weights, not a copy
     assert "Paris" in answer(out)
 
@@ -87,3 +90,10 @@ def test_quantize_refuses_what_it_cannot_do(model, args, needles, tmp_path, requ
 def test_format_must_be_one_it_knows():
     result = quantize_cli("demo", "--backend", "onnx", "--format", "fp32", "-o", "x")
     assert result.exit_code == 2 and "fp32" in result.stderr
+
+
+def test_help_imports_no_heavy_library():
+    from tests.test_cli import HEAVY, imported_modules
+
+    names = imported_modules("quantize", "--help")
+    assert "typer" in names and not names & set(HEAVY), names & set(HEAVY)
