@@ -51,3 +51,11 @@ class ConversionError(Phi3Error):
 
 class OutputExistsError(Phi3Error):
     """The output path exists and --force was not given."""
+
+
+class StoreEntryNotFoundError(Phi3Error):
+    """Nothing in the model store matches what the user named (`phi3 models rm/path`)."""
+
+
+class SessionFileError(Phi3Error):
+    """A chat session file cannot be read, is not a phi3 session, or names a model that is not here."""

@@ -6,13 +6,14 @@ bench and serve all read this one stream, so their figures come from the code pa
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
-from phi3cli.errors import ContextOverflowError
+from phi3cli.errors import ContextOverflowError, DeviceUnavailableError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.store import ModelStore
 
@@ -162,12 +163,15 @@ def open_model(
     threads: int | None = None,
     trust_remote_code: bool = False,
     options: dict | None = None,
+    allow_fallback: bool = False,
     store: ModelStore | None = None,
     progress: Progress | None = None,
 ):
     """Resolve a model, route it to a backend and device, and load it: what chat, bench and serve share.
 
-    Returns the LoadedModel and the Route taken (whose reason says why, for --device auto).
+    Returns the LoadedModel and the Route taken (whose reason says why, for --device auto). If the runtime
+    reports that it executes on another device than the one asked, this raises DeviceUnavailableError, or
+    with allow_fallback passes a notice to progress.note (the CLI prints it in yellow).
     """
     from phi3cli.devices import probe
     from phi3cli.routing import backends_to_probe, choose_route
@@ -186,4 +190,62 @@ def open_model(
         trust_remote_code=trust_remote_code,
         options=dict(options or {}),
     )
-    return load_model(request, route.backend, store, progress), route
+    loaded = load_model(request, route.backend, store, progress)
+    try:
+        notice = check_executed_device(loaded, allow_fallback=allow_fallback)
+    except DeviceUnavailableError:
+        loaded.close()
+        raise
+    if notice:
+        progress.note(notice)
+    return loaded, route
+
+
+# Words in a runtime's device or provider name ("GPU.0", "DmlExecutionProvider", "cuda:0") -> phi3's devices.
+_DEVICE_WORDS = {
+    "cpu": "cpu",
+    "gpu": "gpu",
+    "dml": "gpu",
+    "directml": "gpu",
+    "cuda": "gpu",
+    "tensorrt": "gpu",
+    "rocm": "gpu",
+    "migraphx": "gpu",
+    "webgpu": "gpu",
+    "xpu": "gpu",
+    "mps": "gpu",
+    "npu": "npu",
+    "qnn": "npu",
+    "vitisai": "npu",
+}
+
+
+def normalise_device(name: str) -> str | None:
+    """cpu, gpu or npu for one device or provider name as a runtime reports it; None if unknown."""
+    word = name.strip(" \t[]()'\"").lower().removesuffix("executionprovider")
+    word = re.split(r"[.:(\s]", word, maxsplit=1)[0]
+    return _DEVICE_WORDS.get(word)
+
+
+def executed_devices(reported: str) -> list[str | None]:
+    """The devices in what a runtime reports, which may list several ("GPU.0, CPU" when part of a graph fell back)."""
+    parts = [p for p in re.split(r"[,;+]|\s{2,}", reported or "") if p.strip()]
+    return [normalise_device(p) for p in parts]
+
+
+def check_executed_device(model: LoadedModel, *, allow_fallback: bool = False) -> str | None:
+    """Compare the device asked with what the runtime says it executes on; never let a fallback pass silently.
+
+    Returns None when they agree, a notice when they differ and allow_fallback is set, else raises.
+    """
+    asked, reported = model.device, (model.executed_device or "").strip()
+    found = executed_devices(reported)
+    if found and all(d == asked for d in found):
+        return None
+    what = f"the {model.backend} runtime reports it executes on {reported or 'an unreported device'}"
+    if not allow_fallback:
+        raise DeviceUnavailableError(
+            f"Asked for {asked}, but {what}; stopping instead of running on another device.",
+            hint="Pass --allow-fallback to run anyway, or choose the device it has with --device.",
+        )
+    return f"Fallback: asked for {asked}, but {what}. Running anyway (--allow-fallback)."

@@ -41,6 +41,17 @@ def _seen(report: DeviceReport, device: str = "auto", backend: str | None = None
     return "; ".join(parts)
 
 
+def _tried(report: DeviceReport, candidates: list[tuple[str, str]], chosen: tuple[str, str]) -> str:
+    """Each (backend, device) considered before the choice, in order of preference, and whether it was there."""
+    marks = []
+    for b, d in candidates:
+        present = d in report.present.get(b, [])
+        marks.append(f"{d}/{b} " + ("yes" if present else "not installed" if b in report.missing else "no"))
+        if (b, d) == chosen:
+            break
+    return ", ".join(marks)
+
+
 def choose_route(
     report: DeviceReport, *, device: str = "auto", backend: str | None = None, runtime: str | None = None
 ) -> Route:
@@ -73,7 +84,7 @@ def choose_route(
     for b, d in candidates:
         if d in report.present.get(b, []):
             if device == "auto":
-                reason = f"auto: picked {d} with {b} (best present; {_seen(report)})"
+                reason = f"auto: picked {d} with {b}; looked for, best first: {_tried(report, candidates, (b, d))} ({_seen(report)})"
             else:
                 reason = f"{d} with {b}"
             return Route(b, d, reason)

@@ -12,6 +12,7 @@ from phi3cli import __version__
 from phi3cli.cli.chat import chat
 from phi3cli.cli.convert import convert
 from phi3cli.cli.devices import devices
+from phi3cli.cli.models import models_app
 from phi3cli.cli.quantize import quantize
 from phi3cli.cli.serve import serve
 
@@ -48,6 +49,7 @@ app.command("convert")(convert)
 app.command("devices")(devices)
 app.command("serve")(serve)
 app.command("quantize")(quantize)
+app.add_typer(models_app, name="models")
 
 
 def _terminate(signum, frame):

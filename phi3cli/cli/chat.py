@@ -28,7 +28,7 @@ from phi3cli.cli.options import (
 from phi3cli.cli.render import RichProgress, err_console, stats_line
 from phi3cli.errors import ModelNotFoundError, OfflineError, Phi3Error, SessionFileError, UnsupportedModelError
 from phi3cli.generation import ReplyStats, TokenEvent, open_model, prompt_budget
-from phi3cli.sessions import SavedSession, load_session, restore, save_session, snapshot
+from phi3cli.sessions import SavedSession, check_saveable, load_session, restore, save_session, snapshot
 from phi3cli.sources import DEFAULT_MODEL
 
 HELP = """\
@@ -42,19 +42,21 @@ DEFAULTS = GenerationSettings()
 
 @dataclass
 class _ChatState:
-    """The session plus what /save needs to write it: the model as named, the device asked, the file."""
+    """The session plus what /save needs to write it: the model as named, the device asked, the files."""
 
     session: ChatSession
     model_spec: str
     device_asked: str
-    file: Path | None = None  # where /save writes when given no name: --save, --resume, or the last /save or /load
-    autosave: bool = False  # --save: written after every reply
+    autosave: Path | None = None  # --save: written after every reply
+    file: Path | None = None  # the last file resumed, loaded or saved: where a bare /save writes without --save
 
     def save(self, path: Path | None = None) -> Path:
-        path = path or self.file
+        path = path or self.autosave or self.file
         assert path is not None
-        self.file = save_session(path, snapshot(self.session, model=self.model_spec, device=self.device_asked))
-        return self.file
+        written = save_session(path, snapshot(self.session, model=self.model_spec, device=self.device_asked))
+        if path != self.autosave:
+            self.file = written
+        return written
 
 
 @user_errors
@@ -119,6 +121,8 @@ def chat(
         if not prompt:
             raise typer.BadParameter("stdin was empty; give a prompt.", param_hint="PROMPT")
     saved = load_session(resume) if resume else None
+    if save:
+        check_saveable(save)
     if saved:
         model_from_file = model is None
         model = model or saved.model
@@ -155,7 +159,7 @@ def chat(
     if seed is not None:
         settings.seed = seed
     session = ChatSession(loaded, settings)
-    state = _ChatState(session, model, device.value, file=save or resume, autosave=save is not None)
+    state = _ChatState(session, model, device.value, autosave=save, file=resume)
     if saved:
         restore(session, saved)
         err_console.print(f"[dim]{escape(_resumed_line(resume, saved, loaded))}[/]", soft_wrap=True)
@@ -303,7 +307,7 @@ def _command(state: _ChatState, text: str, console: Console) -> bool:
             f"prompt up to {prompt_budget(model)} · {len(session.messages)} messages[/]"
         )
     elif name == "/save":
-        path = Path(arg.strip()).expanduser() if arg.strip() else state.file
+        path = Path(arg.strip()).expanduser() if arg.strip() else state.autosave or state.file
         if path is None:
             console.print("[yellow]Usage: /save FILE[/] [dim](JSON; continue it with /load FILE or --resume)[/]")
         else:

@@ -44,3 +44,11 @@ TrustRemoteCodeOpt = Annotated[
         help="Run Python code shipped with the model. Phi-3 is built into transformers; you should not need this.",
     ),
 ]
+AllowFallbackOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-fallback",
+        help="Run even if the runtime reports another device than the one asked (printed in yellow). "
+        "Without it, phi3 stops rather than silently running on the CPU.",
+    ),
+]

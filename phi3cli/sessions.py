@@ -1,0 +1,166 @@
+"""Saved chat sessions: a conversation, the model and settings it ran with, as a small JSON file.
+
+A file written by `/save` or `--save` can be continued by `/load` or `phi3 chat --resume`; with the
+same model, backend, format and greedy settings the next answer is the one the uninterrupted chat
+would have given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from phi3cli.backends.base import GenerationSettings
+from phi3cli.chat import ChatSession
+from phi3cli.errors import SessionFileError
+
+SCHEMA = "phi3.chat-session/1"
+_SCHEMA_NAME = SCHEMA.split("/")[0]
+ROLES = ("user", "assistant")
+
+
+@dataclass
+class SavedSession:
+    """What a session file holds."""
+
+    model: str  # the model as given (a local path made absolute), so --resume finds it again
+    backend: str
+    device: str  # the device asked for: auto, cpu, gpu or npu
+    executed_device: str  # what the runtime reported it ran on
+    format: str
+    messages: list[dict[str, str]] = field(default_factory=list)
+    system: str | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    saved_at: float = 0.0
+
+    def to_json(self) -> dict:
+        settings = asdict(self.settings)
+        settings["stop"] = list(settings["stop"])
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "backend": self.backend,
+            "device": self.device,
+            "executed_device": self.executed_device,
+            "format": self.format,
+            "system": self.system,
+            "settings": settings,
+            "messages": self.messages,
+            "saved_at": self.saved_at,
+        }
+
+
+def model_spec(spec: str) -> str:
+    """The model as a session records it: a local path made absolute, anything else (an id, `demo`) as is."""
+    if spec == "demo":  # resolve_source takes `demo` before any folder of that name
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def snapshot(session: ChatSession, *, model: str, device: str) -> SavedSession:
+    """The session as it stands: its history, system prompt and settings, and the model that runs it."""
+    loaded = session.model
+    return SavedSession(
+        model=model_spec(model),
+        backend=loaded.backend,
+        device=device,
+        executed_device=loaded.executed_device,
+        format=loaded.format,
+        messages=[dict(m) for m in session.messages],
+        system=session.system,
+        settings=GenerationSettings(**asdict(session.settings)),
+        saved_at=time.time(),
+    )
+
+
+def check_saveable(path: Path | str) -> Path:
+    """Refuse early a path that save_session would refuse: a folder, or a file that is not a phi3 session."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise SessionFileError(f"{path} is a folder.", hint="Give a file name, e.g. chat.json.")
+    if path.exists():
+        try:
+            load_session(path)
+        except SessionFileError:
+            raise SessionFileError(
+                f"{path} exists and is not a phi3 chat session; not overwriting it.",
+                hint="Choose another file name.",
+            ) from None
+    return path
+
+
+def save_session(path: Path | str, saved: SavedSession) -> Path:
+    """Write the session file whole (a temporary file renamed into place); refuse to overwrite a foreign file."""
+    path = check_saveable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(saved.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SessionFileError(f"Could not write {path}: {exc.strerror or exc}.") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_session(path: Path | str) -> SavedSession:
+    """Read a session file, checking it is ours and well formed; SessionFileError says what is wrong."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SessionFileError(f"No session file {path}.", hint="Save one with /save FILE or --save FILE.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SessionFileError(f"Cannot read {path}: {getattr(exc, 'strerror', None) or exc}.") from exc
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise SessionFileError(f"{path} is not a phi3 chat session (it is not JSON).") from None
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if not isinstance(schema, str) or not schema.startswith(_SCHEMA_NAME + "/"):
+        raise SessionFileError(
+            f'{path} is not a phi3 chat session (no "schema": "{SCHEMA}").',
+            hint="Give a file written by /save or --save.",
+        )
+    if schema != SCHEMA:
+        raise SessionFileError(
+            f"{path} is a {schema} session; this phi3 reads {SCHEMA}.", hint="Upgrade phi3 to read it."
+        )
+    try:
+        messages = data["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ValueError("messages must be a list of {role: user|assistant, content: text}")
+        known = {f.name for f in fields(GenerationSettings)}
+        settings = {k: v for k, v in (data.get("settings") or {}).items() if k in known}
+        settings["stop"] = tuple(settings.get("stop") or ())
+        return SavedSession(
+            model=str(data["model"]),
+            backend=str(data["backend"]),
+            device=str(data.get("device") or "auto"),
+            executed_device=str(data.get("executed_device") or ""),
+            format=str(data["format"]),
+            messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+            system=data.get("system"),
+            settings=GenerationSettings(**settings),
+            saved_at=float(data.get("saved_at") or 0.0),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+        raise SessionFileError(f"{path} is a damaged phi3 chat session: {what}.") from None
+
+
+def restore(session: ChatSession, saved: SavedSession) -> None:
+    """Put a saved conversation (history, system prompt, settings) into a running session."""
+    session.messages[:] = [dict(m) for m in saved.messages]
+    session.system = saved.system
+    session.settings = GenerationSettings(**asdict(saved.settings))
+    session.last_stats = None

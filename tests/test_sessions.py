@@ -1,0 +1,255 @@
+"""Chat sessions that last: /save, /load and --resume give the answer the uninterrupted chat would have."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+from phi3cli.backends.base import GenerationSettings
+from phi3cli.chat import ChatSession, HistoryTrimmed
+from phi3cli.errors import SessionFileError
+from phi3cli.generation import ReplyStats, prompt_budget
+from phi3cli.sessions import SCHEMA, load_session, restore, save_session, snapshot
+from tests.conftest import run_phi3
+
+QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the two cities is bigger?"]
+
+
+def ask(session: ChatSession, text: str) -> str:
+    stats = [e for e in session.ask(text) if isinstance(e, ReplyStats)]
+    return stats[-1].text
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(torch_model):
+    """The three answers of one greedy chat that was never saved, with default settings."""
+    session = ChatSession(torch_model, GenerationSettings())
+    return [ask(session, q) for q in QUESTIONS]
+
+
+def test_save_load_resume_gives_the_same_next_answer(torch_model, uninterrupted, tmp_path):
+    first = ChatSession(torch_model, GenerationSettings(), system=None)
+    for q in QUESTIONS[:2]:
+        ask(first, q)
+    path = save_session(tmp_path / "chat.json", snapshot(first, model="demo", device="cpu"))
+
+    data = json.loads(path.read_text())
+    assert data["schema"] == SCHEMA
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert (data["model"], data["backend"], data["format"], data["executed_device"]) == ("demo", "torch", "fp32", "CPU")
+    assert data["settings"]["temperature"] == 0.0 and data["settings"]["max_new_tokens"] == 512
+
+    resumed = ChatSession(torch_model, GenerationSettings(max_new_tokens=3, temperature=0.7))
+    restore(resumed, load_session(path))
+    assert resumed.messages == first.messages
+    assert resumed.settings == GenerationSettings()  # the saved settings, not the ones it started with
+    assert ask(resumed, QUESTIONS[2]) == uninterrupted[2]
+
+
+def test_resume_through_the_cli_gives_the_same_next_answer(demo_source, uninterrupted, tmp_path):
+    chat = tmp_path / "chat.json"
+    first = run_phi3("chat", "-m", "demo", "-b", "torch", "--save", str(chat), QUESTIONS[0])
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == uninterrupted[0]
+    second = run_phi3("chat", "--resume", str(chat), "--save", str(chat), QUESTIONS[1])
+    assert second.returncode == 0, second.stderr
+    assert "Resumed" in second.stderr and "2 messages" in second.stderr
+    assert second.stdout.strip() == uninterrupted[1]
+    third = run_phi3("chat", "--resume", str(chat), QUESTIONS[2])  # model, backend, format come from the file
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.strip() == uninterrupted[2]
+    assert "torch on CPU" in third.stderr
+    assert len(json.loads(chat.read_text())["messages"]) == 4  # without --save the file is left as it was
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("this is not json", "not JSON"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "is not a phi3 chat session"),
+        (json.dumps(["a", "list"]), "is not a phi3 chat session"),
+        (json.dumps({"schema": "phi3.chat-session/9", "messages": []}), "this phi3 reads"),
+        (json.dumps({"schema": SCHEMA, "model": "demo", "backend": "torch", "format": "fp32"}), "no 'messages'"),
+        (
+            json.dumps(
+                {"schema": SCHEMA, "model": "demo", "backend": "torch", "format": "fp32", "messages": [{"role": "x"}]}
+            ),
+            "damaged",
+        ),
+    ],
+)
+def test_a_file_that_is_not_our_session_is_refused_clearly(tmp_path, content, needle):
+    path = tmp_path / "foreign.json"
+    path.write_text(content)
+    with pytest.raises(SessionFileError, match=needle):
+        load_session(path)
+
+
+def test_missing_session_file():
+    with pytest.raises(SessionFileError, match="No session file"):
+        load_session("/no/such/chat.json")
+
+
+def test_save_never_overwrites_a_foreign_file(torch_model, tmp_path):
+    precious = tmp_path / "notes.json"
+    precious.write_text('{"my": "data"}')
+    session = ChatSession(torch_model)
+    with pytest.raises(SessionFileError, match="not a phi3 chat session; not overwriting"):
+        save_session(precious, snapshot(session, model="demo", device="cpu"))
+    assert precious.read_text() == '{"my": "data"}'
+    assert os.listdir(tmp_path) == ["notes.json"]  # no temporary file left behind
+
+
+def saved_file(tmp_path, **changes) -> str:
+    data = {
+        "schema": SCHEMA,
+        "model": "demo",
+        "backend": "torch",
+        "device": "cpu",
+        "format": "fp32",
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        **changes,
+    }
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def assert_clean_error(done, *needles):
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert len([line for line in done.stderr.splitlines() if line.startswith("Error:")]) == 1, done.stderr
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+def test_cli_refuses_a_foreign_session_file(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"conversation": []}))
+    assert_clean_error(run_phi3("chat", "--resume", str(path), "hi"), "is not a phi3 chat session")
+
+
+def test_cli_session_naming_a_missing_model_suggests_model(demo_source, tmp_path):
+    path = saved_file(tmp_path, model=str(tmp_path / "gone-model"))
+    assert_clean_error(run_phi3("chat", "--resume", path, "hi"), "gone-model", "not available here", "--model")
+    # With --model the conversation goes on.
+    done = run_phi3("chat", "--resume", path, "--model", "demo", "-n", "8", "What is the capital of France?")
+    assert done.returncode == 0, done.stderr
+    assert "Resumed" in done.stderr
+
+
+def test_history_trimming_respects_a_prompt_limit(torch_model, monkeypatch):
+    """An NPU's static prompt length (max_prompt_tokens) trims history like the context does, with a notice."""
+    from phi3cli.cli.chat import _trim_notice
+
+    session = ChatSession(torch_model, GenerationSettings(max_new_tokens=8))
+    for q in QUESTIONS[:2]:
+        ask(session, q)
+    whole = len(torch_model.encode(torch_model.chat_template.render(session.conversation_with(session.messages, "x"))))
+    assert whole + 8 < torch_model.context_length  # the context alone would not trim
+    monkeypatch.setattr(torch_model, "max_prompt_tokens", whole - 5)
+    events = list(session.ask("And of Spain?"))
+    trimmed = [e for e in events if isinstance(e, HistoryTrimmed)]
+    assert trimmed and trimmed[0].messages == 2 and trimmed[0].prompt_tokens <= prompt_budget(torch_model)
+    assert events[-1].prompt_tokens <= whole - 5
+    assert f"prompt limit of {whole - 5} tokens" in _trim_notice(trimmed[0], session)
+
+
+# The interactive loop, driven through a pseudo-terminal as a user types.
+
+
+ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9])")
+
+
+class Terminal:
+    """`phi3 ARGS` in a pseudo-terminal: type lines, wait for text to appear."""
+
+    def __init__(self, *args: str, cwd, env: dict | None = None):
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns: no wrapping
+        env = {**os.environ, "TERM": "xterm", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "phi3cli", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env=env,
+            close_fds=True,
+        )
+        os.close(slave)
+        self.master, self.seen = master, ""
+
+    def expect(self, pattern: str, timeout: float = 120) -> str:
+        end = time.monotonic() + timeout
+        while not (m := re.search(pattern, self.seen)):
+            if (
+                time.monotonic() > end
+                or self.proc.poll() is not None
+                and not select.select([self.master], [], [], 0)[0]
+            ):
+                raise AssertionError(f"{pattern!r} never appeared:\n{self.seen[-3000:]}")
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    self.seen += ANSI.sub("", os.read(self.master, 65536).decode(errors="replace"))
+                except OSError:
+                    pass
+        self.seen = self.seen[m.end() :]
+        return m.group(0)
+
+    def type(self, line: str) -> None:
+        os.write(self.master, (line + "\n").encode())
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            os.close(self.master)
+
+
+def test_interactive_save_load_model_and_multiline(demo_source, uninterrupted, tmp_path):
+    first = Terminal("chat", "-m", "demo", "-b", "torch", cwd=tmp_path)
+    first.expect(r">>> ")
+    first.type(QUESTIONS[0])
+    first.expect(r"tok/s")
+    first.type('"""')  # a multi-line message, as in Ollama
+    first.type("And")
+    first.type('of Italy?"""')
+    first.expect(r"tok/s")
+    first.type("/model")
+    first.expect(r"asked cpu, running on CPU")
+    first.type("/save chat.json")
+    first.expect(r"Saved 4 messages")
+    first.type("/exit")
+    assert first.close() == 0
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert saved["messages"][1]["content"] == uninterrupted[0]  # the interactive path answers as one-shot does
+    assert saved["messages"][2]["content"] == "And\nof Italy?"
+
+    # A new chat loads it and goes on; --save keeps the file up to date after each reply.
+    second = Terminal("chat", "-m", "demo", "-b", "torch", "--save", "after.json", cwd=tmp_path)
+    second.expect(r">>> ")
+    second.type("/load chat.json")
+    second.expect(r"Loaded 4 messages")
+    second.type("/load missing.json")
+    second.expect(r"No session file")  # an error does not end the chat
+    second.type("/stats")
+    second.expect(r"No reply yet")
+    second.type(QUESTIONS[2])
+    second.expect(r"tok/s")
+    second.type("/stats")
+    second.expect(r"torch on CPU")
+    second.type("/exit")
+    assert second.close() == 0
+    after = json.loads((tmp_path / "after.json").read_text())
+    assert len(after["messages"]) == 6
