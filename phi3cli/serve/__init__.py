@@ -66,6 +66,18 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which on Ctrl-C or SIGTERM first stops the generations so open streams end at once."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
 def run(app, sock: socket.socket) -> None:
     """Serve app on the bound socket until Ctrl-C or SIGTERM; requests are logged to stderr, one line each."""
     handler = logging.StreamHandler(sys.stderr)
@@ -76,7 +88,7 @@ def run(app, sock: socket.socket) -> None:
     log.propagate = False
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        _Server(config, on_exit=app.state.jobs.cancel_all).run(sockets=[sock])
     finally:
         log.removeHandler(handler)
         sock.close()

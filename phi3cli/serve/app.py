@@ -28,6 +28,9 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
+SHUTTING_DOWN = ApiError("The server is stopping; the reply was cut short.", status=503, code=None, type="server_error")
+
+
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
 
@@ -168,7 +171,7 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
         if isinstance(first, BaseException):
             return _fail(request, _as_api_error(first))
         if not isinstance(first, Started):
-            return _fail(request, ApiError("The server is shutting down.", status=503, code=None, type="server_error"))
+            return _fail(request, SHUTTING_DOWN)
         rid = protocol.new_id(kind)
         if parsed.stream:
             return StreamingResponse(
@@ -225,8 +228,8 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
                 raise item
             if isinstance(item, ReplyStats):
                 stats = item
-        if stats is None:
-            raise RuntimeError("the generation ended without a result")
+        if stats is None:  # cancelled on the worker: the server is stopping
+            raise SHUTTING_DOWN
         return stats
 
     async def _stream(
@@ -256,6 +259,10 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
                     _note(request, f"failed mid-stream: {error.message}")
                     yield protocol.sse(error.body())
                     break
+            else:
+                if not complete:  # cancelled on the worker: the server is stopping
+                    _note(request, f"cut short after {job.tokens} tokens: the server is stopping")
+                    yield protocol.sse(SHUTTING_DOWN.body())
             yield protocol.sse("[DONE]")
         finally:
             job.cancel()
@@ -309,7 +316,7 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return _fail(request, ApiError(message, status=exc.status_code, code=code))
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
@@ -321,3 +328,5 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )
+    app.state.jobs = jobs
+    return app

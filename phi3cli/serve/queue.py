@@ -87,6 +87,7 @@ class GenerationQueue:
         self._worker: threading.Thread | None = None
         self.active: Job | None = None
         self.served = 0
+        self.stopping = False
 
     def start(self) -> None:
         self._worker = threading.Thread(target=self._run, name="phi3-serve-worker", daemon=True)
@@ -94,27 +95,34 @@ class GenerationQueue:
 
     def submit(self, prepare: Callable[[LoadedModel], list[int]], settings: GenerationSettings) -> Job:
         job = Job(prepare, settings, asyncio.get_running_loop())
-        self._jobs.put(job)
+        if self.stopping:
+            job.cancel()
+            job.deliver(FINISHED)
+        else:
+            self._jobs.put(job)
         return job
 
     @property
     def waiting(self) -> int:
         return self._jobs.qsize()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel what is running and waiting, and stop the worker."""
-        if self.active:
-            self.active.cancel()
-        pending = []
+    def cancel_all(self) -> None:
+        """Cancel what is running and waiting (the server is stopping); does not block."""
+        self.stopping = True
+        if job := self.active:
+            job.cancel()
         while True:
             try:
-                pending.append(self._jobs.get_nowait())
+                job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-        for job in pending:
             if job:
                 job.cancel()
                 job.deliver(FINISHED)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel everything and stop the worker."""
+        self.cancel_all()
         self._jobs.put(None)
         if self._worker:
             self._worker.join(timeout)
