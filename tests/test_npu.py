@@ -107,9 +107,8 @@ def test_quantized_model_is_stored_without_pickle(int4_run):
 
 def test_stored_weights_are_exactly_what_the_library_made(fake_lib, int4_run, demo_source):
     import torch
-    from safetensors.torch import load_file
-
     from intel_npu_acceleration_library.quantization import compress_to_i4, quantize_tensor
+    from safetensors.torch import load_file
 
     stored = load_file(str(int4_run[0] / "npu_weights.safetensors"))
     original = load_file(str(demo_source.path / "model.safetensors"))
@@ -123,7 +122,6 @@ def test_stored_weights_are_exactly_what_the_library_made(fake_lib, int4_run, de
 
 def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, monkeypatch):
     import torch
-
     from intel_npu_acceleration_library import nn as npu_nn
 
     from phi3cli.backends.npu_lib import NpuLibBackend

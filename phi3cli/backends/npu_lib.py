@@ -253,7 +253,10 @@ class NpuLibModel(LoadedModel):
         return transformers_logprobs(self.model, ids)
 
     def close(self) -> None:
+        from intel_npu_acceleration_library.backend import clear_cache
+
         self.model = None
+        clear_cache()  # the library keeps each layer's compiled NPU kernel in a process-wide cache
 
 
 class NpuLibBackend(Backend):

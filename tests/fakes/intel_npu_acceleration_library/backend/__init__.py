@@ -25,9 +25,27 @@ def get_driver_version() -> int:
     return 2408
 
 
+_weights: dict[tuple, torch.Tensor] = {}  # like the real runtime's per-op cache: prepared once per layer
+
+
+def clear_cache() -> None:
+    """Clear the cache of models (FAKE: the prepared weights)."""
+    _weights.clear()
+
+
 @torch.no_grad()
 def run_matmul(x: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None = None, op_id: str | None = None):
     """x @ weights.T for float, int8 or packed-int4 (uint8) weights; the result has x's dtype (CPU, FAKE)."""
+    key = (op_id, weights.data_ptr(), None if scale is None else scale.data_ptr())
+    if op_id is None or key not in _weights:
+        w = _dequantize(weights, scale)
+        if op_id is None:
+            return torch.nn.functional.linear(x.float(), w).to(x.dtype)
+        _weights[key] = w
+    return torch.nn.functional.linear(x.float(), _weights[key]).to(x.dtype)
+
+
+def _dequantize(weights: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     out_c, in_c = weights.shape[-2:]
     if weights.dtype.is_floating_point:
         w = weights.float()
@@ -45,7 +63,7 @@ def run_matmul(x: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | Non
         w = q.float() * (scale.float().view(-1, 1) / math.sqrt(in_c))
     else:
         raise RuntimeError(f"Unsupported dtype for weights {weights.dtype}")
-    return torch.nn.functional.linear(x.float(), w).to(x.dtype)
+    return w
 
 
-__all__ = ["npu_available", "get_driver_version", "run_matmul"]
+__all__ = ["npu_available", "get_driver_version", "run_matmul", "clear_cache"]
