@@ -41,6 +41,7 @@ class ReplyStats:
     finish_reason: str  # stop | length | cancelled
     text: str
     token_times: list[float] = field(default_factory=list)  # seconds since request start, per token
+    token_ids: list[int] = field(default_factory=list)  # the generated ids, where the backend reports them
 
     @property
     def decode_s(self) -> float:
@@ -100,12 +101,15 @@ def stream_reply(
     run = GenerationSettings(**{**settings.__dict__, "max_new_tokens": budget})
     pieces: list[str] = []
     times: list[float] = []
+    token_ids: list[int] = []
     finish = "length"
     tokens = model.generate(ids, run)
     try:
         for token in tokens:
             times.append(token.t - start)
             pieces.append(token.text)
+            if token.token_id is not None:
+                token_ids.append(token.token_id)
             if token.text:
                 yield TokenEvent(token.text, len(times), times[-1])
             if settings.stop and _hit_stop(pieces, settings.stop):
@@ -131,6 +135,7 @@ def stream_reply(
         finish_reason=finish,
         text=text,
         token_times=times,
+        token_ids=token_ids,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from phi3cli import __version__
+from phi3cli.cli.bench import bench
 from phi3cli.cli.chat import chat
 from phi3cli.cli.convert import convert
 from phi3cli.cli.devices import devices
@@ -44,6 +45,7 @@ def root(
         os.environ["PHI3_DEBUG"] = "1"
 
 
+app.command("bench")(bench)
 app.command("chat")(chat)
 app.command("convert")(convert)
 app.command("devices")(devices)

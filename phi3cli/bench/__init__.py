@@ -1,0 +1,31 @@
+"""`phi3 bench` as a library: plan configurations, measure each in its own process, report and compare.
+
+    from phi3cli.bench import BenchSettings, plan_configurations, run_bench
+    report = run_bench("demo", plan_configurations(probe(), everything=True), BenchSettings(repetitions=3))
+
+Every figure comes from phi3cli.generation's stream_reply, the path `phi3 chat` uses.
+"""
+
+from __future__ import annotations
+
+from .compare import Finding, compare, parse_margin
+from .config import BenchSettings, Configuration, PlannedConfiguration, plan_configurations
+from .report import SCHEMA, load_report, to_csv, to_json, to_markdown, write_atomically
+from .runner import run_bench
+
+__all__ = [
+    "SCHEMA",
+    "BenchSettings",
+    "Configuration",
+    "Finding",
+    "PlannedConfiguration",
+    "compare",
+    "load_report",
+    "parse_margin",
+    "plan_configurations",
+    "run_bench",
+    "to_csv",
+    "to_json",
+    "to_markdown",
+    "write_atomically",
+]

@@ -1,0 +1,108 @@
+"""Comparing a run with a baseline report: what CI smoke jobs fail on.
+
+A configuration regresses when its decode tokens/s falls, or its time to first token rises, by more
+than the margin, when its agreement with the reference drops, or when it ran in the baseline and
+fails now. Baselines of another model or another report schema are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from phi3cli.errors import Phi3Error
+
+from .report import SCHEMA, measured_rows, run_label
+
+AGREEMENT_SLACK = 1e-9  # agreement is a share of equal tokens: any real drop counts
+
+
+@dataclass
+class Finding:
+    """One comparison of a figure with its baseline."""
+
+    config: str  # backend/device/format
+    test: str  # pp512+tg128
+    figure: str  # decode_tps | ttft_ms | agreement | status
+    baseline: float | str | None
+    current: float | str | None
+    change: float | None  # now / baseline - 1 (agreement: now - baseline)
+    regressed: bool
+
+
+def parse_margin(text: str) -> float:
+    """'10%' or '10' -> 0.10."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", text or "")
+    if not match or float(match[1]) >= 100:
+        raise Phi3Error(
+            f"--max-regression {text!r} is not a percentage below 100.", hint="Write it like --max-regression 10%."
+        )
+    return float(match[1]) / 100
+
+
+def check_comparable(current: dict, baseline: dict, baseline_name: str = "the baseline") -> None:
+    """Refuse a baseline of another schema, model or generation length."""
+    if baseline.get("schema") != SCHEMA:
+        raise Phi3Error(
+            f"{baseline_name} is a {baseline.get('schema')!r} report, not {SCHEMA!r}.",
+            hint="Record a new baseline with this version of phi3 (`phi3 bench --json FILE`).",
+        )
+    cur, base = current["model"], baseline["model"]
+    same = (
+        cur.get("fingerprint") == base.get("fingerprint")
+        if cur.get("fingerprint") and base.get("fingerprint")
+        else cur.get("slug") == base.get("slug")
+    )
+    if not same:
+        raise Phi3Error(
+            f"{baseline_name} measured the model {base.get('spec')!r}; this run measured {cur.get('spec')!r}.",
+            hint="Compare runs of the same model: pass the baseline's model with --model.",
+        )
+    if baseline["settings"].get("gen_tokens") != current["settings"].get("gen_tokens"):
+        raise Phi3Error(
+            f"{baseline_name} generated {baseline['settings'].get('gen_tokens')} tokens per run; "
+            f"this run {current['settings'].get('gen_tokens')}.",
+            hint="Use the baseline's --gen-tokens (leave it out and phi3 takes it from the baseline).",
+        )
+
+
+def compare(current: dict, baseline: dict, margin: float, baseline_name: str = "the baseline") -> list[Finding]:
+    """Every figure compared; Finding.regressed marks what should fail a CI job."""
+    check_comparable(current, baseline, baseline_name)
+    now = {
+        (r["backend"], r["device"], r["format"], run["prompt_tokens"]): (r, run) for r, run in measured_rows(current)
+    }
+    status_now = {(r["backend"], r["device"], r["format"]): r for r in current["results"]}
+    findings: list[Finding] = []
+    agreement_checked: set[str] = set()
+    for row, run in measured_rows(baseline):
+        if row["status"] != "ok":
+            continue
+        label = f"{row['backend']}/{row['device']}/{row['format']}"
+        test = run_label(run)
+        cur_row = status_now.get((row["backend"], row["device"], row["format"]))
+        if cur_row is None:
+            continue  # not selected in this run
+        if cur_row["status"] != "ok":
+            findings.append(Finding(label, test, "status", "ok", cur_row["status"], None, True))
+            continue
+        pair = now.get((row["backend"], row["device"], row["format"], run["prompt_tokens"]))
+        if pair is None:
+            continue  # prompt length not measured in this run
+        cur_row, cur_run = pair
+        base_tps, cur_tps = run["decode_tps"]["mean"], cur_run["decode_tps"]["mean"]
+        if base_tps:
+            change = cur_tps / base_tps - 1
+            findings.append(Finding(label, test, "decode_tps", base_tps, cur_tps, change, change < -margin))
+        base_ttft, cur_ttft = run["ttft_ms"]["mean"], cur_run["ttft_ms"]["mean"]
+        if base_ttft:
+            change = cur_ttft / base_ttft - 1
+            findings.append(
+                Finding(label, test, "ttft_ms", base_ttft, cur_ttft, change, cur_ttft > base_ttft * (1 + margin))
+            )
+        base_agree, cur_agree = row["quality"].get("agreement"), cur_row["quality"].get("agreement")
+        if base_agree is not None and cur_agree is not None and label not in agreement_checked:
+            agreement_checked.add(label)
+            dropped = cur_agree < base_agree - AGREEMENT_SLACK
+            findings.append(Finding(label, test, "agreement", base_agree, cur_agree, cur_agree - base_agree, dropped))
+    return findings

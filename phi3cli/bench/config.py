@@ -1,0 +1,151 @@
+"""What a bench run measures: its settings, and the backend x device x format configurations it covers.
+
+Configurations come from the backend registry (devices and formats per spec) and from what
+phi3cli.devices.probe() finds here; whatever cannot run is kept as a skipped row with its reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from phi3cli.backends import BACKENDS
+from phi3cli.devices import DeviceReport
+from phi3cli.errors import Phi3Error
+
+DEVICE_ORDER = ("npu", "gpu", "cpu")
+REFERENCE = ("torch", "cpu", "fp32")  # full precision on transformers: what agreement is measured against
+QUALITY_TOKENS = 64  # greedy tokens per prompt compared with the reference
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One thing to measure: a backend on a device at a weight format."""
+
+    backend: str
+    device: str
+    format: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.device}/{self.format}"
+
+    @property
+    def is_reference(self) -> bool:
+        return (self.backend, self.device, self.format) == REFERENCE
+
+
+@dataclass
+class PlannedConfiguration:
+    """A configuration and, when it cannot run here, why (it then becomes a skipped row)."""
+
+    config: Configuration
+    skip: str | None = None
+
+
+@dataclass
+class BenchSettings:
+    """How every configuration is measured; recorded verbatim in the outputs so runs can be compared."""
+
+    prompt_tokens: list[int] = field(default_factory=lambda: [512])
+    gen_tokens: int = 128
+    warmup: int = 1
+    repetitions: int = 5
+    threads: int | None = None  # None: each runtime's own default
+    timeout_s: float = 900.0  # per configuration, loading and quality included
+    quality: bool = True
+    quality_tokens: int = QUALITY_TOKENS
+
+    def validate(self) -> None:
+        """Refuse counts that cannot give a measurement, naming the flag to change."""
+        checks = [
+            ("--prompt-tokens", min(self.prompt_tokens, default=0), 1),
+            ("--gen-tokens", self.gen_tokens, 1),
+            ("--repetitions", self.repetitions, 1),
+            ("--warmup", self.warmup, 0),
+            ("--threads", self.threads if self.threads is not None else 1, 1),
+        ]
+        for flag, value, least in checks:
+            if value < least:
+                raise Phi3Error(f"{flag} must be at least {least} (got {value}).", hint=f"Change {flag}.")
+        if self.timeout_s <= 0:
+            raise Phi3Error(f"--timeout must be positive (got {self.timeout_s:g}).", hint="Change --timeout.")
+        if len(set(self.prompt_tokens)) != len(self.prompt_tokens):
+            raise Phi3Error("--prompt-tokens lists a value twice.", hint="Give each prompt length once.")
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.update(greedy=True, ignore_eos=True, reference="/".join(REFERENCE))
+        return data
+
+
+def _module_present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def plan_configurations(
+    report: DeviceReport,
+    *,
+    backends: Sequence[str] = (),
+    devices: Sequence[str] = (),
+    formats: Sequence[str] = (),
+    everything: bool = False,
+    default: Configuration | None = None,
+) -> list[PlannedConfiguration]:
+    """Every backend x device x format asked for, each either runnable or skipped with a reason.
+
+    Devices named explicitly are attempted even where the probe saw none (the runtime then says why);
+    with --all or no --device, only devices the probe found are run and the others are listed as skipped.
+    Without any selection and without `everything`, the one configuration `default` is planned.
+    """
+    for name in backends:
+        if name not in BACKENDS:
+            raise Phi3Error(f"Unknown backend {name!r}.", hint=f"Choose --backend from: {', '.join(BACKENDS)}.")
+    for device in devices:
+        if device not in DEVICE_ORDER:
+            raise Phi3Error(f"Unknown device {device!r}.", hint=f"Choose --device from: {', '.join(DEVICE_ORDER)}.")
+    if not (backends or devices or formats or everything) and default is not None:
+        return [PlannedConfiguration(default)]
+
+    planned: list[PlannedConfiguration] = []
+    for name in backends or list(BACKENDS):
+        spec = BACKENDS[name]
+        wanted_devices = list(devices) or list(spec.devices)
+        wanted_formats = list(formats) or list(spec.formats)
+        reason = spec.missing()
+        if reason is None and not _module_present(spec.module):
+            reason = f"{spec.module} is not part of this install"
+        if reason is not None:
+            planned.append(PlannedConfiguration(Configuration(name, "any", "any"), skip=reason))
+            continue
+        seen = report.details.get(name, "")
+        for device in wanted_devices:
+            if device not in spec.devices:
+                why = f"{name} runs on {', '.join(spec.devices)} only"
+                planned += [PlannedConfiguration(Configuration(name, device, f), skip=why) for f in wanted_formats]
+                continue
+            if not devices and device not in report.present.get(name, []):
+                why = f"no {device} here ({seen})" if seen else f"no {device} here"
+                planned.append(PlannedConfiguration(Configuration(name, device, "any"), skip=why))
+                continue
+            for fmt in wanted_formats:
+                skip = None if fmt in spec.formats else f"{name} runs {', '.join(spec.formats)}, not {fmt}"
+                planned.append(PlannedConfiguration(Configuration(name, device, fmt), skip=skip))
+    return planned
+
+
+def sort_key(config: Configuration) -> tuple:
+    """NPU, then GPU, then CPU; backends in registry order; formats in each backend's own order."""
+    names = list(BACKENDS)
+    spec = BACKENDS.get(config.backend)
+    formats = list(spec.formats) if spec else []
+    return (
+        DEVICE_ORDER.index(config.device) if config.device in DEVICE_ORDER else len(DEVICE_ORDER),
+        names.index(config.backend) if config.backend in names else len(names),
+        formats.index(config.format) if config.format in formats else len(formats),
+        config.format,
+    )

@@ -1,0 +1,207 @@
+"""Measuring one configuration inside the current process, through the code path users run.
+
+Loading goes through phi3cli.generation.load_model and every reply through stream_reply, so the
+figures are those of `phi3 chat`. The bench runs this in a fresh subprocess per configuration
+(phi3cli.bench.worker), so one runtime's memory and threads never touch another's.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from phi3cli.backends import get_backend
+from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
+from phi3cli.errors import Phi3Error
+from phi3cli.generation import ReplyStats, generate_text, load_model
+from phi3cli.progress import SilentProgress
+from phi3cli.sources import resolve_source
+from phi3cli.store import ModelStore, dir_size
+
+from .quality import agreement_prompts, perplexity, perplexity_text
+
+
+@dataclass
+class Job:
+    """What one subprocess measures; sent to it as JSON."""
+
+    model: str
+    backend: str
+    device: str
+    format: str
+    prompt_tokens: list[int]
+    gen_tokens: int
+    warmup: int
+    repetitions: int
+    threads: int | None = None
+    measure_speed: bool = True
+    quality: bool = True
+    quality_tokens: int = 64
+    options: dict = field(default_factory=dict)
+
+
+def step_count(job: Job) -> int:
+    """How many progress reports measure_configuration makes for a job (for a progress bar)."""
+    speed = 1 + len(job.prompt_tokens) * (job.warmup + job.repetitions) if job.measure_speed else 0
+    quality = len(agreement_prompts()) + 1 if job.quality else 0
+    return 2 + speed + quality
+
+
+def peak_rss_bytes() -> int | None:
+    """The most resident memory this process has held so far.
+
+    Linux: VmHWM, which starts afresh at exec (getrusage's ru_maxrss would carry the parent's peak over).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        import psutil
+
+        return int(getattr(psutil.Process().memory_info(), "peak_wset", 0)) or None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def synthetic_prompt(model: LoadedModel, length: int, seed: int, avoid_first: set[int] = frozenset()) -> list[int]:
+    """Exactly `length` token ids of shuffled English words, different for each seed.
+
+    Each repetition gets a different prompt (starting with a different token where possible), since a
+    runtime may reuse its KV cache for a prompt it has just seen (OpenVINO GenAI does).
+    """
+    words = perplexity_text().split()
+    for attempt in range(50):
+        rng = random.Random(f"{length}-{seed}-{attempt}")
+        ids: list[int] = []
+        while len(ids) < length:
+            rng.shuffle(words)
+            ids += model.encode(" ".join(words) + "\n")
+        if ids[0] not in avoid_first:
+            break
+    return ids[:length]
+
+
+def _reply_figures(stats: ReplyStats) -> dict:
+    return {
+        "ttft_ms": stats.ttft_s * 1000,
+        "prefill_tps": stats.prefill_tps,
+        "tpot_ms": stats.tpot_ms,
+        "decode_tps": stats.decode_tps,
+        "e2e_tps": stats.e2e_tps,
+        "tokens": stats.generated_tokens,
+        "prompt_tokens": stats.prompt_tokens,
+    }
+
+
+def _load(job: Job, request: LoadRequest, store: ModelStore) -> LoadedModel:
+    return load_model(request, job.backend, store, SilentProgress())
+
+
+def measure_configuration(job: Job, store: ModelStore, report: Callable[[str], None] = lambda _: None) -> dict:
+    """Load twice (cold, then warm), warm up, repeat, then measure quality; returns plain figures.
+
+    Raises Phi3Error (or anything the runtime raises) when the configuration cannot run; figures
+    gathered before a failure are lost with it, which the caller shows as a failure row.
+    """
+    result: dict = {"threads": job.threads}
+    report("resolving the model")
+    source = resolve_source(job.model, store)
+    request = LoadRequest(source=source, device=job.device, format=job.format, threads=job.threads, options=job.options)
+    get_backend(job.backend)  # import the runtime first: load times are loading, not importing
+
+    report("loading (cold)")
+    model = _load(job, request, store)
+    result["load_cold_s"] = model.load_seconds
+    if job.measure_speed:
+        model.close()
+        del model
+        gc.collect()
+        report("loading (warm)")
+        model = _load(job, request, store)
+        result["load_warm_s"] = model.load_seconds
+    else:
+        result["load_warm_s"] = None
+    try:
+        result.update(
+            executed_device=model.executed_device,
+            path=str(model.path),
+            size_bytes=dir_size(model.path),
+            context_length=model.context_length,
+        )
+        result["runs"] = _measure_speed(model, job, report) if job.measure_speed else []
+        result["peak_rss_bytes"] = peak_rss_bytes()  # before quality: scoring a text is not inference
+        result["quality"] = _measure_quality(model, job, report) if job.quality else None
+    finally:
+        model.close()
+    return result
+
+
+def _measure_speed(model: LoadedModel, job: Job, report: Callable[[str], None]) -> list[dict]:
+    settings = GenerationSettings(max_new_tokens=job.gen_tokens, temperature=0.0, ignore_eos=True)
+    runs = []
+    first_tokens: set[int] = set()
+    seed = 0
+    for length in job.prompt_tokens:
+        if length + job.gen_tokens > model.context_length:
+            raise Phi3Error(
+                f"{length} prompt + {job.gen_tokens} generated tokens exceed this model's context "
+                f"of {model.context_length}.",
+                hint="Lower --prompt-tokens or --gen-tokens.",
+            )
+        reps = []
+        total = job.warmup + job.repetitions
+        for i in range(total):
+            phase = f"warm-up {i + 1}/{job.warmup}" if i < job.warmup else f"run {i - job.warmup + 1}/{job.repetitions}"
+            report(f"pp{length}+tg{job.gen_tokens} {phase}")
+            seed += 1
+            prompt = synthetic_prompt(model, length, seed, first_tokens)
+            first_tokens.add(prompt[0])
+            stats = generate_text(model, prompt, settings)
+            if i >= job.warmup:
+                reps.append(_reply_figures(stats))
+        runs.append({"prompt_tokens": length, "gen_tokens": job.gen_tokens, "reps": reps})
+    return runs
+
+
+def _measure_quality(model: LoadedModel, job: Job, report: Callable[[str], None]) -> dict:
+    settings = GenerationSettings(max_new_tokens=job.quality_tokens, temperature=0.0, ignore_eos=True)
+    tokens: list[list[int]] = []
+    notes: list[str] = []
+    for i, question in enumerate(agreement_prompts()):
+        report(f"agreement prompt {i + 1}/{len(agreement_prompts())}")
+        prompt = model.chat_template.render([{"role": "user", "content": question}])
+        stats = generate_text(model, prompt, settings)
+        if len(stats.token_ids) != stats.generated_tokens:
+            notes.append(f"{job.backend} reports no token ids")
+            tokens = []
+            break
+        tokens.append(stats.token_ids)
+
+    report("perplexity")
+    ids = model.encode(perplexity_text())[: model.context_length]
+    ppl = None
+    try:
+        start = time.perf_counter()
+        logprobs = model.token_logprobs(ids)
+        scoring_s = time.perf_counter() - start
+        ppl = perplexity(logprobs)
+    except NotImplementedError as exc:
+        scoring_s = None
+        notes.append(f"perplexity n/a: {exc}")
+    return {
+        "tokens": tokens,
+        "perplexity": ppl,
+        "perplexity_tokens": len(ids),
+        "scoring_s": scoring_s,
+        "notes": notes,
+    }

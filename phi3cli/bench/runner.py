@@ -1,0 +1,249 @@
+"""Running a bench: conversions first (in this process, with progress), then one subprocess per configuration.
+
+Each configuration runs in `python -m phi3cli.bench.worker` with a timeout, so a crash or a hang
+becomes a failure row and the rest still runs, and each peak memory figure is that runtime's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from phi3cli.backends import BACKENDS, get_backend
+from phi3cli.backends.base import Backend, LoadRequest
+from phi3cli.errors import Phi3Error
+from phi3cli.progress import Progress, SilentProgress
+from phi3cli.sources import ModelSource, resolve_source
+from phi3cli.store import ModelStore
+
+from .config import REFERENCE, BenchSettings, Configuration, PlannedConfiguration, sort_key
+from .measure import Job, step_count
+from .quality import agreement, agreement_prompts
+from .report import build_report, empty_row
+from .stats import summarize
+from .worker import PROGRESS_PREFIX
+
+FIGURES = ("ttft_ms", "prefill_tps", "tpot_ms", "decode_tps", "e2e_tps")
+
+
+def prepare(config: Configuration, source: ModelSource, settings: BenchSettings, store: ModelStore, progress) -> None:
+    """Build (convert) what the configuration loads, here in the parent with progress, so each subprocess only loads.
+
+    A backend may offer prepare(request, store, progress) to build without loading. One that converts
+    (overrides build) but offers no prepare is loaded once here and closed: its load converts into the
+    store on first use. Others only need the source's Hugging Face folder.
+    """
+    backend = get_backend(config.backend)
+    request = LoadRequest(source=source, device=config.device, format=config.format, threads=settings.threads)
+    if callable(getattr(backend, "prepare", None)):
+        backend.prepare(request, store, progress)
+    elif type(backend).build is not Backend.build and not source.runtime:
+        backend.load(request, store, progress).close()
+    elif not source.runtime:
+        source.hf_dir(store, progress)
+
+
+def run_worker(job: Job, store: ModelStore, timeout_s: float, on_progress: Callable[[str], None]) -> dict:
+    """Measure one job in a fresh subprocess; a crash, a hang past timeout_s or an error comes back as ok=False."""
+    with tempfile.TemporaryDirectory(prefix="phi3-bench-") as tmp:
+        job_path, result_path, log_path = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "stderr.log")
+        job_path.write_text(json.dumps(asdict(job)))
+        env = {**os.environ, "PHI3_HOME": str(store.root), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "phi3cli.bench.worker", str(job_path), str(result_path)]
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            kwargs: dict = {"start_new_session": True} if os.name == "posix" else {}
+            if os.name == "nt":
+                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env, **kwargs
+            )
+            reader = threading.Thread(target=_relay, args=(proc, on_progress), daemon=True)
+            reader.start()
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill(proc)
+            except BaseException:  # Ctrl-C: the measurement dies with us
+                _kill(proc)
+                raise
+            reader.join(timeout=5)
+        wall = time.perf_counter() - start
+        if timed_out:
+            return {"ok": False, "error": f"timed out after {timeout_s:g} s (hung or too slow; see --timeout)"}
+        if result_path.is_file():
+            result = json.loads(result_path.read_text())
+            result["wall_s"] = wall
+            return result
+        tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        why = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"killed by signal {-proc.returncode}"
+        return {
+            "ok": False,
+            "error": f"crashed ({why})" + (f": {tail[0].strip()[:200]}" if tail else ""),
+            "wall_s": wall,
+        }
+
+
+def _relay(proc: subprocess.Popen, on_progress: Callable[[str], None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(PROGRESS_PREFIX):
+            on_progress(line[len(PROGRESS_PREFIX) :].strip())
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the worker and anything it started (it leads its own process group)."""
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _job(model: str, config: Configuration, settings: BenchSettings, *, measure_speed: bool = True) -> Job:
+    return Job(
+        model=model,
+        backend=config.backend,
+        device=config.device,
+        format=config.format,
+        prompt_tokens=list(settings.prompt_tokens),
+        gen_tokens=settings.gen_tokens,
+        warmup=settings.warmup,
+        repetitions=settings.repetitions,
+        threads=settings.threads,
+        measure_speed=measure_speed,
+        quality=settings.quality,
+        quality_tokens=settings.quality_tokens,
+    )
+
+
+def _row_from(config: Configuration, result: dict, settings: BenchSettings) -> dict:
+    row = empty_row(config)
+    row["threads"] = settings.threads
+    row["wall_s"] = result.get("wall_s")
+    if not result.get("ok"):
+        row.update(status="failed", reason=result.get("error", "failed"))
+        return row
+    for key in ("executed_device", "path", "size_bytes", "peak_rss_bytes", "load_cold_s", "load_warm_s", "versions"):
+        row[key] = result.get(key)
+    for run in result.get("runs", []):
+        reps = run["reps"]
+        row["runs"].append(
+            {
+                "prompt_tokens": run["prompt_tokens"],
+                "gen_tokens": run["gen_tokens"],
+                "tokens_counted": [r["tokens"] for r in reps],
+                **{name: summarize([r[name] for r in reps]) for name in FIGURES},
+            }
+        )
+    short = [
+        f"{n} of {run['gen_tokens']}" for run in row["runs"] for n in run["tokens_counted"] if n != run["gen_tokens"]
+    ]
+    if short:
+        row.update(
+            status="failed",
+            reason=f"generated {short[0]} tokens asked: the backend does not honour ignore_eos",
+        )
+    else:
+        row["status"] = "ok"
+    quality = result.get("quality") or {}
+    row["quality"].update(perplexity=quality.get("perplexity"), perplexity_tokens=quality.get("perplexity_tokens"))
+    row["quality"]["notes"] = list(quality.get("notes", []))
+    row["_tokens"] = quality.get("tokens") or []
+    return row
+
+
+def run_bench(
+    model: str,
+    planned: list[PlannedConfiguration],
+    settings: BenchSettings,
+    *,
+    store: ModelStore | None = None,
+    progress: Progress | None = None,
+    source: ModelSource | None = None,
+) -> dict:
+    """Measure every runnable configuration and return the report (see phi3cli.bench.report for its schema)."""
+    settings.validate()
+    store = store or ModelStore()
+    progress = progress or SilentProgress()
+    source = source or resolve_source(model, store, progress=progress)
+    rows: dict[Configuration, dict] = {}
+    runnable: list[Configuration] = []
+    for item in planned:
+        if item.skip:
+            rows[item.config] = {**empty_row(item.config), "status": "skipped", "reason": item.skip}
+        elif item.config not in runnable:
+            runnable.append(item.config)
+
+    for config in runnable:
+        progress.phase(f"Preparing {config.label}")
+        try:
+            prepare(config, source, settings, store, progress)
+        except Phi3Error as exc:
+            rows[config] = {**empty_row(config), "status": "failed", "reason": f"preparing: {exc.message}"}
+
+    reference = Configuration(*REFERENCE)
+    todo = [c for c in runnable if c not in rows]
+    todo.sort(key=lambda c: (not c.is_reference, sort_key(c)))  # the reference first: the others compare with it
+    reference_tokens: list[list[int]] = []
+    reference_note = None
+    if settings.quality and reference not in todo:
+        if BACKENDS["torch"].installed:
+            progress.phase("Reference answers (torch fp32 on cpu)")
+            result = run_worker(_job(model, reference, settings, measure_speed=False), store, settings.timeout_s, _noop)
+            if result.get("ok"):
+                reference_tokens = (result.get("quality") or {}).get("tokens") or []
+            else:
+                reference_note = f"no reference: torch fp32 failed ({result.get('error')})"
+        else:
+            reference_note = f"no reference: {BACKENDS['torch'].missing()}"
+
+    for i, config in enumerate(todo, 1):
+        job = _job(model, config, settings)
+        progress.phase(f"[{i}/{len(todo)}] Measuring {config.label}", total=step_count(job))
+
+        def relay(message: str) -> None:
+            progress.advance()
+
+        result = run_worker(job, store, settings.timeout_s, relay)
+        row = _row_from(config, result, settings)
+        if config.is_reference and row["status"] == "ok":
+            reference_tokens = row["_tokens"]
+        rows[config] = row
+
+    for row in rows.values():
+        tokens = row.pop("_tokens", None)
+        if row["status"] != "ok" or not settings.quality:
+            continue
+        quality = row["quality"]
+        quality["agreement_tokens"] = settings.quality_tokens
+        quality["agreement_prompts"] = len(agreement_prompts())
+        if reference_note:
+            quality["notes"].append(reference_note)
+        elif not reference_tokens:
+            quality["notes"].append("agreement n/a: the reference (torch fp32 on cpu) did not run")
+        elif not tokens:
+            quality["notes"].append("agreement n/a: no token ids from this backend")
+        else:
+            quality["agreement"] = agreement(reference_tokens, tokens, settings.quality_tokens)
+
+    ordered = [rows[c] for c in sorted(rows, key=sort_key)]
+    return build_report(source, settings, ordered)
+
+
+def _noop(message: str) -> None:
+    pass

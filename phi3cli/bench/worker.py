@@ -1,0 +1,63 @@
+"""The subprocess that measures one configuration: `python -m phi3cli.bench.worker JOB.json RESULT.json`.
+
+It reads a Job, measures it in this fresh process, and writes {"ok": true, ...figures} or
+{"ok": false, "error": message} to RESULT.json. Progress goes to stdout as lines starting with
+PROGRESS_PREFIX, which the parent relays; anything else a runtime prints is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+PROGRESS_PREFIX = "@phi3-bench "
+
+
+def _report(message: str) -> None:
+    print(PROGRESS_PREFIX + message, flush=True)
+
+
+def _probe_versions(backend: str) -> dict[str, str]:
+    """Versions of the packages a backend's registry entry probes, for backends that report none themselves."""
+    from importlib import metadata
+
+    from phi3cli.backends import BACKENDS
+
+    found = {}
+    for name in BACKENDS[backend].probes:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def main(argv: list[str]) -> int:
+    job_path, result_path = Path(argv[0]), Path(argv[1])
+    from phi3cli.backends import get_backend
+    from phi3cli.errors import Phi3Error
+    from phi3cli.store import ModelStore
+
+    from .measure import Job, measure_configuration
+
+    job = Job(**json.loads(job_path.read_text()))
+    try:
+        figures = measure_configuration(job, ModelStore(), _report)
+        figures["versions"] = get_backend(job.backend).runtime_versions() or _probe_versions(job.backend)
+        out = {"ok": True, **figures}
+    except Phi3Error as exc:
+        out = {"ok": False, "error": exc.message + (f" ({exc.hint})" if exc.hint else "")}
+    except Exception as exc:  # a runtime's own failure: keep its type and first line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        out = {"ok": False, "error": f"{exc.__class__.__name__}: {first}", "traceback": traceback.format_exc()}
+    tmp = result_path.with_name(result_path.name + f".partial-{os.getpid()}")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

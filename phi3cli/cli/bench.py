@@ -1,0 +1,390 @@
+"""`phi3 bench`: every backend, format and device side by side, speed and quality in one table."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from phi3cli.cli.errors import user_errors
+from phi3cli.cli.options import ThreadsOpt
+from phi3cli.cli.render import RichProgress, err_console
+from phi3cli.errors import Phi3Error
+from phi3cli.sources import DEFAULT_MODEL
+
+EXIT_REGRESSION = 3
+
+
+class BenchDevice(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+    npu = "npu"
+
+
+def _ints(values: list[str] | None, flag: str) -> list[int] | None:
+    """Values of a repeatable integer option; each may also be a comma-separated list (-p 128,512)."""
+    if not values:
+        return None
+    out = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise Phi3Error(f"{flag} takes whole numbers, not {part!r}.", hint=f"For example {flag} 512.") from None
+    return out
+
+
+@user_errors
+def bench(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model to measure: Hugging Face id, folder, .gguf or `demo` (default: the --compare baseline's "
+            f"model, else {DEFAULT_MODEL}).",
+        ),
+    ] = None,
+    backend: Annotated[
+        list[str] | None, typer.Option("--backend", "-b", help="Backend to measure; repeat for several.")
+    ] = None,
+    device: Annotated[
+        list[BenchDevice] | None, typer.Option("--device", "-d", help="Device to measure; repeat for several.")
+    ] = None,
+    format: Annotated[
+        list[str] | None, typer.Option("--format", "-f", help="Weight format to measure; repeat for several.")
+    ] = None,
+    everything: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Every installed backend x format x device present here; what cannot run is listed with the reason.",
+        ),
+    ] = False,
+    prompt_tokens: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt-tokens",
+            "-p",
+            help="Prompt length in tokens; repeat or comma-separate for several (like llama-bench -p).",
+            show_default="512",
+        ),
+    ] = None,
+    gen_tokens: Annotated[
+        int | None,
+        typer.Option("--gen-tokens", "-n", help="Tokens generated per run, end of text ignored.", show_default="128"),
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option("--warmup", help="Unmeasured runs after loading.", show_default="1")
+    ] = None,
+    repetitions: Annotated[
+        int | None, typer.Option("--repetitions", "-r", help="Measured runs per prompt length.", show_default="5")
+    ] = None,
+    threads: ThreadsOpt = None,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="Seconds one configuration may take (loading and quality included)."),
+    ] = 900.0,
+    quality: Annotated[
+        bool | None,
+        typer.Option(
+            "--quality/--no-quality",
+            help="Also measure agreement with torch fp32 and perplexity of a fixed text.",
+            show_default="quality",
+        ),
+    ] = None,
+    agreement_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--agreement-tokens", help="Greedy tokens per prompt compared with torch fp32.", show_default="64"
+        ),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report (for --compare).")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write one CSV line per configuration.")] = None,
+    markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown table.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Draw decode tok/s and TTFT to a PNG (needs phi3cli\\[plot]).")
+    ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare",
+            help="Baseline report (--json). Unset options and the configurations come from it; exits 3 on a "
+            "regression.",
+        ),
+    ] = None,
+    max_regression: Annotated[
+        str, typer.Option("--max-regression", help="Worst decode tok/s or TTFT change --compare accepts.")
+    ] = "10%",
+    load: Annotated[
+        Path | None,
+        typer.Option("--load", help="Show, export or compare a saved report (--json) instead of measuring."),
+    ] = None,
+    chart: Annotated[bool, typer.Option("--chart/--no-chart", help="Bar chart of decode tok/s and TTFT.")] = True,
+) -> None:
+    """Measure load time, time to first token, prefill and decode speed, memory, size and answer quality.
+
+    Each configuration runs in its own process, on the code path `phi3 chat` uses, with a new synthetic prompt
+    every run. Figures are mean ± standard deviation. Missing variants are converted into the model store first.
+    """
+    from phi3cli.bench import BenchSettings, load_report, parse_margin, plan_configurations, run_bench
+    from phi3cli.bench import compare as compare_reports
+
+    margin = parse_margin(max_regression)
+    baseline = load_report(compare) if compare else None
+    console = Console(highlight=False)
+
+    if load:
+        report = load_report(load)
+    else:
+        base = baseline["settings"] if baseline else {}
+
+        def pick(value, key, default):
+            return value if value is not None else base.get(key, default)
+
+        settings = BenchSettings(
+            prompt_tokens=_ints(prompt_tokens, "--prompt-tokens") or list(base.get("prompt_tokens", [512])),
+            gen_tokens=pick(gen_tokens, "gen_tokens", 128),
+            warmup=pick(warmup, "warmup", 1),
+            repetitions=pick(repetitions, "repetitions", 5),
+            threads=pick(threads, "threads", None),
+            timeout_s=timeout,
+            quality=pick(quality, "quality", True),
+            quality_tokens=pick(agreement_tokens, "quality_tokens", 64),
+        )
+        settings.validate()
+        spec = model or (baseline["model"]["spec"] if baseline else DEFAULT_MODEL)
+        selected = bool(backend or device or format or everything)
+        from phi3cli.devices import probe
+
+        with RichProgress() as progress:
+            progress.phase("Looking for devices")
+            found = probe()
+            if baseline and not selected:  # the baseline's configurations, each checked against this machine
+                planned = [
+                    item
+                    for r in baseline["results"]
+                    if r["status"] == "ok"
+                    for item in plan_configurations(
+                        found, backends=[r["backend"]], devices=[r["device"]], formats=[r["format"]]
+                    )
+                ]
+            else:
+                planned = plan_configurations(
+                    found,
+                    backends=backend or (),
+                    devices=[d.value for d in device or ()],
+                    formats=format or (),
+                    everything=everything,
+                    default=_default_configuration(found),
+                )
+            report = run_bench(spec, planned, settings, progress=progress)
+
+    show_report(report, console, chart=chart)
+    _write_outputs(report, json_out, csv_out, markdown_out, plot)
+    if baseline is not None:
+        findings = compare_reports(report, baseline, margin, baseline_name=str(compare))
+        if show_comparison(findings, margin, console):
+            raise typer.Exit(EXIT_REGRESSION)
+    if not load and not any(r["status"] == "ok" for r in report["results"]):
+        raise Phi3Error("No configuration could be measured; the table says why.")
+
+
+def _default_configuration(found):
+    """What `phi3 chat` would run here: the best backend and device present, at that backend's default format."""
+    from phi3cli.backends import BACKENDS
+    from phi3cli.bench.config import Configuration
+    from phi3cli.routing import choose_route
+
+    route = choose_route(found)
+    return Configuration(route.backend, route.device, BACKENDS[route.backend].formats[0])
+
+
+def _write_outputs(report: dict, json_out, csv_out, markdown_out, plot) -> None:
+    from phi3cli.bench import to_csv, to_json, to_markdown, write_atomically
+
+    for path, render in ((json_out, to_json), (csv_out, to_csv), (markdown_out, to_markdown)):
+        if path:
+            write_atomically(path, render(report))
+            err_console.print(f"[dim]Wrote {escape(str(path))}[/]")
+    if plot:
+        from phi3cli.bench.plot import write_plot
+
+        write_plot(report, plot)
+        err_console.print(f"[dim]Wrote {escape(str(plot))}[/]")
+
+
+# Columns that get a "fastest" mark, and whether higher is better.
+_MARKED = {"ttft_ms": False, "prefill_tps": True, "tpot_ms": False, "decode_tps": True, "e2e_tps": True}
+_DEVICE_TITLES = {"npu": "NPU", "gpu": "GPU", "cpu": "CPU"}
+
+
+def _cell(figure: dict | None, digits: int, best: bool) -> Text:
+    if not figure or figure.get("mean") is None:
+        return Text("")
+    text = Text(f"{figure['mean']:.{digits}f}", style="bold green" if best else "")
+    if best:
+        text.append(" ★", style="bold green")
+    text.append(f"\n±{figure['std']:.{digits}f}", style="dim")
+    return text
+
+
+def _sorted_rows(report: dict) -> list[tuple[dict, dict | None]]:
+    """(row, run) grouped by device (NPU, GPU, CPU), measured ones fastest first, then failures, then skips."""
+    from phi3cli.bench.config import DEVICE_ORDER
+
+    items = []
+    for row in report["results"]:
+        for run in row["runs"] or [None]:
+            rank = {"ok": 0, "failed": 1}.get(row["status"], 2)
+            decode = run["decode_tps"]["mean"] if run and row["status"] == "ok" else 0.0
+            group = DEVICE_ORDER.index(row["device"]) if row["device"] in DEVICE_ORDER else len(DEVICE_ORDER)
+            prompt = run["prompt_tokens"] if run else 0
+            items.append(((group, rank, prompt, -(decode or 0.0)), row, run))
+    items.sort(key=lambda item: item[0])
+    return [(row, run) for _, row, run in items]
+
+
+def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
+    """The results table, grouped by device and sorted by decode speed, best per column starred."""
+    from phi3cli.bench.report import fmt_agreement, fmt_bytes, fmt_perplexity, run_label
+
+    s, m = report["settings"], report["machine"]
+    console.print(
+        f"[bold]phi3 bench[/] · {escape(report['model']['spec'])} · {escape(m['cpu'] or '')} "
+        f"({m['cores_physical']} cores) · {s['warmup']} warm-up + {s['repetitions']} runs · "
+        f"threads {s['threads'] or 'runtime default'} · greedy, end of text ignored · mean ± std",
+        soft_wrap=True,
+    )
+    ok = [(r, run) for r, run in _sorted_rows(report) if r["status"] == "ok" and run]
+    best: dict[tuple[str, str], float] = {}
+    for key, higher in _MARKED.items():
+        for _row, run in ok:
+            value = run[key]["mean"]
+            label = run_label(run)
+            if value is None:
+                continue
+            current = best.get((key, label))
+            if current is None or (value > current if higher else value < current):
+                best[(key, label)] = value
+
+    table = Table(show_lines=False, header_style="bold", pad_edge=False)
+    for name, justify in (
+        ("device", "left"),
+        ("backend", "left"),
+        ("format", "left"),
+        ("test", "left"),
+        ("TTFT\nms", "right"),
+        ("prefill\ntok/s", "right"),
+        ("TPOT\nms", "right"),
+        ("decode\ntok/s", "right"),
+        ("e2e\ntok/s", "right"),
+        ("load s\ncold/warm", "right"),
+        ("peak\nRSS", "right"),
+        ("size", "right"),
+        ("agree", "right"),
+        ("PPL", "right"),
+        ("note", "left"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")
+    previous_device = None
+    for row, run in _sorted_rows(report):
+        if previous_device is not None and row["device"] != previous_device:
+            table.add_section()
+        previous_device = row["device"]
+        device = row["device"]
+        executed = row["executed_device"]
+        device_cell = Text(device)
+        if executed and device.lower() not in executed.lower():
+            device_cell.append(f"\nran on {executed}", style="yellow")
+        note = "; ".join(([row["reason"]] if row["reason"] else []) + row["quality"]["notes"])
+        style = {"failed": "red", "skipped": "dim"}.get(row["status"], "dim")
+        if row["status"] != "ok" or not run:
+            status = Text("FAILED" if row["status"] == "failed" else "skipped", style=style)
+            if run:  # a failure with figures (too few tokens): show them, unmarked
+                cells = [_cell(run[k], 2 if k == "tpot_ms" else 1, False) for k in _MARKED]
+            else:
+                cells = [Text("")] * 5
+            table.add_row(
+                device_cell, row["backend"], row["format"], status, *cells, "", "", "", "", "", Text(note, style=style)
+            )
+            continue
+        label = run_label(run)
+        cells = [_cell(run[k], 2 if k == "tpot_ms" else 1, best.get((k, label)) == run[k]["mean"]) for k in _MARKED]
+        load = f"{row['load_cold_s']:.2f}\n{row['load_warm_s']:.2f}" if row["load_warm_s"] is not None else ""
+        table.add_row(
+            device_cell,
+            row["backend"],
+            row["format"],
+            label,
+            *cells,
+            load,
+            fmt_bytes(row["peak_rss_bytes"]),
+            fmt_bytes(row["size_bytes"]),
+            fmt_agreement(row["quality"]) if s["quality"] else "",
+            fmt_perplexity(row["quality"]) if s["quality"] else "",
+            Text(note, style="dim"),
+        )
+    console.print(table)
+    console.print(
+        f"[dim]★ best in its column for the same test. agree: share of the first {s['quality_tokens']} greedy "
+        f"tokens equal to {s['reference']}'s over fixed prompts; PPL: perplexity of a fixed English text.[/]",
+        soft_wrap=True,
+    )
+    if chart and ok:
+        show_chart(ok, console)
+
+
+def show_chart(ok: list[tuple[dict, dict]], console: Console, width: int = 40) -> None:
+    """Terminal bars: decode tok/s (longer is better) and time to first token (shorter is better)."""
+    from phi3cli.bench.report import run_label
+
+    labels = [f"{r['backend']} {r['format']} {r['device']} {run_label(run)}" for r, run in ok]
+    pad = max(len(label) for label in labels)
+    for key, title, color, digits in (
+        ("decode_tps", "decode tok/s (longer is better)", "cyan", 1),
+        ("ttft_ms", "time to first token, ms (shorter is better)", "magenta", 0),
+    ):
+        console.print(f"[bold]{title}[/]")
+        values = [run[key]["mean"] or 0.0 for _, run in ok]
+        top = max(values) or 1.0
+        order = sorted(range(len(ok)), key=lambda i: -values[i] if key == "decode_tps" else values[i])
+        for i in order:
+            bar = "█" * max(1, round(width * values[i] / top))
+            console.print(f"  {escape(labels[i]).ljust(pad)} [{color}]{bar}[/] {values[i]:.{digits}f}")
+
+
+def show_comparison(findings, margin: float, console: Console) -> bool:
+    """The comparison with the baseline; returns True when something regressed."""
+    regressed = [f for f in findings if f.regressed]
+    if not findings:
+        console.print("[yellow]Nothing in this run matches a configuration measured in the baseline.[/]")
+        return False
+    table = Table("configuration", "test", "figure", "baseline", "now", "change", title="Against the baseline")
+    for f in findings:
+        if f.figure == "status":
+            change, base, now = "", str(f.baseline), str(f.current)
+        elif f.figure == "agreement":
+            base, now = f"{100 * f.baseline:.1f} %", f"{100 * f.current:.1f} %"
+            change = f"{100 * f.change:+.1f} pt"
+        else:
+            base, now = f"{f.baseline:.1f}", f"{f.current:.1f}"
+            change = f"{100 * f.change:+.1f} %"
+        style = "bold red" if f.regressed else ""
+        table.add_row(f.config, f.test, f.figure, base, now, Text(change, style=style or "green"), style=style)
+    console.print(table)
+    if regressed:
+        console.print(
+            f"[bold red]Regression:[/] {len(regressed)} figure(s) worse than the baseline by more than "
+            f"{100 * margin:g} % (or agreement lower, or a configuration failing)."
+        )
+        return True
+    console.print(f"[green]No regression beyond {100 * margin:g} %.[/]")
+    return False

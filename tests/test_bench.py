@@ -1,0 +1,262 @@
+"""`phi3 bench` on the real demo model over torch, OpenVINO and ONNX: structure and consistency, never timings."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import pytest
+
+from phi3cli.bench import report as schema
+from phi3cli.bench.compare import parse_margin
+from phi3cli.bench.config import BenchSettings, Configuration, plan_configurations
+from phi3cli.bench.quality import agreement, agreement_prompts, perplexity_text
+from phi3cli.bench.stats import summarize
+from phi3cli.devices import DeviceReport
+from phi3cli.errors import Phi3Error
+from tests.conftest import run_phi3
+
+PROMPTS = (8, 16)
+GEN = 4
+REPS = 2
+MEASURED = {("torch", "cpu", "fp32"), ("openvino", "cpu", "int4"), ("onnx", "cpu", "int4"), ("onnx", "cpu", "fp32")}
+ARGS = [
+    "bench",
+    "--model",
+    "demo",
+    *("-b", "torch", "-b", "openvino", "-b", "onnx"),
+    *("-d", "cpu", "-d", "npu"),  # no NPU here: openvino npu must fail alone, the others still run
+    *("-f", "fp32", "-f", "int4"),
+    *("-p", ",".join(map(str, PROMPTS)), "-n", str(GEN), "-r", str(REPS), "--warmup", "0"),
+    *("--agreement-tokens", "8", "--threads", "2"),
+]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One real bench run with every output written; (completed process, report, folder)."""
+    out = tmp_path_factory.mktemp("bench")
+    files = ["--json", str(out / "run.json"), "--csv", str(out / "run.csv"), "--markdown", str(out / "run.md")]
+    files += ["--plot", str(out / "run.png")]
+    done = run_phi3(*ARGS, *files, env={"COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, json.loads((out / "run.json").read_text()), out
+
+
+def _rows(report):
+    return {(r["backend"], r["device"], r["format"]): r for r in report["results"]}
+
+
+def test_schema_keys_are_the_documented_ones(bench_run):
+    _, report, _ = bench_run
+    assert report["schema"] == schema.SCHEMA
+    assert tuple(report) == schema.REPORT_KEYS
+    assert tuple(report["model"]) == schema.MODEL_KEYS
+    assert tuple(report["machine"]) == schema.MACHINE_KEYS
+    assert tuple(report["settings"]) == schema.SETTINGS_KEYS
+    for row in report["results"]:
+        assert tuple(row) == schema.RESULT_KEYS, row["backend"]
+        assert tuple(row["quality"]) == schema.QUALITY_KEYS
+        for run in row["runs"]:
+            assert tuple(run) == schema.RUN_KEYS
+            for key in schema.RUN_KEYS[3:]:
+                assert tuple(run[key]) == schema.FIGURE_KEYS
+    # Every key the module docstring documents is in the report, and the other way round.
+    for key in (*schema.REPORT_KEYS, *schema.RESULT_KEYS, *schema.RUN_KEYS, *schema.QUALITY_KEYS):
+        assert key in schema.__doc__, key
+
+
+def test_every_backend_ran_and_counted_exactly_the_tokens_asked(bench_run):
+    _, report, _ = bench_run
+    rows = _rows(report)
+    assert report["settings"]["prompt_tokens"] == list(PROMPTS)
+    assert report["settings"]["threads"] == 2
+    for key in MEASURED:
+        row = rows[key]
+        assert row["status"] == "ok", f"{key}: {row['reason']}"
+        assert "CPU" in row["executed_device"].upper()
+        assert [run["prompt_tokens"] for run in row["runs"]] == list(PROMPTS)
+        for run in row["runs"]:
+            assert run["gen_tokens"] == GEN
+            # Fails loudly when a backend does not honour ignore_eos.
+            assert run["tokens_counted"] == [GEN] * REPS, f"{key} generated {run['tokens_counted']}, asked {GEN}"
+            for name in ("ttft_ms", "prefill_tps", "tpot_ms", "decode_tps", "e2e_tps"):
+                figure = run[name]
+                assert figure["n"] == REPS and len(figure["values"]) == REPS
+                assert all(v > 0 for v in figure["values"]), (key, name, figure)
+                assert figure["min"] <= figure["mean"] <= figure["max"] and figure["std"] >= 0
+            # The figures hang together: prefill rate is prompt over TTFT, decode rate the inverse of TPOT.
+            ttft, prefill = run["ttft_ms"]["values"], run["prefill_tps"]["values"]
+            assert all(
+                abs(p * t / 1000 - run["prompt_tokens"]) < 1e-6 * run["prompt_tokens"]
+                for p, t in zip(prefill, ttft, strict=True)
+            )
+            tpot, decode = run["tpot_ms"]["values"], run["decode_tps"]["values"]
+            assert all(abs(d * t / 1000 - 1) < 1e-6 for d, t in zip(decode, tpot, strict=True))
+        assert row["peak_rss_bytes"] > 50e6 and row["size_bytes"] > 50e6
+        assert row["load_cold_s"] > 0 and row["load_warm_s"] > 0
+        assert row["versions"], key
+    # Each configuration ran in its own process: peak memory differs between runtimes.
+    assert len({rows[k]["peak_rss_bytes"] for k in MEASURED}) > 1
+
+
+def test_quality_against_the_torch_reference(bench_run):
+    _, report, _ = bench_run
+    rows = _rows(report)
+    assert rows[("torch", "cpu", "fp32")]["quality"]["agreement"] == 1.0
+    for key in MEASURED:
+        quality = rows[key]["quality"]
+        assert 0.0 <= quality["agreement"] <= 1.0, key
+        assert quality["agreement_tokens"] == 8 and quality["agreement_prompts"] == len(agreement_prompts())
+        assert quality["perplexity"] is None or quality["perplexity"] > 1.0
+    # torch implements token_logprobs: the reference's perplexity of plain English is finite and modest.
+    assert 1.0 < rows[("torch", "cpu", "fp32")]["quality"]["perplexity"] < 1000
+
+
+def test_skipped_and_failed_rows_carry_their_reason(bench_run):
+    done, report, _ = bench_run
+    rows = _rows(report)
+    failed = rows[("openvino", "npu", "int4")]
+    assert failed["status"] == "failed" and "NPU" in failed["reason"]
+    assert rows[("torch", "cpu", "int4")]["status"] == "skipped"
+    assert "fp32, bf16" in rows[("torch", "cpu", "int4")]["reason"]
+    assert rows[("onnx", "npu", "int4")]["status"] == "skipped"
+    assert {r["status"] for r in report["results"]} == {"ok", "failed", "skipped"}
+    assert "FAILED" in done.stdout and "skipped" in done.stdout and "★" in done.stdout
+    assert "decode tok/s" in done.stdout and "█" in done.stdout  # the terminal bar chart
+
+
+def test_csv_markdown_and_plot_written(bench_run):
+    _, report, out = bench_run
+    lines = list(csv.DictReader(io.StringIO((out / "run.csv").read_text())))
+    assert tuple(lines[0]) == schema.CSV_COLUMNS
+    measured = [line for line in lines if line["status"] == "ok"]
+    assert len(measured) == len(MEASURED) * len(PROMPTS)
+    assert all(float(line["decode_tps_mean"]) > 0 and line["cpu"] for line in measured)
+    markdown = (out / "run.md").read_text()
+    assert "| device | backend | format | test |" in markdown and "pp16+tg4" in markdown
+    assert report["machine"]["cpu"] in markdown and "Library versions" in markdown
+    assert (out / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_passes_on_the_real_baseline(bench_run):
+    _, _, out = bench_run
+    done = run_phi3("bench", "--load", str(out / "run.json"), "--compare", str(out / "run.json"), "--no-chart")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No regression" in done.stdout
+
+
+def test_compare_fails_on_a_doctored_baseline(bench_run, tmp_path):
+    _, report, out = bench_run
+    faster = json.loads(json.dumps(report))
+    for row in faster["results"]:
+        for run in row["runs"]:
+            run["decode_tps"]["mean"] *= 2  # the baseline claims twice the speed
+    (tmp_path / "faster.json").write_text(json.dumps(faster))
+    done = run_phi3("bench", "--load", str(out / "run.json"), "--compare", str(tmp_path / "faster.json"))
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "Regression" in done.stdout and "decode_tps" in done.stdout
+
+    wiser = json.loads(json.dumps(report))
+    row = next(r for r in wiser["results"] if r["status"] == "ok" and r["quality"]["agreement"] < 1.0)
+    row["quality"]["agreement"] = 1.0  # the baseline agreed fully
+    (tmp_path / "wiser.json").write_text(json.dumps(wiser))
+    done = run_phi3("bench", "--load", str(out / "run.json"), "--compare", str(tmp_path / "wiser.json"))
+    assert done.returncode == 3 and "agreement" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(schema="phi3.bench/0"), "phi3.bench/0"),
+        (lambda r: r["model"].update(spec="microsoft/Phi-3-mini-4k-instruct", fingerprint="0123"), "Phi-3-mini"),
+        (lambda r: r.pop("results"), "lacks results"),
+    ],
+)
+def test_foreign_baseline_is_refused(bench_run, tmp_path, change, message):
+    _, report, out = bench_run
+    other = json.loads(json.dumps(report))
+    change(other)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    done = run_phi3("bench", "--load", str(out / "run.json"), "--compare", str(tmp_path / "other.json"))
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["-r", "0"], "--repetitions"),
+        (["-n", "0"], "--gen-tokens"),
+        (["-p", "0"], "--prompt-tokens"),
+        (["-p", "16,x"], "--prompt-tokens"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--max-regression", "lots"], "--max-regression"),
+    ],
+)
+def test_bad_counts_are_refused(args, flag):
+    done = run_phi3("bench", "--model", "demo", "-b", "torch", *args)
+    assert done.returncode == 1 and flag in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_hang_becomes_a_failure_row():
+    # One second is too short for any runtime to load: the worker is killed like a hung one.
+    args = ["--model", "demo", "-b", "torch", "-p", "8", "-n", "2", "-r", "1", "--timeout", "1"]
+    done = run_phi3("bench", *args, env={"COLUMNS": "200"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED" in done.stdout and "timed out after 1 s" in done.stdout
+    assert "No configuration could be measured" in done.stderr
+
+
+# Pure pieces, on real inputs.
+
+
+def test_plan_lists_what_cannot_run_here():
+    report = DeviceReport(cpu="test", present={"torch": ["cpu"], "openvino": ["cpu"], "onnx": ["cpu"]})
+    planned = {p.config: p.skip for p in plan_configurations(report, everything=True)}
+    assert planned[Configuration("torch", "cpu", "fp32")] is None
+    assert planned[Configuration("openvino", "cpu", "int8")] is None
+    assert "no npu here" in planned[Configuration("openvino", "npu", "any")]
+    if sys.platform != "win32":
+        assert "win32" in planned[Configuration("npu-lib", "any", "any")]
+    explicit = {p.config: p.skip for p in plan_configurations(report, backends=["openvino"], devices=["npu"])}
+    assert explicit[Configuration("openvino", "npu", "int4")] is None  # asked for by name: attempted
+    with pytest.raises(Phi3Error, match="Unknown backend"):
+        plan_configurations(report, backends=["nope"])
+
+
+def test_agreement_counts_positions_and_missing_tokens():
+    assert agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]], 4) == 1.0
+    assert agreement([[1, 2, 3, 4]], [[1, 9, 3, 4]], 4) == 0.75
+    assert agreement([[1, 2, 3, 4]], [[1, 2]], 4) == 0.5
+    assert agreement([[1, 2], [5, 6]], [[1, 2], [0, 6]], 2) == 0.75
+    assert agreement([], [[1]], 4) is None
+
+
+def test_summary_and_margin():
+    figure = summarize([1.0, 2.0, 3.0])
+    assert (figure["mean"], figure["std"], figure["n"]) == (2.0, 1.0, 3)
+    assert summarize([5.0])["std"] == 0.0
+    assert parse_margin("10%") == parse_margin("10") == 0.10
+    with pytest.raises(Phi3Error):
+        parse_margin("150%")
+    with pytest.raises(Phi3Error, match="--repetitions"):
+        BenchSettings(repetitions=0).validate()
+
+
+def test_shipped_quality_data():
+    assert len(perplexity_text().split()) > 300
+    assert len(agreement_prompts()) >= 5 and len(set(agreement_prompts())) == len(agreement_prompts())
+
+
+def test_plot_without_matplotlib_names_the_extra(bench_run, monkeypatch, tmp_path):
+    from phi3cli.bench.plot import write_plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(Phi3Error) as err:
+        write_plot(bench_run[1], tmp_path / "x.png")
+    assert "phi3cli[plot]" in err.value.hint
+    assert not (tmp_path / "x.png").exists()
