@@ -70,7 +70,6 @@ def torch_devices() -> tuple[list[str], str]:
 
 
 PROBES = {"openvino": openvino_devices, "onnx": onnx_devices, "npu-lib": npu_lib_devices, "torch": torch_devices}
-
 # What each probe asks, for messages that say where phi3 looked.
 PROBE_LABELS = {
     "openvino": "OpenVINO's device list",
@@ -79,14 +78,15 @@ PROBE_LABELS = {
     "torch": "PyTorch",
 }
 
+
 def probe(backends: Iterable[str] | None = None) -> DeviceReport:
     """Ask every installed backend (or only those named) what it can run on here."""
     report = DeviceReport(cpu=f"{cpu_name()} ({os.cpu_count()} logical cores)")
-    for name, spec in BACKENDS.items():
     wanted = set(BACKENDS if backends is None else backends)
-        if reason := spec.missing():
+    for name, spec in BACKENDS.items():
         if name not in wanted:
             continue
+        if reason := spec.missing():
             report.missing[name] = reason
             continue
         try:

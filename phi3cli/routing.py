@@ -91,12 +91,6 @@ def choose_route(
     wanted = device.upper() if device != "auto" else "usable device"
     has = set(report.present.get(backend, [])) if backend else {d for devs in report.present.values() for d in devs}
     instead = next((d for d in ("gpu", "cpu") if d in has and d != device), None)
-    raise DeviceUnavailableError(
-        f"No {wanted}" + (f" for the {backend} backend" if backend else "") + " found. "
-        f"Looked for it with: {_seen(report, device, backend)}. This machine has: {_machine(report)}.",
-        hint=hint,
-        instead=instead,
-    )
     hint = None
     if not instead:
         hint = (
@@ -113,6 +107,12 @@ def choose_route(
                 hint=f"Use it with --backend {excluded[0]}, or install OpenVINO GenAI's NPU plugin: "
                 "pip install 'phi3cli[openvino]'.",
             )
+    raise DeviceUnavailableError(
+        f"No {wanted}" + (f" for the {backend} backend" if backend else "") + " found. "
+        f"Looked for it with: {_seen(report, device, backend)}. This machine has: {_machine(report)}.",
+        hint=hint,
+        instead=instead,
+    )
 
 
 def _machine(report: DeviceReport) -> str:
