@@ -28,11 +28,29 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
-SHUTTING_DOWN = ApiError("The server is stopping; the reply was cut short.", status=503, code=None, type="server_error")
-
-
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
+
+
+def shutting_down() -> ApiError:
+    return ApiError("The server is stopping; the reply was cut short.", status=503, code=None, type="server_error")
+
+
+class JobStream(StreamingResponse):
+    """A streamed answer whose job is cancelled however the response ends, even before its first chunk."""
+
+    def __init__(self, content, job: Job):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+            notes = scope.setdefault("phi3.log", {})
+            if "detail" not in notes:  # the stream neither completed nor failed: the client went away
+                notes["detail"] = f"cancelled: client went away after {self.job.tokens} tokens"
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -171,14 +189,10 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
         if isinstance(first, BaseException):
             return _fail(request, _as_api_error(first))
         if not isinstance(first, Started):
-            return _fail(request, SHUTTING_DOWN)
+            return _fail(request, shutting_down())
         rid = protocol.new_id(kind)
         if parsed.stream:
-            return StreamingResponse(
-                _stream(request, job, parsed, rid, first),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return JobStream(_stream(request, job, parsed, rid, first), job)
         try:
             stats = await _collect(job, request)
         except ClientGone:
@@ -229,7 +243,7 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             if isinstance(item, ReplyStats):
                 stats = item
         if stats is None:  # cancelled on the worker: the server is stopping
-            raise SHUTTING_DOWN
+            raise shutting_down()
         return stats
 
     async def _stream(
@@ -238,36 +252,31 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
         created_at = int(time.time())
         holdback = StopHoldback(parsed.settings.stop)
         complete = False
-        try:
-            if parsed.kind == "chat":
-                first = protocol.chunk_body(parsed, rid, name, created_at, text="")
-                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                yield protocol.sse(first)
-            while (item := await job.next()) is not FINISHED:
-                if isinstance(item, TokenEvent):
-                    if piece := holdback.push(item.text):
-                        yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=piece))
-                elif isinstance(item, ReplyStats):
-                    if rest := holdback.finish(item.text):
-                        yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=rest))
-                    for chunk in _closing_chunks(parsed, rid, created_at, item, started):
-                        yield protocol.sse(chunk)
-                    _note(request, _stats_note(item, started.queue_s) + " · streamed")
-                    complete = True
-                elif isinstance(item, BaseException):
-                    error = _as_api_error(item)
-                    _note(request, f"failed mid-stream: {error.message}")
-                    yield protocol.sse(error.body())
-                    break
-            else:
-                if not complete:  # cancelled on the worker: the server is stopping
-                    _note(request, f"cut short after {job.tokens} tokens: the server is stopping")
-                    yield protocol.sse(SHUTTING_DOWN.body())
-            yield protocol.sse("[DONE]")
-        finally:
-            job.cancel()
-            if not complete and "detail" not in request.scope.get("phi3.log", {}):
-                _note(request, f"cancelled: client went away after {job.tokens} tokens")
+        if parsed.kind == "chat":
+            first = protocol.chunk_body(parsed, rid, name, created_at, text="")
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            yield protocol.sse(first)
+        while (item := await job.next()) is not FINISHED:
+            if isinstance(item, TokenEvent):
+                if piece := holdback.push(item.text):
+                    yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=piece))
+            elif isinstance(item, ReplyStats):
+                if rest := holdback.finish(item.text):
+                    yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=rest))
+                for chunk in _closing_chunks(parsed, rid, created_at, item, started):
+                    yield protocol.sse(chunk)
+                _note(request, _stats_note(item, started.queue_s) + " · streamed")
+                complete = True
+            elif isinstance(item, BaseException):
+                error = _as_api_error(item)
+                _note(request, f"failed mid-stream: {error.message}")
+                yield protocol.sse(error.body())
+                break
+        else:
+            if not complete:  # cancelled on the worker: the server is stopping
+                _note(request, f"cut short after {job.tokens} tokens: the server is stopping")
+                yield protocol.sse(shutting_down().body())
+        yield protocol.sse("[DONE]")
 
     def _closing_chunks(parsed: GenerationRequest, rid: str, created_at: int, stats: ReplyStats, started: Started):
         closing = protocol.chunk_body(parsed, rid, name, created_at, finish=stats.finish_reason)
@@ -289,7 +298,7 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
         return protocol.parse_body(await request.body())
 
     def _fail(request: Request, error: ApiError) -> Response:
-        _note(request, f"{error.code}: {error.message}")
+        _note(request, f"{error.code or error.type}: {error.message}")
         return error_response(error)
 
     def _as_api_error(exc: BaseException) -> ApiError:
