@@ -8,6 +8,7 @@ import typer
 
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import (
+    AllowFallbackOpt,
     BackendOpt,
     DeviceChoice,
     DeviceOpt,
@@ -47,6 +48,7 @@ def serve(
     ] = None,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_fallback: AllowFallbackOpt = False,
 ) -> None:
     """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
@@ -65,6 +67,7 @@ def serve(
                 format=format,
                 threads=threads,
                 trust_remote_code=trust_remote_code,
+                allow_fallback=allow_fallback,
                 progress=progress,
             )
     except BaseException:
