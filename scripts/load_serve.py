@@ -85,12 +85,17 @@ def ask(client: openai.OpenAI, model: str, index: int, max_tokens: int) -> Sampl
     return Sample(latency, first or latency, usage.completion_tokens, extra["queue_ms"], extra["decode_tokens_per_s"])
 
 
-def run_level(base: str, key: str, model: str, clients: int, requests: int, max_tokens: int, first: int) -> Level:
+def run_level(base: str, key: str, model: str, clients: int, requests: int, max_tokens: int, first: int):
+    """Send requests from this many clients at once; the samples and the wall-clock time they took."""
     client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=600)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         samples = list(pool.map(lambda i: ask(client, model, first + i, max_tokens), range(requests), timeout=3600))
-    wall = time.perf_counter() - start
+    return samples, time.perf_counter() - start
+
+
+def summarise(clients: int, samples: list[Sample], wall: float) -> Level:
+    requests = len(samples)
     latencies = [s.latency_s for s in samples]
     ttfts = [s.ttft_s for s in samples]
     return Level(
@@ -142,7 +147,8 @@ def main() -> None:
     parser.add_argument("--url", help="Use a server already running at this address (http://HOST:PORT).")
     parser.add_argument("--api-key", default=os.environ.get("PHI3_API_KEY", "load-test"))
     parser.add_argument("--concurrency", default="1,4,8", help="Comma-separated numbers of clients.")
-    parser.add_argument("--requests", type=int, default=16, help="Requests per level.")
+    parser.add_argument("--requests", type=int, default=16, help="Requests per level (over all rounds).")
+    parser.add_argument("--rounds", type=int, default=2, help="Run the levels in turn this many times.")
     parser.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per request.")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--start-timeout", type=float, default=600)
@@ -167,11 +173,16 @@ def main() -> None:
         )
         for i in range(args.warmup):
             ask(client, card.id, 10_000 + i, args.max_tokens)
-        results = []
-        for n, clients in enumerate(levels):
-            level = run_level(base, args.api_key, card.id, clients, args.requests, args.max_tokens, n * 1000)
-            results.append(level)
-            print(f"  {clients} clients done in {level.wall_s:.1f} s", file=sys.stderr)
+        # Levels take turns, round after round, so a machine whose speed drifts affects them alike.
+        runs: dict[int, tuple[list[Sample], float]] = {c: ([], 0.0) for c in levels}
+        per_round = math.ceil(args.requests / args.rounds)
+        for r in range(args.rounds):
+            for n, clients in enumerate(levels):
+                first = (r * len(levels) + n) * 1000
+                samples, wall = run_level(base, args.api_key, card.id, clients, per_round, args.max_tokens, first)
+                runs[clients] = (runs[clients][0] + samples, runs[clients][1] + wall)
+                print(f"  round {r + 1}: {clients} clients, {per_round} requests in {wall:.1f} s", file=sys.stderr)
+        results = [summarise(c, *runs[c]) for c in levels]
     finally:
         if process:
             process.send_signal(signal.SIGINT)
