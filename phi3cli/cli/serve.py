@@ -70,6 +70,8 @@ def serve(
                 allow_fallback=allow_fallback,
                 progress=progress,
             )
+            progress.phase("Warming up")
+            server.warm_up(loaded)
     except BaseException:
         sock.close()
         raise

@@ -11,7 +11,9 @@ import logging
 import socket
 import sys
 
+from phi3cli.backends.base import GenerationSettings, LoadedModel
 from phi3cli.errors import Phi3Error
+from phi3cli.generation import generate_text
 
 try:
     import starlette  # noqa: F401
@@ -24,11 +26,17 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from phi3cli.serve.app import create_app  # noqa: E402
 
-__all__ = ["bind", "create_app", "is_loopback", "run"]
+__all__ = ["bind", "create_app", "is_loopback", "run", "warm_up"]
 
 
 class ServeError(Phi3Error):
     """The server cannot start: the address is taken or cannot be bound."""
+
+
+def warm_up(model: LoadedModel) -> None:
+    """One short generation, so the first client does not pay for the runtime's first-call compilation."""
+    ids = model.encode(model.chat_template.render([{"role": "user", "content": "Hello"}]))
+    generate_text(model, ids, GenerationSettings(max_new_tokens=2))
 
 
 def is_loopback(host: str) -> bool:
