@@ -253,3 +253,10 @@ def test_interactive_save_load_model_and_multiline(demo_source, uninterrupted, t
     assert second.close() == 0
     after = json.loads((tmp_path / "after.json").read_text())
     assert len(after["messages"]) == 6
+
+
+def test_cli_names_the_session_file_when_its_backend_is_missing_here(demo_source, tmp_path):
+    path = saved_file(tmp_path, backend="npu-lib", device="npu", format="int4")
+    assert_clean_error(
+        run_phi3("chat", "--resume", path, "hi"), "npu-lib backend is not available", "chose --backend npu-lib"
+    )

@@ -26,7 +26,15 @@ from phi3cli.cli.options import (
     TrustRemoteCodeOpt,
 )
 from phi3cli.cli.render import RichProgress, err_console, stats_line
-from phi3cli.errors import ModelNotFoundError, OfflineError, Phi3Error, SessionFileError, UnsupportedModelError
+from phi3cli.errors import (
+    BackendUnavailableError,
+    DeviceUnavailableError,
+    ModelNotFoundError,
+    OfflineError,
+    Phi3Error,
+    SessionFileError,
+    UnsupportedModelError,
+)
 from phi3cli.generation import ReplyStats, TokenEvent, open_model, prompt_budget
 from phi3cli.sessions import SavedSession, check_saveable, load_session, restore, save_session, snapshot
 from phi3cli.sources import DEFAULT_MODEL
@@ -124,11 +132,21 @@ def chat(
     if save:
         check_saveable(save)
     if saved:
-        model_from_file = model is None
+        # What the file decides (the user's options win): named in errors, so the user knows which flag overrides it.
+        from_file = {
+            flag: value
+            for flag, value, given in (
+                ("--model", saved.model, model),
+                ("--backend", saved.backend, backend),
+                ("--format", saved.format, format),
+                ("--device", saved.device, None if device == DeviceChoice.auto else device),
+            )
+            if given is None and value and value != "auto"
+        }
         model = model or saved.model
         backend = backend or saved.backend
         format = format or saved.format
-        if device == DeviceChoice.auto and saved.device in DeviceChoice.__members__:
+        if "--device" in from_file and saved.device in DeviceChoice.__members__:
             device = DeviceChoice(saved.device)
     model = model or DEFAULT_MODEL
     try:
@@ -144,11 +162,16 @@ def chat(
                 progress=progress,
             )
     except (ModelNotFoundError, OfflineError, UnsupportedModelError) as exc:
-        if saved and model_from_file:
+        if saved and "--model" in from_file:
             raise SessionFileError(
                 f"{resume} continues a chat with {model}, which is not available here: {exc.message}",
                 hint="Pass --model to continue the conversation with another model.",
             ) from exc
+        raise
+    except (BackendUnavailableError, DeviceUnavailableError) as exc:
+        if saved and (flags := [f for f in ("--backend", "--device", "--format") if f in from_file]):
+            chosen = ", ".join(f"{f} {from_file[f]}" for f in flags)
+            exc.hint = f"{exc.hint + ' ' if exc.hint else ''}{resume} chose {chosen}; pass another to override it."
         raise
     if device == DeviceChoice.auto:
         err_console.print(f"[dim]{escape(route.reason)}[/]", soft_wrap=True)
