@@ -271,8 +271,8 @@ class OnnxModel(LoadedModel):
 class _BuilderOutput(io.TextIOBase):
     """Receives the model builder's prints (stdout) as progress phases; keeps the last lines for errors."""
 
-    def __init__(self, progress: Progress, layers: int | None, what: str, fmt: str):
-        self.progress, self.layers, self.what, self.fmt = progress, layers, what, fmt
+    def __init__(self, progress: Progress, what: str, fmt: str):
+        self.progress, self.what, self.fmt = progress, what, fmt
         self.tail: deque[str] = deque(maxlen=20)
         self._buffer = ""
 
@@ -432,7 +432,7 @@ class OnnxBackend(Backend):
         scratch_root = store.cache_dir("onnx-builder")
         remove_stale_partials(scratch_root)  # scratch of builds that were killed
         scratch = scratch_root / f".build-{uuid.uuid4().hex[:8]}.partial-{os.getpid()}"
-        output = _BuilderOutput(progress, layers, what, recipe.format)
+        output = _BuilderOutput(progress, what, recipe.format)
         progress.phase("Loading ONNX Runtime GenAI's model builder")
         try:
             with (
@@ -474,33 +474,47 @@ class OnnxBackend(Backend):
                 f"{'/'.join(map(str, INT4_BLOCK_SIZES))} and --sym/--asym only (no --ratio or --awq).",
                 hint="Change the options, or use --backend openvino for mixed precision and AWQ.",
             )
+        try:
+            self._quantize_int4(model_dir, genai, filename, source_format, block, recipe, out, progress)
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(
+                f"Quantizing {model_dir} to int4 failed: {_first_line(exc)}",
+                hint="Run again with --debug for the traceback.",
+            ) from exc
+
+    @staticmethod
+    def _quantize_int4(model_dir, genai, filename, source_format, block, recipe, out, progress) -> None:
         import onnx
+        from onnx.external_data_helper import load_external_data_for_model
 
         with _quantizer_logs():
             from onnxruntime.quantization import QuantFormat
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         progress.phase(f"Reading {filename} ({source_format})")
-        model = onnx.load(str(model_dir / filename))
+        model = onnx.load(str(model_dir / filename), load_external_data=False)
+        external = {
+            entry.value for init in model.graph.initializer for entry in init.external_data if entry.key == "location"
+        }
+        load_external_data_for_model(model, str(model_dir))
         weights = {init.name for init in model.graph.initializer}
         matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights]
         progress.phase(f"Quantizing {len(matmuls)} MatMul weights to int4 (block {block})", total=len(matmuls))
-        cpu = not configured_providers(genai)
         quantizer = MatMulNBitsQuantizer(
             model,
             bits=4,
             block_size=block,
             is_symmetric=recipe.sym if recipe.sym is not None else True,
-            accuracy_level=4 if cpu else 0,  # int8 activations on the CPU, as the builder does
+            # int8 activations on the CPU provider, as the builder does for CPU models
+            accuracy_level=0 if configured_providers(genai) else 4,
             quant_format=QuantFormat.QOperator,
             op_types_to_quantize=("MatMul",),
         )
         with _quantizer_logs(progress):
             quantizer.process()
         progress.phase(f"Writing the int4 {filename}")
-        external = {
-            entry.value for init in model.graph.initializer for entry in init.external_data if entry.key == "location"
-        }
         onnx.save_model(
             quantizer.model.model,
             str(out / filename),

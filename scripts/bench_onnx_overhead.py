@@ -1,0 +1,146 @@
+"""How much phi3's onnx backend costs over calling onnxruntime_genai directly, per weight format.
+
+For each format the demo model is built (once, into the store) and loaded twice: through phi3
+(phi3cli.generation.stream_reply over the onnx backend, the path `phi3 chat` and `phi3 bench` use) and as a
+bare og.Model on the same folder with its providers cleared. Both get the same prompt ids and the same
+settings (greedy, eos ignored, N new tokens). Runs are interleaved, alternating which goes first, with a
+different prompt each repetition. Speeds are medians; an overhead is the median, over repetitions, of the
+ratio between the two runs of that repetition (positive: phi3 is slower).
+
+    PHI3_HOME=/tmp/phi3home python scripts/bench_onnx_overhead.py --reps 7 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "Write one sentence about the sea.",
+    "Why is the sky blue? Answer briefly.",
+    "Give me a tip for learning a new language.",
+    "What does a baker do?",
+    "Describe a cat in two sentences.",
+    "How many days are there in a leap year?",
+]
+
+
+def run_direct(og, model, tokenizer, ids: list[int], new_tokens: int) -> dict:
+    """The loop from ONNX Runtime GenAI's own examples, timed like stream_reply times ours."""
+    start = time.perf_counter()
+    params = og.GeneratorParams(model)
+    length = len(ids) + new_tokens
+    params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=1)
+    generator = og.Generator(model, params)
+    stream = tokenizer.create_stream()
+    generator.append_tokens(ids)
+    times = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        stream.decode(generator.get_next_tokens()[0])
+        times.append(time.perf_counter() - start)
+    del generator
+    return figures(times)
+
+
+def run_ours(model, ids: list[int], new_tokens: int) -> dict:
+    from phi3cli.backends.base import GenerationSettings
+    from phi3cli.generation import generate_text
+
+    stats = generate_text(model, ids, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True))
+    return figures(stats.token_times)
+
+
+def figures(times: list[float]) -> dict:
+    decode = times[-1] - times[0]
+    return {"tokens": len(times), "ttft_s": times[0], "decode_tps": (len(times) - 1) / decode if decode else 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--formats", nargs="+", default=["int4", "fp16", "fp32"])
+    parser.add_argument("--reps", type=int, default=7, help="measured repetitions per format and path")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="write every measurement here")
+    args = parser.parse_args()
+
+    import onnxruntime_genai as og
+
+    from phi3cli.backends.base import LoadRequest
+    from phi3cli.generation import load_model
+    from phi3cli.sources import resolve_source
+    from phi3cli.store import ModelStore, dir_size
+
+    store = ModelStore()
+    demo = resolve_source("demo", store)
+    setups = {}
+    for fmt in args.formats:
+        ours = load_model(LoadRequest(demo, device="cpu", format=fmt), "onnx", store)
+        config = og.Config(str(ours.path))
+        config.clear_providers()
+        direct = og.Model(config)
+        setups[fmt] = (ours, direct, og.Tokenizer(direct))
+    first = next(iter(setups.values()))[0]  # the formats share the tokenizer and the template
+    prompts = [first.encode(first.chat_template.render([{"role": "user", "content": q}])) for q in QUESTIONS]
+
+    for ours, direct, tokenizer in setups.values():  # warm-up: first runs allocate and tune
+        run_ours(ours, prompts[-1], args.new_tokens)
+        run_direct(og, direct, tokenizer, prompts[-1], args.new_tokens)
+
+    results: dict[str, dict[str, list[dict]]] = {fmt: {"phi3": [], "direct": []} for fmt in setups}
+    for rep in range(args.reps):
+        ids = prompts[rep % len(prompts)]
+        for fmt, (ours, direct, tokenizer) in setups.items():
+            runs = [
+                ("phi3", partial(run_ours, ours, ids, args.new_tokens)),
+                ("direct", partial(run_direct, og, direct, tokenizer, ids, args.new_tokens)),
+            ]
+            for name, run in runs if rep % 2 == 0 else reversed(runs):
+                results[fmt][name].append({**run(), "prompt_tokens": len(ids)})
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"onnxruntime-genai {og.__version__} · {platform.machine()} {os.cpu_count()} cores · "
+        f"{args.reps} interleaved reps · {args.new_tokens} new tokens (eos ignored), greedy · "
+        f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens · load average {load:.1f}\n"
+    )
+    print(
+        "| format | size | decode tok/s phi3 | decode tok/s direct | decode overhead | TTFT phi3 | TTFT direct | TTFT overhead |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    summary = {}
+    for fmt, runs in results.items():
+        med = {
+            name: {key: statistics.median(r[key] for r in rows) for key in ("decode_tps", "ttft_s")}
+            for name, rows in runs.items()
+        }
+        # Overheads from the runs paired within each repetition (adjacent in time), so drift cancels out.
+        pairs = list(zip(runs["phi3"], runs["direct"], strict=True))
+        decode_overhead = statistics.median(d["decode_tps"] / p["decode_tps"] for p, d in pairs) - 1
+        ttft_overhead = statistics.median(p["ttft_s"] / d["ttft_s"] for p, d in pairs) - 1
+        summary[fmt] = {**med, "decode_overhead": decode_overhead, "ttft_overhead": ttft_overhead}
+        size = dir_size(setups[fmt][0].path) / 1e6
+        print(
+            f"| {fmt} | {size:.0f} MB | {med['phi3']['decode_tps']:.1f} | {med['direct']['decode_tps']:.1f} | "
+            f"{decode_overhead:+.1%} | {med['phi3']['ttft_s'] * 1000:.0f} ms | {med['direct']['ttft_s'] * 1000:.0f} ms | "
+            f"{ttft_overhead:+.1%} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+    for ours, _, _ in setups.values():
+        ours.close()
+
+
+if __name__ == "__main__":
+    main()
