@@ -498,3 +498,20 @@ def test_a_killed_build_leaves_no_output_and_its_staging_is_cleaned(demo_source,
     assert remove_stale_partials(tmp_path) and list(tmp_path.iterdir()) == []  # what the next convert does
     scratch = builder_scratch(proc.pid)  # the builder's scratch in the store goes the same way
     assert all(p in remove_stale_partials(scratch[0].parent) for p in scratch)
+
+
+def test_a_failing_build_is_one_error_and_leaves_nothing(demo_source, store, tmp_path):
+    from phi3cli.convert import convert
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for item in demo_source.path.iterdir():
+        if item.name == "model.safetensors":
+            (broken / item.name).write_bytes(item.read_bytes()[: 1 << 20])  # cut short, as by a failed download
+        elif item.is_file():
+            (broken / item.name).symlink_to(item)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="model builder failed on") as caught:
+        convert(resolve_source(str(broken), store), "onnx", ConvertRecipe(format="int4"), out)
+    assert "--debug" in caught.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-model"]
