@@ -712,7 +712,8 @@ class OpenVINOBackend(Backend):
             folder = ensure_variant(self, source, ConvertRecipe(format=fmt, target=request.device), store, progress)
             check_ir(folder)
 
-        properties: dict[str, Any] = {"CACHE_DIR": str(store.cache_dir("openvino"))}
+        # options["cache_dir"]: another compiled-model cache (phi3 bench times a load with an empty one).
+        properties: dict[str, Any] = {"CACHE_DIR": str(request.options.get("cache_dir") or store.cache_dir("openvino"))}
         if request.threads:
             properties["INFERENCE_NUM_THREADS"] = int(request.threads)
         properties.update(precision_properties(request.device, request.options))
