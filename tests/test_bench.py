@@ -260,3 +260,12 @@ def test_plot_without_matplotlib_names_the_extra(bench_run, monkeypatch, tmp_pat
         write_plot(bench_run[1], tmp_path / "x.png")
     assert "phi3cli[plot]" in err.value.hint
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_error_inside_the_worker_becomes_a_failure_row():
+    # The demo model's context is 8192 tokens: the worker loads it, then refuses, and says why.
+    args = ["--model", "demo", "-b", "torch", "-f", "fp32", "-p", "9000", "-n", "4", "-r", "1", "--no-quality"]
+    done = run_phi3("bench", *args, env={"COLUMNS": "200"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED [1]" in done.stdout and "exceed this model's context of 8192" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,13 +111,19 @@ def _load(job: Job, request: LoadRequest, store: ModelStore) -> LoadedModel:
 def measure_configuration(job: Job, store: ModelStore, report: Callable[[str], None] = lambda _: None) -> dict:
     """Load twice (cold, then warm), warm up, repeat, then measure quality; returns plain figures.
 
-    Raises Phi3Error (or anything the runtime raises) when the configuration cannot run; figures
-    gathered before a failure are lost with it, which the caller shows as a failure row.
+    The cold load starts with an empty compiled-model cache (options["cache_dir"], for runtimes that keep
+    one); the warm load reuses what the cold one wrote. Raises Phi3Error (or whatever the runtime raises)
+    when the configuration cannot run; the caller shows that as a failure row.
     """
+    with tempfile.TemporaryDirectory(prefix="phi3-bench-cache-") as cache:
+        return _measure(job, store, report, {**job.options, "cache_dir": cache})
+
+
+def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options: dict) -> dict:
     result: dict = {"threads": job.threads}
     report("resolving the model")
     source = resolve_source(job.model, store)
-    request = LoadRequest(source=source, device=job.device, format=job.format, threads=job.threads, options=job.options)
+    request = LoadRequest(source=source, device=job.device, format=job.format, threads=job.threads, options=options)
     get_backend(job.backend)  # import the runtime first: load times are loading, not importing
 
     report("loading (cold)")

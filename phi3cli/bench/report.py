@@ -17,7 +17,8 @@ Layout of a report (every key always present; figures are null where not measure
         threads                     --threads (null: the runtime's default)
         path, size_bytes            the model folder loaded and its size on disk
         peak_rss_bytes              peak resident memory of the subprocess that ran it (before quality scoring)
-        load_cold_s, load_warm_s    first load in a fresh process; second load (caches warm)
+        load_cold_s, load_warm_s    first load in a fresh process, compiled-model cache empty; second load,
+                                    cache filled
         wall_s                      seconds the subprocess ran
         versions                    the backend's runtime versions
         runs                        one per --prompt-tokens value:
@@ -311,7 +312,7 @@ def fmt_bytes(value: int | None) -> str:
 
 
 def fmt_agreement(quality: dict) -> str:
-    return f"{100 * quality['agreement']:.1f} %" if quality.get("agreement") is not None else "n/a"
+    return f"{100 * quality['agreement']:.1f}" if quality.get("agreement") is not None else "n/a"
 
 
 def fmt_perplexity(quality: dict) -> str:
@@ -333,7 +334,7 @@ def to_markdown(report: dict) -> str:
         f"{s['reference']}. Figures are mean ± standard deviation.",
         "",
         "| device | backend | format | test | TTFT ms | prefill tok/s | TPOT ms | decode tok/s | e2e tok/s "
-        "| load cold/warm s | peak RSS | size | agreement | perplexity | note |",
+        "| load cold/warm s | peak RSS | size | agreement % | perplexity | note |",
         "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in report["results"]:

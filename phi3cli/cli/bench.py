@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -223,6 +224,7 @@ def _write_outputs(report: dict, json_out, csv_out, markdown_out, plot) -> None:
 
 # Columns that get a "fastest" mark, and whether higher is better.
 _MARKED = {"ttft_ms": False, "prefill_tps": True, "tpot_ms": False, "decode_tps": True, "e2e_tps": True}
+_DIGITS = {"ttft_ms": 0, "prefill_tps": 0, "tpot_ms": 1, "decode_tps": 1, "e2e_tps": 1}
 _DEVICE_TITLES = {"npu": "NPU", "gpu": "GPU", "cpu": "CPU"}
 
 
@@ -254,7 +256,7 @@ def _sorted_rows(report: dict) -> list[tuple[dict, dict | None]]:
 
 def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
     """The results table, grouped by device and sorted by decode speed, best per column starred."""
-    from phi3cli.bench.report import fmt_agreement, fmt_bytes, fmt_perplexity, run_label
+    from phi3cli.bench.report import fmt_agreement, fmt_perplexity, run_label
 
     s, m = report["settings"], report["machine"]
     console.print(
@@ -263,83 +265,90 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
         f"threads {s['threads'] or 'runtime default'} · greedy, end of text ignored · mean ± std",
         soft_wrap=True,
     )
-    ok = [(r, run) for r, run in _sorted_rows(report) if r["status"] == "ok" and run]
-    best: dict[tuple[str, str], float] = {}
-    for key, higher in _MARKED.items():
-        for _row, run in ok:
-            value = run[key]["mean"]
-            label = run_label(run)
-            if value is None:
-                continue
-            current = best.get((key, label))
-            if current is None or (value > current if higher else value < current):
-                best[(key, label)] = value
+    rows = _sorted_rows(report)
+    ok = [(r, run) for r, run in rows if r["status"] == "ok" and run]
+    best = _best_per_column(ok)
 
-    table = Table(show_lines=False, header_style="bold", pad_edge=False)
-    for name, justify in (
-        ("device", "left"),
-        ("backend", "left"),
-        ("format", "left"),
-        ("test", "left"),
-        ("TTFT\nms", "right"),
-        ("prefill\ntok/s", "right"),
-        ("TPOT\nms", "right"),
-        ("decode\ntok/s", "right"),
-        ("e2e\ntok/s", "right"),
-        ("load s\ncold/warm", "right"),
-        ("peak\nRSS", "right"),
-        ("size", "right"),
-        ("agree", "right"),
-        ("PPL", "right"),
-        ("note", "left"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")
+    columns = ["backend", "format", "test", "TTFT\nms", "prefill\ntok/s", "TPOT\nms", "decode\ntok/s", "e2e\ntok/s"]
+    columns += ["load s\ncold/warm", "peak\nRSS MB", "size\nMB"]
+    columns += ["agree\n%", "PPL"] if s["quality"] else []
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i < 3 else "right", no_wrap=True)
+    notes: list[str] = []  # footnotes: why a row was skipped or failed, what could not be measured
+
+    def footnote(text: str) -> str:
+        if text not in notes:
+            notes.append(text)
+        return f"[{notes.index(text) + 1}]"
+
     previous_device = None
-    for row, run in _sorted_rows(report):
-        if previous_device is not None and row["device"] != previous_device:
-            table.add_section()
+    for row, run in rows:
+        if row["device"] != previous_device:
+            if previous_device is not None:
+                table.add_section()
+            table.add_row(Text(_DEVICE_TITLES.get(row["device"], row["device"]), style="bold underline"))
         previous_device = row["device"]
-        device = row["device"]
+        format_cell = Text(row["format"])
         executed = row["executed_device"]
-        device_cell = Text(device)
-        if executed and device.lower() not in executed.lower():
-            device_cell.append(f"\nran on {executed}", style="yellow")
-        note = "; ".join(([row["reason"]] if row["reason"] else []) + row["quality"]["notes"])
-        style = {"failed": "red", "skipped": "dim"}.get(row["status"], "dim")
-        if row["status"] != "ok" or not run:
-            status = Text("FAILED" if row["status"] == "failed" else "skipped", style=style)
-            if run:  # a failure with figures (too few tokens): show them, unmarked
-                cells = [_cell(run[k], 2 if k == "tpot_ms" else 1, False) for k in _MARKED]
-            else:
-                cells = [Text("")] * 5
-            table.add_row(
-                device_cell, row["backend"], row["format"], status, *cells, "", "", "", "", "", Text(note, style=style)
-            )
-            continue
-        label = run_label(run)
-        cells = [_cell(run[k], 2 if k == "tpot_ms" else 1, best.get((k, label)) == run[k]["mean"]) for k in _MARKED]
-        load = f"{row['load_cold_s']:.2f}\n{row['load_warm_s']:.2f}" if row["load_warm_s"] is not None else ""
-        table.add_row(
-            device_cell,
-            row["backend"],
-            row["format"],
-            label,
-            *cells,
-            load,
-            fmt_bytes(row["peak_rss_bytes"]),
-            fmt_bytes(row["size_bytes"]),
-            fmt_agreement(row["quality"]) if s["quality"] else "",
-            fmt_perplexity(row["quality"]) if s["quality"] else "",
-            Text(note, style="dim"),
-        )
+        if executed and row["device"].lower() not in executed.lower():
+            format_cell.append(f"\nran on {executed}", style="yellow")
+        measured = row["status"] == "ok" and run is not None
+        if measured:
+            label = run_label(run)
+            test = Text(label)
+            marks = {k: best.get((k, label)) == [id(run)] for k in _MARKED}
+        else:
+            failed = row["status"] == "failed"
+            test = Text("FAILED" if failed else "skipped", style="bold red" if failed else "dim")
+            marks = dict.fromkeys(_MARKED, False)
+        if row["reason"]:
+            test.append(" " + footnote(row["reason"]), style="dim")
+        # A failure may still carry figures (too few tokens generated): shown, never starred.
+        figures = [_cell(run[k], _DIGITS[k], marks[k]) if run else Text("") for k in _MARKED]
+        extra = ["", "", ""]
+        if measured:
+            load = f"{row['load_cold_s']:.2f}\n{row['load_warm_s']:.2f}" if row["load_warm_s"] is not None else ""
+            extra = [load, _mb(row["peak_rss_bytes"]), _mb(row["size_bytes"])]
+        if s["quality"]:
+            quality = [fmt_agreement(row["quality"]), fmt_perplexity(row["quality"])] if measured else ["", ""]
+            if measured and row["quality"]["notes"]:
+                quality[-1] += " " + "".join(footnote(n) for n in row["quality"]["notes"])
+            extra += quality
+        table.add_row(row["backend"], format_cell, test, *figures, *extra)
     console.print(table)
-    console.print(
-        f"[dim]★ best in its column for the same test. agree: share of the first {s['quality_tokens']} greedy "
-        f"tokens equal to {s['reference']}'s over fixed prompts; PPL: perplexity of a fixed English text.[/]",
-        soft_wrap=True,
-    )
+    for i, text in enumerate(notes, 1):
+        console.print(f"[dim]\\[{i}][/] {escape(text)}", soft_wrap=True)
+    legend = "★ best in its column among the configurations measured on the same test."
+    if s["quality"]:
+        legend += (
+            f" agree: share of the first {s['quality_tokens']} greedy tokens equal to {s['reference']}'s over "
+            "fixed prompts. PPL: perplexity of a fixed English text."
+        )
+    console.print(f"[dim]{legend}[/]", soft_wrap=True)
     if chart and ok:
         show_chart(ok, console)
+
+
+def _mb(value: int | None) -> str:
+    return f"{value / 1e6:.0f}" if value else ""
+
+
+def _best_per_column(ok: list[tuple[dict, dict]]) -> dict[tuple[str, str], list[int]]:
+    """(column, test) -> [id of the best run], only where at least two configurations ran that test."""
+    from phi3cli.bench.report import run_label
+
+    best: dict[tuple[str, str], list[int]] = {}
+    for key, higher in _MARKED.items():
+        by_test: dict[str, list[dict]] = {}
+        for _row, run in ok:
+            if run[key]["mean"] is not None:
+                by_test.setdefault(run_label(run), []).append(run)
+        for label, runs in by_test.items():
+            if len(runs) > 1:
+                pick = max if higher else min
+                best[(key, label)] = [id(pick(runs, key=lambda r, key=key: r[key]["mean"]))]
+    return best
 
 
 def show_chart(ok: list[tuple[dict, dict]], console: Console, width: int = 40) -> None:
