@@ -143,19 +143,25 @@ class ConvertRecipe:
 class IncrementalDecoder:
     """Turns token ids into text pieces as they arrive, holding back incomplete UTF-8 sequences.
 
-    Decodes a short window (from a few tokens back) per step, so the cost per token stays constant.
+    Decodes a short window (from a few tokens back) per step, so the cost per token stays constant. A runtime
+    whose decode call costs more than its work (OpenVINO's detokenizer is a model) can pass decode_pair, which
+    decodes both windows of a step in one call.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str]):
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        decode_pair: Callable[[list[int], list[int]], tuple[str, str]] | None = None,
+    ):
         self._decode = decode
+        self._decode_pair = decode_pair or (lambda a, b: (decode(a), decode(b)))
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
+        before, after = self._decode_pair(self._ids[self._prefix : self._read], self._ids[self._prefix :])
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
