@@ -21,9 +21,14 @@ from phi3cli.cli.options import (
     DeviceChoice,
     DeviceOpt,
     FormatOpt,
+    InferencePrecisionOpt,
+    MaxPromptLenOpt,
+    MinResponseLenOpt,
     ModelOpt,
+    NpuHintOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
+    openvino_options,
 )
 from phi3cli.cli.render import RichProgress, err_console, stats_line
 from phi3cli.errors import (
@@ -100,6 +105,10 @@ def chat(
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
+    max_prompt_len: MaxPromptLenOpt = None,
+    min_response_len: MinResponseLenOpt = None,
+    npu_hint: NpuHintOpt = None,
+    inference_precision: InferencePrecisionOpt = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -159,6 +168,7 @@ def chat(
                 threads=threads,
                 trust_remote_code=trust_remote_code,
                 allow_fallback=allow_fallback,
+                options=openvino_options(max_prompt_len, min_response_len, npu_hint, inference_precision),
                 progress=progress,
             )
     except (ModelNotFoundError, OfflineError, UnsupportedModelError) as exc:

@@ -52,3 +52,69 @@ AllowFallbackOpt = Annotated[
         "Without it, phi3 stops rather than silently running on the CPU.",
     ),
 ]
+
+
+class NpuHint(str, Enum):
+    fast_compile = "fast_compile"
+    best_perf = "best_perf"
+
+
+class InferencePrecision(str, Enum):
+    auto = "auto"
+    f32 = "f32"
+    bf16 = "bf16"
+    f16 = "f16"
+
+
+MaxPromptLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-prompt-len",
+        min=1,
+        help="OpenVINO on NPU: the longest prompt, chat history included, the static-shape model is compiled "
+        "for (default 1024).",
+        rich_help_panel="OpenVINO",
+    ),
+]
+MinResponseLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--min-response-len",
+        min=1,
+        help="OpenVINO on NPU: room kept for the reply beyond the prompt (default 128).",
+        rich_help_panel="OpenVINO",
+    ),
+]
+NpuHintOpt = Annotated[
+    NpuHint | None,
+    typer.Option(
+        "--npu-hint",
+        help="OpenVINO on NPU: fast_compile (default) starts sooner; best_perf compiles longer for faster tokens.",
+        rich_help_panel="OpenVINO",
+    ),
+]
+InferencePrecisionOpt = Annotated[
+    InferencePrecision | None,
+    typer.Option(
+        "--inference-precision",
+        help="OpenVINO: precision of the computation. Default f32 on the CPU (answers match the reference); "
+        "bf16 is faster on CPUs that have it; auto leaves OpenVINO's choice (the default on GPU and NPU).",
+        rich_help_panel="OpenVINO",
+    ),
+]
+
+
+def openvino_options(
+    max_prompt_len: int | None = None,
+    min_response_len: int | None = None,
+    npu_hint: NpuHint | None = None,
+    inference_precision: InferencePrecision | None = None,
+) -> dict:
+    """LoadRequest.options for the OpenVINO backend, from the options above (only those given)."""
+    given = {
+        "max_prompt_len": max_prompt_len,
+        "min_response_len": min_response_len,
+        "generate_hint": npu_hint.value if npu_hint else None,
+        "inference_precision": inference_precision.value if inference_precision else None,
+    }
+    return {k: v for k, v in given.items() if v is not None}
