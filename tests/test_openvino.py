@@ -363,6 +363,20 @@ def test_truncated_weights_are_refused_clearly(ov_int4, tmp_path, store):
     assert len(str(info.value).splitlines()) == 1 and "phi3 convert" in info.value.hint
 
 
+def test_tokenizer_that_cannot_be_converted_stops_clearly(demo_source, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy2(demo_source.path / "config.json", hf)
+    (hf / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    (hf / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConversionError, match="tokenizer of hf cannot be converted to OpenVINO") as info:
+        ovb.ensure_tokenizers(out, hf, SilentProgress())
+    assert "openvino_tokenizer.xml" in info.value.message and "--backend torch" in info.value.hint
+    assert list(out.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- nothing half-written
 
 

@@ -261,15 +261,19 @@ class _TrackToProgress:
             self.progress.advance(advance)
 
 
+WEIGHT_COMPRESSION_STEPS = ("algorithm", "mixed_precision", "awq", "scale_estimation", "gptq")
+
+
 @contextlib.contextmanager
 def _nncf_progress(progress: Progress) -> Iterator[None]:
     """Route NNCF's weight-compression progress bars to our Progress for the duration of the block."""
     import importlib
 
     patched = []
-    for name in ("algorithm", "mixed_precision", "awq", "scale_estimation", "gptq"):
+    names = [f"nncf.quantization.algorithms.weight_compression.{n}" for n in WEIGHT_COMPRESSION_STEPS]
+    for name in [*names, "nncf.common.tensor_statistics.aggregator"]:
         try:
-            module = importlib.import_module(f"nncf.quantization.algorithms.weight_compression.{name}")
+            module = importlib.import_module(name)
         except ImportError:
             continue
         if hasattr(module, "track"):
