@@ -54,7 +54,8 @@ def onnx_devices() -> tuple[list[str], str]:
         if getattr(og, check, lambda: False)()
     ]
     devices = (["gpu"] if providers else []) + ["cpu"]
-    return devices, "ONNX Runtime GenAI providers: " + ", ".join(providers + ["CPU"])
+    missing = "" if providers else " (GPU: onnxruntime-genai-directml on Windows, onnxruntime-genai-cuda for CUDA)"
+    return devices, "ONNX Runtime GenAI providers: " + ", ".join(providers + ["CPU"]) + missing
 
 
 def npu_lib_devices() -> tuple[list[str], str]:
