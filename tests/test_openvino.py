@@ -237,6 +237,7 @@ def test_npu_recipe_is_symmetric_channel_wise_all_int4():
         (ConvertRecipe(format="int4", target="dml"), "cpu, gpu or npu"),
         (ConvertRecipe(format="int4", awq=True), "--awq needs calibration data"),
         (ConvertRecipe(format="int4", awq=True, dataset="no-such-set"), "Unknown calibration data set"),
+        (ConvertRecipe(format="fp16", awq=True, dataset="auto"), "fp16 compresses nothing"),
     ],
 )
 def test_bad_recipes_are_refused(recipe, message):

@@ -135,8 +135,14 @@ def resolve_recipe(recipe: ConvertRecipe, config: dict, progress: Progress) -> d
     if recipe.awq and not recipe.dataset:
         raise ConversionError("--awq needs calibration data.", hint="Add --dataset auto (or a text file).")
     if recipe.format == "fp16":
+        if recipe.awq or recipe.dataset:
+            raise ConversionError(
+                "--awq and --dataset tune weight compression; fp16 compresses nothing.", hint="Use --format int4."
+            )
         return None
     if recipe.format == "int8":
+        if recipe.group_size is not None or recipe.ratio is not None:
+            progress.note("int8 is channel-wise on every layer; --group-size and --ratio apply to int4 only.")
         # Channel-wise int8 on every layer; asymmetric unless asked (optimum-intel's default).
         return {"bits": 8, "sym": bool(recipe.sym), "group_size": -1, "ratio": 1.0, **_data_aware(recipe)}
     defaults = NPU_INT4_RECIPE if recipe.target == "npu" else INT4_RECIPE
