@@ -119,8 +119,8 @@ def plan_configurations(
         reason = spec.missing()
         if reason is None and not _module_present(spec.module):
             reason = f"{spec.module} is not part of this install"
-        if reason is not None:
-            planned.append(PlannedConfiguration(Configuration(name, "any", "any"), skip=reason))
+        if reason is not None:  # one row per device, so the reason shows in each device's group
+            planned += [PlannedConfiguration(Configuration(name, d, "any"), skip=reason) for d in wanted_devices]
             continue
         seen = report.details.get(name, "")
         for device in wanted_devices:

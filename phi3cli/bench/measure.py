@@ -181,7 +181,8 @@ def _measure_speed(model: LoadedModel, job: Job, report: Callable[[str], None]) 
 
 
 def _measure_quality(model: LoadedModel, job: Job, report: Callable[[str], None]) -> dict:
-    settings = GenerationSettings(max_new_tokens=job.quality_tokens, temperature=0.0, ignore_eos=True)
+    # The answers as users get them: greedy, ending at the end of text (its token included).
+    settings = GenerationSettings(max_new_tokens=job.quality_tokens, temperature=0.0)
     tokens: list[list[int]] = []
     notes: list[str] = []
     for i, question in enumerate(agreement_prompts()):

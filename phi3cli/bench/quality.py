@@ -29,7 +29,8 @@ def perplexity_text() -> str:
 def agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]], tokens: int) -> float | None:
     """Share of the first `tokens` greedy tokens, over all prompts, equal position by position to the reference.
 
-    A missing or shorter answer counts its missing positions as mismatches. None when there is no reference.
+    Answers end where the model ends them (end of text included), so an answer that stops early or runs on
+    counts the positions it lacks or adds as mismatches. None when there is no reference.
     """
     if not reference or len(reference) != len(candidate):
         return None
@@ -38,7 +39,7 @@ def agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[i
         ref = list(ref)[:tokens]
         cand = list(cand)[:tokens]
         matched += sum(a == b for a, b in zip(ref, cand, strict=False))
-        total += len(ref)
+        total += max(len(ref), len(cand))
     return matched / total if total else None
 
 
