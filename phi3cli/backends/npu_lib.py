@@ -16,12 +16,12 @@ import contextlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from phi3cli.backends.base import Backend, ConvertRecipe, GenerationSettings, LoadedModel, LoadRequest, RawToken
+from phi3cli.backends.base import Backend, ConvertRecipe, LoadedModel, LoadRequest
+from phi3cli.backends.torch_backend import TorchModel
 from phi3cli.errors import (
     BackendUnavailableError,
     ConversionError,
@@ -31,7 +31,6 @@ from phi3cli.errors import (
 from phi3cli.progress import Progress
 from phi3cli.sources import check_architecture
 from phi3cli.store import ModelStore
-from phi3cli.templates import load_chat_template
 
 SCHEMA = "phi3.npu-lib/1"
 MANIFEST = "npu_model.json"  # marks the folder as this backend's (sources.RUNTIME_MARKERS)
@@ -227,35 +226,19 @@ def load_quantized(path: Path, progress: Progress) -> torch.nn.Module:
     return model.eval()
 
 
-class NpuLibModel(LoadedModel):
+class NpuLibModel(TorchModel):
+    """A model the library compiled for the NPU: a transformers model, so torch's generate loop runs it."""
+
     backend = "npu-lib"
 
     def __init__(self, path: Path, model, tokenizer, fmt: str):
-        self.path, self.model, self.tokenizer, self.format = path, model, tokenizer, fmt
-        self.device = "npu"
+        super().__init__(path, model, tokenizer, fmt, device="npu")
         self.executed_device = "NPU"  # checked with npu_available() before loading; no silent fallback
-        self.context_length = int(model.config.max_position_embeddings)
-        self.chat_template = load_chat_template(path)
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = eos if isinstance(eos, list) else [eos]
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
-        from phi3cli.backends.torch_backend import transformers_generate
-
-        return transformers_generate(self.model, self.tokenizer, self.eos_ids, prompt_ids, settings)
-
-    def token_logprobs(self, ids: list[int]) -> list[float]:
-        from phi3cli.backends.torch_backend import transformers_logprobs
-
-        return transformers_logprobs(self.model, ids)
 
     def close(self) -> None:
         from intel_npu_acceleration_library.backend import clear_cache
 
-        self.model = None
+        super().close()
         clear_cache()  # the library keeps each layer's compiled NPU kernel in a process-wide cache
 
 
