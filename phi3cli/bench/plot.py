@@ -37,8 +37,9 @@ def write_plot(report: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-        for y, value in enumerate(means):
-            ax.text(value, y, f" {value:.1f}", va="center", fontsize=8)
+        for y, (value, std) in enumerate(zip(means, stds, strict=True)):
+            ax.text(value + (std or 0), y, f"  {value:.1f}", va="center", fontsize=8)  # beyond the whisker
+        ax.set_xlim(right=max(m + (d or 0) for m, d in zip(means, stds, strict=True)) * 1.15)
     s = report["settings"]
     fig.suptitle(
         f"phi3 bench · {report['model']['spec']} · {report['machine']['cpu']} · "
