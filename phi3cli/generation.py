@@ -66,12 +66,29 @@ class ReplyStats:
 
 
 def load_model(
-    request: LoadRequest, backend: str, store: ModelStore | None = None, progress: Progress | None = None
+    request: LoadRequest,
+    backend: str,
+    store: ModelStore | None = None,
+    progress: Progress | None = None,
+    *,
+    allow_fallback: bool = False,
 ) -> LoadedModel:
-    """Load a model with the named backend, stamping its load time."""
+    """Load a model with the named backend, stamping its load time, and check where it really runs.
+
+    If the runtime reports another device than the one asked, this raises DeviceUnavailableError, or with
+    allow_fallback passes a notice to progress.note (the CLI prints it in yellow): never a silent fallback.
+    """
+    progress = progress or SilentProgress()
     start = time.perf_counter()
-    model = get_backend(backend).load(request, store or ModelStore(), progress or SilentProgress())
+    model = get_backend(backend).load(request, store or ModelStore(), progress)
     model.load_seconds = time.perf_counter() - start
+    try:
+        notice = check_executed_device(model, allow_fallback=allow_fallback)
+    except DeviceUnavailableError:
+        model.close()
+        raise
+    if notice:
+        progress.note(notice)
     return model
 
 
@@ -174,9 +191,8 @@ def open_model(
 ):
     """Resolve a model, route it to a backend and device, and load it: what chat, bench and serve share.
 
-    Returns the LoadedModel and the Route taken (whose reason says why, for --device auto). If the runtime
-    reports that it executes on another device than the one asked, this raises DeviceUnavailableError, or
-    with allow_fallback passes a notice to progress.note (the CLI prints it in yellow).
+    Returns the LoadedModel and the Route taken (whose reason says why, for --device auto); load_model
+    checks the device the runtime reports.
     """
     from phi3cli.devices import probe
     from phi3cli.routing import backends_to_probe, choose_route
@@ -195,15 +211,7 @@ def open_model(
         trust_remote_code=trust_remote_code,
         options=dict(options or {}),
     )
-    loaded = load_model(request, route.backend, store, progress)
-    try:
-        notice = check_executed_device(loaded, allow_fallback=allow_fallback)
-    except DeviceUnavailableError:
-        loaded.close()
-        raise
-    if notice:
-        progress.note(notice)
-    return loaded, route
+    return load_model(request, route.backend, store, progress, allow_fallback=allow_fallback), route
 
 
 # Words in a runtime's device or provider name ("GPU.0", "DmlExecutionProvider", "cuda:0") -> phi3's devices.
