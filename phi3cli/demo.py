@@ -152,6 +152,9 @@ def gguf_to_phi3(gguf: Path, out: Path, progress: Progress, *, repack_llama: boo
     except ImportError as exc:
         raise Phi3Error("Reading a .gguf model needs the torch extra.", hint="pip install 'phi3cli[torch]'") from exc
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its GGUF tokenizer notice ("legacy behaviour") is not for our users
     progress.phase(f"Loading {gguf.name} (dequantizing)")
     folder, name = str(gguf.parent), gguf.name
     try:
