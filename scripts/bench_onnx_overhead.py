@@ -28,16 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name three colours of the rainbow.",
-    "Write one sentence about the sea.",
-    "Why is the sky blue? Answer briefly.",
-    "Give me a tip for learning a new language.",
-    "What does a baker do?",
-    "Describe a cat in two sentences.",
-    "How many days are there in a leap year?",
-]
+from phi3cli.bench.quality import agreement_prompts  # noqa: E402  (after the sys.path line)
+
+# The fixed prompts the bench compares answers on: varied lengths and topics.
+QUESTIONS = agreement_prompts()
 
 
 def run_direct(og, model, tokenizer, ids: list[int], new_tokens: int) -> dict:
