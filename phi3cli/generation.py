@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from phi3cli.backends import get_backend
@@ -116,7 +116,7 @@ def stream_reply(
         )
     budget = min(settings.max_new_tokens, model.context_length - len(ids))
     run = GenerationSettings(**{**settings.__dict__, "max_new_tokens": budget})
-    pieces: list[str] = []
+    held = StopHoldback(settings.stop)
     times: list[float] = []
     token_ids: list[int] = []
     finish = "length"
@@ -124,12 +124,11 @@ def stream_reply(
     try:
         for token in tokens:
             times.append(token.t - start)
-            pieces.append(token.text)
             if token.token_id is not None:
                 token_ids.append(token.token_id)
-            if token.text:
-                yield TokenEvent(token.text, len(times), times[-1])
-            if settings.stop and _hit_stop(pieces, settings.stop):
+            if piece := held.push(token.text):
+                yield TokenEvent(piece, len(times), times[-1])
+            if held.stopped:
                 finish = "stop"
                 break
             if len(times) >= budget:
@@ -138,9 +137,9 @@ def stream_reply(
             finish = "stop" if len(times) < budget else "length"
     finally:
         tokens.close()
-    text = "".join(pieces)
-    if finish == "stop" and settings.stop:
-        text = _cut_at_stop(text, settings.stop)
+    if rest := held.finish():  # text held back for a stop sequence that never came
+        yield TokenEvent(rest, len(times), times[-1])
+    text = held.final_text
     yield ReplyStats(
         backend=model.backend,
         device=model.device,
@@ -156,14 +155,50 @@ def stream_reply(
     )
 
 
-def _hit_stop(pieces: list[str], stops) -> bool:
-    tail = "".join(pieces[-32:])
-    return any(s and s in tail for s in stops)
+class StopHoldback:
+    """Passes text on without ever passing a stop sequence: holds back a tail that may begin one.
 
+    What push and finish return adds up to exactly final_text, the text before the first stop sequence.
+    """
 
-def _cut_at_stop(text: str, stops) -> str:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+
+    @property
+    def cut(self) -> int | None:
+        """Where the first stop sequence begins, once one has appeared."""
+        found = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    @property
+    def stopped(self) -> bool:
+        return self.cut is not None
+
+    @property
+    def final_text(self) -> str:
+        cut = self.cut
+        return self.text if cut is None else self.text[:cut]
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        safe = len(self.text) if self.cut is None else self.cut
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:size]):
+                    safe = min(safe, len(self.text) - size)
+                    break
+        return self._take(max(safe, self.sent))
+
+    def finish(self) -> str:
+        """The rest of final_text not passed on yet (a held-back tail that did not become a stop)."""
+        return self._take(len(self.final_text))
+
+    def _take(self, upto: int) -> str:
+        piece = self.text[self.sent : upto]
+        self.sent = max(self.sent, upto)
+        return piece
 
 
 def generate_text(model: LoadedModel, prompt: str | list[int], settings: GenerationSettings) -> ReplyStats:

@@ -144,3 +144,25 @@ def test_closing_a_reply_stops_generation_and_keeps_history_clean(torch_model):
     events.close()  # what Ctrl-C does in chat
     assert session.messages == []
     assert not [t for t in threading.enumerate() if t.name == "phi3-generate"]
+
+
+def test_stop_holdback_never_passes_a_stop_sequence():
+    from phi3cli.generation import StopHoldback
+
+    hold = StopHoldback(["<END>", "\n\n"])
+    sent = "".join(hold.push(p) for p in ["Hello", " wor", "ld <", "EN", "D>", " more"])
+    assert hold.stopped and sent == "Hello world " and sent + hold.finish() == hold.final_text == "Hello world "
+    hold = StopHoldback(["<END>"])
+    sent = "".join(hold.push(p) for p in ["a <", "b", "c"])
+    assert not hold.stopped and sent + hold.finish() == "a <bc"
+
+
+def test_stream_reply_stops_at_a_stop_sequence_without_streaming_it(torch_model):
+    from phi3cli.generation import TokenEvent, stream_reply
+
+    prompt = torch_model.chat_template.render([{"role": "user", "content": "What is the capital of France?"}])
+    events = list(stream_reply(torch_model, prompt, GenerationSettings(max_new_tokens=32, stop=["Paris"])))
+    stats = events[-1]
+    streamed = "".join(e.text for e in events if isinstance(e, TokenEvent))
+    assert stats.finish_reason == "stop"
+    assert streamed == stats.text == "The capital of France is "

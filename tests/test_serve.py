@@ -358,18 +358,6 @@ def test_serve_help_loads_no_server_or_runtime():
     assert not names & {*HEAVY, "starlette", "uvicorn"}, names & {*HEAVY, "starlette", "uvicorn"}
 
 
-def test_stop_holdback_never_sends_a_stop_sequence():
-    from phi3cli.serve.protocol import StopHoldback
-
-    hold = StopHoldback(["<END>", "\n\n"])
-    sent = "".join(hold.push(p) for p in ["Hello", " wor", "ld <", "EN", "D"])
-    assert "<" not in sent and sent == "Hello world "
-    assert sent + hold.finish("Hello world ") == "Hello world "
-    hold = StopHoldback(["<END>"])
-    sent = "".join(hold.push(p) for p in ["a <", "b", "c"])
-    assert sent + hold.finish("a <bc") == "a <bc"
-
-
 def test_loopback_detection():
     from phi3cli.serve import is_loopback
 

@@ -19,7 +19,7 @@ from phi3cli.backends.base import LoadedModel
 from phi3cli.errors import ContextOverflowError
 from phi3cli.generation import ReplyStats, TokenEvent, prompt_budget
 from phi3cli.serve import protocol
-from phi3cli.serve.protocol import ApiError, GenerationRequest, StopHoldback
+from phi3cli.serve.protocol import ApiError, GenerationRequest
 from phi3cli.serve.queue import FINISHED, GenerationQueue, Job, Started
 
 log = logging.getLogger("phi3.serve")
@@ -250,7 +250,6 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
         request: Request, job: Job, parsed: GenerationRequest, rid: str, started: Started
     ) -> AsyncIterator[bytes]:
         created_at = int(time.time())
-        holdback = StopHoldback(parsed.settings.stop)
         complete = False
         if parsed.kind == "chat":
             first = protocol.chunk_body(parsed, rid, name, created_at, text="")
@@ -258,11 +257,8 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             yield protocol.sse(first)
         while (item := await job.next()) is not FINISHED:
             if isinstance(item, TokenEvent):
-                if piece := holdback.push(item.text):
-                    yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=piece))
+                yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=item.text))
             elif isinstance(item, ReplyStats):
-                if rest := holdback.finish(item.text):
-                    yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=rest))
                 for chunk in _closing_chunks(parsed, rid, created_at, item, started):
                     yield protocol.sse(chunk)
                 _note(request, _stats_note(item, started.queue_s) + " · streamed")

@@ -242,42 +242,6 @@ def context_errors(prompt_tokens: int, budget: int, max_tokens: int | None, cont
     return None
 
 
-class StopHoldback:
-    """Streams text without ever sending a stop sequence: holds back a tail that may begin one.
-
-    What it sends adds up to exactly the final text (ReplyStats.text, already cut at the stop).
-    """
-
-    def __init__(self, stops: tuple[str, ...] | list[str]):
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0
-
-    def push(self, piece: str) -> str:
-        self.text += piece
-        safe = len(self.text)
-        for stop in self.stops:
-            found = self.text.find(stop)
-            if found >= 0:
-                safe = min(safe, found)
-                continue
-            for size in range(min(len(stop) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(stop[:size]):
-                    safe = min(safe, len(self.text) - size)
-                    break
-        return self._take(max(safe, self.sent))
-
-    def finish(self, final_text: str) -> str:
-        """The rest of the final text not sent yet."""
-        self.text = final_text
-        return self._take(len(final_text))
-
-    def _take(self, upto: int) -> str:
-        piece = self.text[self.sent : upto]
-        self.sent = max(self.sent, upto)
-        return piece
-
-
 def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
