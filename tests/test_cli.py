@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_phi3
+from tests.conftest import ROOT, run_phi3
 
 HEAVY = ("torch", "transformers", "openvino", "openvino_genai", "onnxruntime", "onnxruntime_genai", "optimum", "nncf")
 
@@ -133,3 +133,15 @@ def test_devices_runs_without_loading_models():
     done = run_phi3("devices")
     assert done.returncode == 0, done.stderr
     assert "CPU:" in done.stdout and "torch" in done.stdout and "npu-lib" in done.stdout
+
+
+def test_cli_reference_is_up_to_date():
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_cli_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

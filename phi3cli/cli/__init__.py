@@ -49,8 +49,8 @@ app.command("bench")(bench)
 app.command("chat")(chat)
 app.command("convert")(convert)
 app.command("devices")(devices)
-app.command("serve")(serve)
 app.command("quantize")(quantize)
+app.command("serve")(serve)
 app.add_typer(models_app, name="models")
 
 
@@ -61,4 +61,4 @@ def _terminate(signum, frame):
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    app(prog_name="phi3")
