@@ -228,7 +228,7 @@ def test_eight_concurrent_clients_each_get_their_own_answer(server, references):
         assert answer == references[question].text, question
 
 
-GOOD = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+GOOD = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
 BAD_INPUTS = {
     "malformed JSON": (b'{"model": "demo", "messages": [', 400, "invalid_json"),
     "not an object": (b"[1, 2]", 400, "invalid_json"),
