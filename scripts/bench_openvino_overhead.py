@@ -12,7 +12,7 @@ medians, and the ratios are taken within one run. OpenVINO's own PerfMetrics of 
 
 Load times are measured in fresh processes: cold (an empty compiled-model cache) and warm (the same cache again).
 
-    PHI3_HOME=/tmp/phi3home python scripts/bench_openvino_overhead.py --reps 8 --new-tokens 64
+    python scripts/bench_openvino_overhead.py --reps 8 --new-tokens 64
 """
 
 from __future__ import annotations
