@@ -89,3 +89,9 @@ def test_hub_model_without_safetensors_is_refused(demo_source, tmp_path):
     env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     done = run_phi3("chat", "-m", "acme/pickled-only", "-b", "torch", "hi", env=env)
     assert done.returncode == 1 and "publishes no .safetensors" in done.stderr, done.stderr
+
+
+def test_gguf_of_another_architecture_is_refused_through_the_cli(tmp_path):
+    path = write_header_only_gguf(tmp_path / "llama.gguf", "llama")
+    done = run_phi3("chat", "-m", str(path), "hi")
+    assert done.returncode == 1 and "'llama' .gguf, not Phi-3" in done.stderr and "Traceback" not in done.stderr
