@@ -27,6 +27,7 @@ class RichProgress:
             TimeElapsedColumn(),
             console=self.console,
             transient=True,
+            disable=not self.console.is_terminal,  # piped: the ✓ lines only, no redraws or stray blank line
         )
         self._progress.start()
         return self
@@ -47,7 +48,7 @@ class RichProgress:
     def _finish_task(self) -> None:
         if self._progress and self._task is not None:
             task = self._progress.tasks[-1]
-            self.console.print(f"[green]✓[/] [dim]{task.description} ({task.elapsed or 0:.1f} s)[/]")
+            self.console.print(f"[green]✓[/] [dim]{escape(task.description)} ({task.elapsed or 0:.1f} s)[/]")
             self._progress.remove_task(self._task)
             self._task = None
 
