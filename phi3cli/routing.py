@@ -4,22 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phi3cli.backends import BACKENDS
-from phi3cli.devices import PROBE_LABELS, DeviceReport
+from phi3cli.backends import get_spec, registry
+from phi3cli.devices import DeviceReport
 from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
-
-# Best first. The NPU library is picked only when named (`--backend npu-lib`), even for `--device npu`:
-# it is unmaintained, and OpenVINO GenAI's NPU plugin runs the same hardware.
-PREFERENCE = [
-    ("openvino", "npu"),
-    ("openvino", "gpu"),
-    ("onnx", "gpu"),
-    ("openvino", "cpu"),
-    ("onnx", "cpu"),
-    ("torch", "cpu"),
-    ("npu-lib", "npu"),
-]
-AUTO_EXCLUDED = {"npu-lib"}
 
 
 @dataclass(frozen=True)
@@ -31,11 +18,12 @@ class Route:
 
 def _seen(report: DeviceReport, device: str = "auto", backend: str | None = None) -> str:
     """What each probe saw; for one device, only the backends that can drive it (for npu: OpenVINO and the library)."""
-    names = [b for b in BACKENDS if (device == "auto" or device in BACKENDS[b].devices) and backend in (None, b)]
+    specs = registry()
+    names = [b for b, s in specs.items() if (device == "auto" or device in s.devices) and backend in (None, b)]
     parts = []
     for b in names:
         if b in report.missing:
-            parts.append(f"{PROBE_LABELS.get(b, b)} cannot be asked here ({report.missing[b]})")
+            parts.append(f"{specs[b].label} cannot be asked here ({report.missing[b]})")
         elif b in report.details:
             parts.append(report.details[b])
     return "; ".join(parts)
@@ -50,6 +38,12 @@ def _tried(report: DeviceReport, candidates: list[tuple[str, str]], chosen: tupl
         if (b, d) == chosen:
             break
     return ", ".join(marks)
+
+
+def preference() -> list[tuple[str, str]]:
+    """Every (backend, device) pair, best first, by the ranks in the backends' registry entries."""
+    pairs = [(rank, b, d) for b, spec in registry().items() for d, rank in spec.preference]
+    return [(b, d) for _, b, d in sorted(pairs)]
 
 
 def choose_route(
@@ -67,20 +61,17 @@ def choose_route(
             )
         backend = runtime
     if backend:
-        spec = BACKENDS.get(backend)
-        if spec is None:
-            raise BackendUnavailableError(
-                f"Unknown backend {backend!r}.", hint=f"Choose one of: {', '.join(BACKENDS)}."
-            )
+        spec = get_spec(backend)
         if backend in report.missing:
             raise BackendUnavailableError(
                 f"The {backend} backend is not available: {report.missing[backend]}.", hint=spec.instead or None
             )
-    candidates = [(b, d) for b, d in PREFERENCE if (backend is None or b == backend)]
+    specs = registry()
+    candidates = [(b, d) for b, d in preference() if (backend is None or b == backend)]
     if device != "auto":
         candidates = [(b, d) for b, d in candidates if d == device]
     if backend is None:
-        candidates = [(b, d) for b, d in candidates if b not in AUTO_EXCLUDED]
+        candidates = [(b, d) for b, d in candidates if specs[b].auto]
     for b, d in candidates:
         if d in report.present.get(b, []):
             if device == "auto":
@@ -99,13 +90,14 @@ def choose_route(
             else "Install a backend: pip install 'phi3cli[all]'."
         )
     if backend is None and device != "auto":
-        excluded = [b for b in AUTO_EXCLUDED if device in report.present.get(b, [])]
-        if excluded:  # only the library sees it: say so rather than pretend nothing is there
+        excluded = [b for b, s in specs.items() if not s.auto and device in report.present.get(b, [])]
+        if excluded:  # only a backend that is never picked by itself sees it: say so rather than pretend nothing is
+            usual = next((specs[b] for b, d in preference() if d == device and specs[b].auto), None)
+            other = f", or install the {usual.name} backend: pip install 'phi3cli[{usual.extra}]'" if usual else ""
             raise DeviceUnavailableError(
                 f"Only the {excluded[0]} backend sees a{'n' if device == 'npu' else ''} {wanted} here "
                 f"({_seen(report, device)}).",
-                hint=f"Use it with --backend {excluded[0]}, or install OpenVINO GenAI's NPU plugin: "
-                "pip install 'phi3cli[openvino]'.",
+                hint=f"Use it with --backend {excluded[0]}{other}.",
             )
     raise DeviceUnavailableError(
         f"No {wanted}" + (f" for the {backend} backend" if backend else "") + " found. "
@@ -122,14 +114,14 @@ def _machine(report: DeviceReport) -> str:
     return ", ".join([f"CPU — {report.cpu}", *others])
 
 
-def backends_to_probe(device: str = "auto", backend: str | None = None) -> list[str] | None:
-    """Which backends a request needs probed; None for all but the NPU library.
+def backends_to_probe(device: str = "auto", backend: str | None = None) -> list[str]:
+    """Which backends a request needs probed.
 
-    Asking the library (npu_available()) imports it, which imports torch and transformers and patches torch;
-    so it is asked only for --device npu or --backend npu-lib (and by `phi3 devices`).
+    A probe that is costly (the NPU library's npu_available() imports torch and transformers and patches torch)
+    is asked only when its backend is named or its device is asked for (and by `phi3 devices`).
     """
     if backend:
         return [backend]
-    if device == "npu":
-        return [b for b in BACKENDS if "npu" in BACKENDS[b].devices]
-    return [b for b in BACKENDS if b not in AUTO_EXCLUDED]
+    if device != "auto":
+        return [b for b, s in registry().items() if device in s.devices]
+    return [b for b, s in registry().items() if not s.probe_on_demand]

@@ -8,7 +8,6 @@ would have given.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from phi3cli.backends.base import GenerationSettings
 from phi3cli.chat import ChatSession
 from phi3cli.errors import SessionFileError
+from phi3cli.util import write_atomically
 
 SCHEMA = "phi3.chat-session/1"
 _SCHEMA_NAME = SCHEMA.split("/")[0]
@@ -96,18 +96,10 @@ def check_saveable(path: Path | str) -> Path:
 def save_session(path: Path | str, saved: SavedSession) -> Path:
     """Write the session file whole (a temporary file renamed into place); refuse to overwrite a foreign file."""
     path = check_saveable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(saved.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        return write_atomically(path, json.dumps(saved.to_json(), indent=2, ensure_ascii=False) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SessionFileError(f"Could not write {path}: {exc.strerror or exc}.") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_session(path: Path | str) -> SavedSession:

@@ -12,9 +12,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi3cli.backends import registry, runtime_of_folder
 from phi3cli.errors import ModelNotFoundError, OfflineError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
-from phi3cli.store import ModelStore, short_hash, slugify
+from phi3cli.store import ModelStore
+from phi3cli.util import short_hash, slugify
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 SUPPORTED_MODEL_TYPES = ("phi3",)
@@ -25,9 +27,8 @@ SUPPORTED_HELP = (
 # Only what a Phi-3 checkpoint needs; safetensors only, never pickled weights.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-# What kind of thing a folder is, by the file that marks it.
-RUNTIME_MARKERS = {"openvino": "openvino_model.xml", "onnx": "genai_config.json", "npu-lib": "npu_model.json"}
+# Kinds of source that are Hugging Face models (any other kind is the name of the backend whose folder it is).
+HF_KINDS = ("demo", "hub", "folder", "gguf")
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,14 @@ class ModelSource:
     """A resolved model: what the user named, what kind it is, and where it lies on disk."""
 
     spec: str
-    kind: str  # demo | hub | folder | gguf | openvino | onnx | npu-lib
+    kind: str  # demo | hub | folder | gguf, or the backend whose own format the folder is in
     path: Path
     slug: str
 
     @property
     def runtime(self) -> str | None:
         """The backend a prebuilt runtime folder belongs to, or None for a Hugging Face model."""
-        return self.kind if self.kind in RUNTIME_MARKERS else None
+        return None if self.kind in HF_KINDS else self.kind
 
     def hf_dir(self, store: ModelStore, progress: Progress | None = None) -> Path:
         """A Hugging Face folder (config, tokenizer, safetensors) for this source, built once if needed."""
@@ -74,10 +75,9 @@ def check_architecture(config_path: Path, spec: str) -> dict:
 
 
 def folder_kind(path: Path) -> str | None:
-    """'openvino', 'onnx' or 'folder' for a model folder, None for anything else."""
-    for kind, marker in RUNTIME_MARKERS.items():
-        if (path / marker).is_file():
-            return kind
+    """The backend whose format a folder is in, 'folder' for a Hugging Face folder, None for anything else."""
+    if kind := runtime_of_folder(path):
+        return kind
     if (path / "config.json").is_file():
         return "folder"
     return None
@@ -129,7 +129,8 @@ def resolve_source(
         kind = folder_kind(path)
         if kind is None:
             raise UnsupportedModelError(
-                f"{spec} is a folder but holds no model (no config.json, openvino_model.xml or genai_config.json).",
+                f"{spec} is a folder but holds no model (no config.json, nor a folder a backend runs: "
+                f"{', '.join(s.marker for s in registry().values() if s.marker)}).",
                 hint="Point --model at a Hugging Face model folder or one made by `phi3 convert`.",
             )
         if kind == "folder":

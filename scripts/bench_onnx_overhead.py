@@ -91,7 +91,8 @@ def main() -> None:
     from phi3cli.backends.base import LoadRequest
     from phi3cli.generation import load_model
     from phi3cli.sources import resolve_source
-    from phi3cli.store import ModelStore, dir_size
+    from phi3cli.store import ModelStore
+    from phi3cli.util import dir_size
 
     store = ModelStore()
     demo = resolve_source("demo", store)

@@ -105,7 +105,7 @@ def own_work_per_token(model, prompt_ids: list[int], token_ids: list[int], reps:
     """Seconds phi3 spends per token without the runtime: the generated ids replayed through the same streamer
     (_TokenStreamer.write), incremental decoder, worker-thread hand-off (pull_from_push) and stream_reply."""
     from phi3cli.backends.base import GenerationSettings, IncrementalDecoder, LoadedModel, pull_from_push
-    from phi3cli.backends.openvino import _TokenStreamer
+    from phi3cli.backends.openvino.runtime import _TokenStreamer
     from phi3cli.generation import generate_text
 
     class Replay(LoadedModel):
@@ -180,10 +180,11 @@ def main() -> None:
     import openvino_genai as ov_genai
 
     from phi3cli.backends.base import LoadRequest
-    from phi3cli.backends.openvino import attention_properties, precision_properties
+    from phi3cli.backends.openvino.runtime import attention_properties, precision_properties
     from phi3cli.generation import load_model
     from phi3cli.sources import resolve_source
-    from phi3cli.store import ModelStore, dir_size
+    from phi3cli.store import ModelStore
+    from phi3cli.util import dir_size
 
     store = ModelStore()
     demo = resolve_source("demo", store)

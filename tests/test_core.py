@@ -12,8 +12,8 @@ from phi3cli.backends.base import GenerationSettings, IncrementalDecoder, RawTok
 from phi3cli.chat import ChatSession, HistoryTrimmed
 from phi3cli.errors import ContextOverflowError, ConversionError, OutputExistsError
 from phi3cli.generation import ReplyStats
-from phi3cli.store import atomic_output, remove_stale_partials
 from phi3cli.templates import PHI3_TEMPLATE, ChatTemplate, load_chat_template
+from phi3cli.util import atomic_output, remove_stale_partials
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

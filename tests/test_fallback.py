@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 from typer.testing import CliRunner
 
-from phi3cli.backends import BACKENDS
+from phi3cli.backends import registry
 from phi3cli.backends.base import GenerationSettings
 from phi3cli.devices import DeviceReport
 from phi3cli.errors import DeviceUnavailableError
@@ -45,8 +45,8 @@ def test_a_list_of_devices_is_read_whole():
 def installed_backends() -> list[str]:
     """The backends this machine runs for real (their module exists and their runtime is installed)."""
     names = []
-    for name, spec in BACKENDS.items():
-        if spec.installed and importlib.util.find_spec(spec.module) is not None:
+    for name, spec in registry().items():
+        if spec.installed and importlib.util.find_spec(spec.factory.partition(":")[0]) is not None:
             names.append(name)
     return names
 
@@ -82,22 +82,23 @@ def fake_report(*args, **kwargs) -> DeviceReport:
     )
 
 
-class FakeNpuLibBackend:
-    name = "npu-lib"
+def fake_npu_lib_backend(reference):
+    """The npu-lib backend's interface over the real torch runtime (it runs the Hugging Face folder as is)."""
+    import dataclasses
 
-    def __init__(self, reference):
-        self.reference = reference
+    from phi3cli.backends.base import Backend
+    from phi3cli.backends.torch_backend.runtime import TorchModel
 
-    def load(self, request, store, progress):
-        from phi3cli.backends.torch_backend import TorchModel
+    class FakeNpuLibModel(TorchModel):
+        backend = "npu-lib"
 
-        ref = self.reference
+    class FakeNpuLibBackend(Backend):
+        def load(self, folder, request, progress):
+            # The real demo model on the real torch runtime, asked for the NPU: it reports where it really runs.
+            ref = reference
+            return FakeNpuLibModel(ref.path, ref.model, ref.tokenizer, ref.format, request.device)
 
-        class FakeNpuLibModel(TorchModel):
-            backend = "npu-lib"
-
-        # The real demo model on the real torch runtime, asked for the NPU: it reports where it really runs.
-        return FakeNpuLibModel(ref.path, ref.model, ref.tokenizer, ref.format, request.device)
+    return FakeNpuLibBackend(dataclasses.replace(registry()["npu-lib"], marker=None, platforms=(), requires=()))
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def silent_fallback(monkeypatch, torch_model):
     monkeypatch.setattr(
         phi3cli.generation,
         "get_backend",
-        lambda name: FakeNpuLibBackend(torch_model) if name == "npu-lib" else real_get_backend(name),
+        lambda name: fake_npu_lib_backend(torch_model) if name == "npu-lib" else real_get_backend(name),
     )
 
 

@@ -14,17 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from phi3cli.backends import BACKENDS, get_backend
+from phi3cli.backends import get_backend, registry
 from phi3cli.backends.base import ConvertRecipe
 from phi3cli.convert import ensure_variant, variant_key
-from phi3cli.store import MANIFEST, ModelStore, dir_size
+from phi3cli.inventory import StoreInventory
+from phi3cli.store import MANIFEST, ModelStore
+from phi3cli.util import dir_size
 from tests.conftest import run_phi3
 from tests.test_sessions import Terminal
 
 CONVERTERS = [
     name
     for name in ("onnx", "openvino")
-    if BACKENDS[name].installed and importlib.util.find_spec(BACKENDS[name].module)
+    if registry()[name].installed and importlib.util.find_spec(registry()[name].factory.partition(":")[0])
 ]
 
 
@@ -98,7 +100,7 @@ def test_list_shows_every_variant_with_sizes_as_du_counts(tmp_store, real_varian
         assert Path(entry["path"]).name == real_variants[name].name
     (source,) = [e for e in data["entries"] if e["kind"] == "source"]
     assert source["source"] == "demo" and source["size_bytes"] == du(tmp_store.source_dir("demo"))
-    assert data["total_bytes"] == du(tmp_store.root) == tmp_store.total_size()
+    assert data["total_bytes"] == du(tmp_store.root) == StoreInventory(tmp_store).total_size()
 
     table = models(tmp_store, "list")
     assert table.returncode == 0, table.stderr
@@ -161,7 +163,7 @@ def test_a_killed_convert_is_never_listed_as_a_variant(tmp_store):
     stale = [e for e in data["entries"] if e["kind"] == "partial"]
     assert str(staging) in [e["path"] for e in stale]
     assert all(e["status"] == f"stale: left by process {proc.pid}, which is gone" for e in stale)
-    assert all(v.key.format == "int4" for v in tmp_store.variants())
+    assert all(v.key.format == "int4" for v in StoreInventory(tmp_store).variants())
 
     pruned = models(tmp_store, "prune", "--yes")
     assert pruned.returncode == 0, pruned.stderr
@@ -186,7 +188,7 @@ def test_broken_and_foreign_entries_are_listed_removable_and_never_loaded(tmp_st
     assert broken[corrupt.name]["status"] == "broken: variant.json unreadable or not ours"
     assert broken["somebody-elses-folder"]["status"] == "broken: no variant.json"
     assert broken["stray-file.bin"]["status"] == "broken: not a folder"
-    assert corrupt.name not in [v.path.name for v in tmp_store.variants()]
+    assert corrupt.name not in [v.path.name for v in StoreInventory(tmp_store).variants()]
     key = variant_key(get_backend(name), demo_source, ConvertRecipe(format="int4"))
     assert tmp_store.variant_dir(key) == corrupt and tmp_store.find_variant(key) is None  # never loaded
 
@@ -197,14 +199,13 @@ def test_broken_and_foreign_entries_are_listed_removable_and_never_loaded(tmp_st
 
 
 def test_a_variant_missing_its_model_file_is_broken(tmp_store, real_variants):
-    from phi3cli.sources import RUNTIME_MARKERS
-
     name = CONVERTERS[0]
+    marker = registry()[name].marker
     path = tmp_store.variants_dir / "demo" / real_variants[name].name
-    (path / RUNTIME_MARKERS[name]).unlink()
+    (path / marker).unlink()
     (entry,) = [e for e in listing(tmp_store)["entries"] if e["path"] == str(path)]
-    assert entry["kind"] == "broken" and entry["status"] == f"broken: {RUNTIME_MARKERS[name]} is missing"
-    assert tmp_store.variants() == [v for v in tmp_store.variants() if v.path != path]
+    assert entry["kind"] == "broken" and entry["status"] == f"broken: {marker} is missing"
+    assert StoreInventory(tmp_store).variants() == [v for v in StoreInventory(tmp_store).variants() if v.path != path]
 
 
 def test_rm_by_id_path_and_source(tmp_store, real_variants):
@@ -239,8 +240,8 @@ def test_rm_a_source_removes_all_its_variants_and_keeps_the_source(tmp_store, re
     done = models(tmp_store, "rm", "demo", "--yes")
     assert done.returncode == 0, done.stderr
     assert "Kept the source model demo" in done.stdout
-    assert tmp_store.variants() == [] and not (tmp_store.variants_dir / "demo").exists()
-    assert [e.kind for e in tmp_store.entries()] == ["source"]
+    assert StoreInventory(tmp_store).variants() == [] and not (tmp_store.variants_dir / "demo").exists()
+    assert [e.kind for e in StoreInventory(tmp_store).entries()] == ["source"]
 
 
 def test_rm_asks_on_a_terminal(tmp_store, real_variants, tmp_path):
@@ -300,7 +301,7 @@ def test_converter_version_is_part_of_the_key(tmp_store, real_variants, demo_sou
 
     path = ensure_variant(backend, demo_source, recipe, tmp_store)
     assert path == tmp_store.variant_dir(new_key) != tmp_store.variant_dir(old_key)
-    assert {v.key.converter for v in tmp_store.variants() if v.key.backend == name} == {
+    assert {v.key.converter for v in StoreInventory(tmp_store).variants() if v.key.backend == name} == {
         old_key.converter,
         "a future release 99.0",
     }

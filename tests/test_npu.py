@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from phi3cli.backends import BACKENDS
+from phi3cli.backends import registry
 from phi3cli.backends.base import GenerationSettings, LoadRequest
 from phi3cli.errors import DeviceUnavailableError
-from phi3cli.generation import ReplyStats, TokenEvent, generate_text, open_model, stream_reply
+from phi3cli.generation import ReplyStats, TokenEvent, generate_text, load_model, open_model, stream_reply
 from phi3cli.progress import SilentProgress
 from phi3cli.sources import resolve_source
 from tests.conftest import run_phi3
@@ -36,7 +36,7 @@ def fake_lib():
     """The fake library on sys.path, and the registry's win32-only check bypassed explicitly for it."""
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(FAKES))
-    mp.setitem(BACKENDS, "npu-lib", dataclasses.replace(BACKENDS["npu-lib"], platforms=()))
+    mp.setitem(registry(), "npu-lib", dataclasses.replace(registry()["npu-lib"], platforms=()))
     import intel_npu_acceleration_library as lib
     from intel_npu_acceleration_library import _fake
 
@@ -124,7 +124,6 @@ def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, mo
     import torch
     from intel_npu_acceleration_library import nn as npu_nn
 
-    from phi3cli.backends.npu_lib import NpuLibBackend
 
     def refuse(*args, **kwargs):
         raise AssertionError("something tried to unpickle")
@@ -133,7 +132,7 @@ def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, mo
         monkeypatch.setattr(target, name, refuse)
     source = resolve_source(str(int4_run[0]), store)
     assert source.kind == "npu-lib"
-    model = NpuLibBackend().load(LoadRequest(source, device="npu"), store, SilentProgress())
+    model = load_model(LoadRequest(source, device="npu"), "npu-lib", store)
     assert (model.backend, model.device, model.executed_device, model.format) == ("npu-lib", "npu", "NPU", "int4")
     assert isinstance(model.model.model.layers[0].self_attn.qkv_proj, npu_nn.QuantizedLinear)
     assert isinstance(model.model.lm_head, npu_nn.QuantizedLinear)
@@ -151,7 +150,7 @@ def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, mo
 def test_fp16_keeps_the_library_linear_layers(fake_lib, demo_source, tmp_path):
     from intel_npu_acceleration_library import nn as npu_nn
 
-    from phi3cli.backends.npu_lib import load_quantized, quantize_with_library
+    from phi3cli.backends.npu_lib.backend import load_quantized, quantize_with_library
 
     quantize_with_library(demo_source.path, "fp16", tmp_path, SilentProgress())
     layers = json.loads((tmp_path / "npu_model.json").read_text())["layers"]
@@ -183,13 +182,12 @@ def test_chat_through_the_store_answers_and_does_not_recompile(fake_lib, store):
 def test_no_npu_is_an_error_not_a_silent_fallback(fake_lib, int4_run, store):
     from intel_npu_acceleration_library import _fake
 
-    from phi3cli.backends.npu_lib import NpuLibBackend
 
     _fake.reset(npu_present=False)
     try:
         source = resolve_source(str(int4_run[0]), store)
         with pytest.raises(DeviceUnavailableError, match=r"npu_available\(\) is False"):
-            NpuLibBackend().load(LoadRequest(source, device="npu"), store, SilentProgress())
+            load_model(LoadRequest(source, device="npu"), "npu-lib", store)
         with pytest.raises(DeviceUnavailableError, match="No NPU for the npu-lib backend found") as info:
             open_model(str(int4_run[0]), device="npu", store=store)
         assert "npu_available(): False" in info.value.message
@@ -198,11 +196,10 @@ def test_no_npu_is_an_error_not_a_silent_fallback(fake_lib, int4_run, store):
 
 
 def test_npu_lib_runs_only_on_the_npu(fake_lib, int4_run, store):
-    from phi3cli.backends.npu_lib import NpuLibBackend
 
     source = resolve_source(str(int4_run[0]), store)
-    with pytest.raises(DeviceUnavailableError, match="NPU only"):
-        NpuLibBackend().load(LoadRequest(source, device="cpu"), store, SilentProgress())
+    with pytest.raises(DeviceUnavailableError, match="runs on npu, not cpu"):
+        load_model(LoadRequest(source, device="cpu"), "npu-lib", store)
 
 
 @pytest.mark.parametrize(

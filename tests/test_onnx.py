@@ -23,13 +23,12 @@ og = pytest.importorskip("onnxruntime_genai")
 
 from phi3cli.backends import get_backend  # noqa: E402
 from phi3cli.backends.base import ConvertRecipe, GenerationSettings, LoadRequest  # noqa: E402
-from phi3cli.backends.onnx import (  # noqa: E402
-    GENAI_CONFIG,
+from phi3cli.backends.onnx.folder import GENAI_CONFIG, read_genai_config  # noqa: E402
+from phi3cli.backends.onnx.providers import (  # noqa: E402
     ProviderChoice,
     apply_providers,
     available_providers,
     choose_providers,
-    read_genai_config,
 )
 from phi3cli.errors import (  # noqa: E402
     ContextOverflowError,
@@ -40,8 +39,8 @@ from phi3cli.errors import (  # noqa: E402
 from phi3cli.generation import generate_text, load_model, stream_reply  # noqa: E402
 from phi3cli.progress import SilentProgress  # noqa: E402
 from phi3cli.sources import ModelSource, resolve_source  # noqa: E402
-from phi3cli.store import dir_size, remove_stale_partials  # noqa: E402
 from phi3cli.templates import load_chat_template  # noqa: E402
+from phi3cli.util import dir_size, remove_stale_partials  # noqa: E402
 
 BUILDS = [("int4", "cpu"), ("fp16", "cpu"), ("fp32", "cpu"), ("int4", "dml")]
 GPU_HERE = bool(available_providers())
@@ -319,10 +318,10 @@ def test_a_directml_folder_needs_its_providers_cleared_here(onnx_variant):
 @pytest.mark.skipif(GPU_HERE, reason="this ONNX Runtime GenAI has a GPU provider")
 def test_gpu_asked_without_a_gpu_provider(onnx_backend, onnx_variant, demo_source, store):
     with pytest.raises(DeviceUnavailableError, match="onnxruntime-genai-cuda"):
-        onnx_backend.load(LoadRequest(demo_source, device="gpu"), store, SilentProgress())
+        load_model(LoadRequest(demo_source, device="gpu"), "onnx", store)
     dml = resolve_source(str(onnx_variant("int4", "dml")), store)
     with pytest.raises(DeviceUnavailableError, match="onnxruntime-genai-directml"):
-        onnx_backend.load(LoadRequest(dml, device="gpu"), store, SilentProgress())
+        load_model(LoadRequest(dml, device="gpu"), "onnx", store)
 
 
 @pytest.mark.skipif(GPU_HERE, reason="this ONNX Runtime GenAI has a GPU provider")
@@ -363,7 +362,7 @@ def onnx_source(folder: Path) -> ModelSource:
 
 
 def load_folder(onnx_backend, store, folder: Path):
-    return onnx_backend.load(LoadRequest(onnx_source(folder), device="cpu"), store, SilentProgress())
+    return load_model(LoadRequest(onnx_source(folder), device="cpu"), "onnx", store)
 
 
 def edit_config(folder: Path, edit) -> None:
@@ -415,7 +414,7 @@ def test_config_naming_a_provider_not_installed(onnx_backend, store, copy_of):
     folder = copy_of()
     edit_config(folder, lambda d: d["model"]["decoder"]["session_options"].update(provider_options=[{"cuda": {}}]))
     with pytest.raises(DeviceUnavailableError, match="asks for the CUDA .* onnxruntime-genai-cuda"):
-        onnx_backend.load(LoadRequest(onnx_source(folder), device="gpu"), store, SilentProgress())
+        load_model(LoadRequest(onnx_source(folder), device="gpu"), "onnx", store)
     model = load_folder(onnx_backend, store, folder)  # --device cpu clears it and runs
     try:
         assert model.executed_device == "CPU"

@@ -26,12 +26,15 @@ from phi3cli.errors import ConversionError, DeviceUnavailableError, UnsupportedM
 from phi3cli.generation import generate_text, load_model
 from phi3cli.progress import SilentProgress
 from phi3cli.sources import resolve_source
-from phi3cli.store import dir_size
+from phi3cli.util import dir_size
 from tests.conftest import PROMPTS, ROOT, run_phi3
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("openvino_genai")
-from phi3cli.backends import openvino as ovb  # noqa: E402
+from phi3cli.backends.openvino import export as ov_export  # noqa: E402
+from phi3cli.backends.openvino import ir as ov_ir  # noqa: E402
+from phi3cli.backends.openvino import recipe as ov_recipe  # noqa: E402
+from phi3cli.backends.openvino import runtime as ov_runtime  # noqa: E402
 
 GREEDY_32 = GenerationSettings(max_new_tokens=32)
 
@@ -113,11 +116,11 @@ def test_compressed_variants_answer(fmt, demo_source, store, request):
 def test_sizes_and_recipes(ov_fp16, ov_int8, ov_int4):
     assert dir_size(ov_int4) < dir_size(ov_int8) < dir_size(ov_fp16)
     for folder in (ov_fp16, ov_int8, ov_int4):
-        ovb.check_ir(folder)  # IR and OpenVINO tokenizer
+        ov_ir.check_ir(folder)  # IR and OpenVINO tokenizer
         for name in ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json"):
             assert (folder / name).is_file(), name  # what templates.py and the context length read
-    assert [ovb.ir_format(f / "openvino_model.xml") for f in (ov_fp16, ov_int8, ov_int4)] == ["fp16", "int8", "int4"]
-    int4 = ovb.weight_summary(ov_int4 / "openvino_model.xml")
+    assert [ov_ir.ir_format(f / "openvino_model.xml") for f in (ov_fp16, ov_int8, ov_int4)] == ["fp16", "int8", "int4"]
+    int4 = ov_ir.weight_summary(ov_int4 / "openvino_model.xml")
     assert 0.3 < int4["int4"] < 0.7 and int4["int8"] > 0.3  # ratio 0.6 of the layers, the rest int8
     import json
 
@@ -191,7 +194,7 @@ def test_quantize_fp16_ir_to_int4(ov_fp16, tmp_path, store):
     out = tmp_path / "int4"
     progress = SilentProgress()
     quantize(ov_fp16, "openvino", ConvertRecipe(format="int4"), out, progress=progress)
-    assert ovb.ir_format(out / "openvino_model.xml") == "int4"
+    assert ov_ir.ir_format(out / "openvino_model.xml") == "int4"
     assert dir_size(out) < 0.6 * dir_size(ov_fp16)
     assert any("using 64" in note for note in progress.notes), progress.notes
     model = load_model(LoadRequest(resolve_source(str(out), store), device="cpu"), "openvino", store)
@@ -210,22 +213,22 @@ def test_quantize_fp16_ir_to_int4(ov_fp16, tmp_path, store):
 def test_group_size_falls_back_to_one_that_divides_every_width():
     config = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
     progress = SilentProgress()
-    settings = ovb.resolve_recipe(ConvertRecipe(format="int4"), config, progress)
+    settings = ov_recipe.resolve_recipe(ConvertRecipe(format="int4"), config, progress)
     assert (settings["bits"], settings["group_size"], settings["ratio"], settings["sym"]) == (4, 64, 0.6, True)
     assert "Group size 128 does not divide" in progress.notes[0] and "using 64" in progress.notes[0]
     phi3_mini = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 32}
-    assert ovb.resolve_recipe(ConvertRecipe(format="int4"), phi3_mini, SilentProgress())["group_size"] == 128
+    assert ov_recipe.resolve_recipe(ConvertRecipe(format="int4"), phi3_mini, SilentProgress())["group_size"] == 128
     with pytest.raises(ConversionError, match="No int4 group size") as info:
-        ovb.fit_group_size(128, [577])
+        ov_recipe.fit_group_size(128, [577])
     assert "--group-size -1" in info.value.hint
 
 
 def test_npu_recipe_is_symmetric_channel_wise_all_int4():
     config = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
-    settings = ovb.resolve_recipe(ConvertRecipe(format="int4", target="npu"), config, SilentProgress())
+    settings = ov_recipe.resolve_recipe(ConvertRecipe(format="int4", target="npu"), config, SilentProgress())
     assert (settings["group_size"], settings["ratio"], settings["sym"]) == (-1, 1.0, True)
-    assert ovb.resolve_recipe(ConvertRecipe(format="int8"), config, SilentProgress())["bits"] == 8
-    assert ovb.resolve_recipe(ConvertRecipe(format="fp16"), config, SilentProgress()) is None
+    assert ov_recipe.resolve_recipe(ConvertRecipe(format="int8"), config, SilentProgress())["bits"] == 8
+    assert ov_recipe.resolve_recipe(ConvertRecipe(format="fp16"), config, SilentProgress()) is None
 
 
 @pytest.mark.parametrize(
@@ -242,7 +245,7 @@ def test_npu_recipe_is_symmetric_channel_wise_all_int4():
 )
 def test_bad_recipes_are_refused(recipe, message):
     with pytest.raises((ConversionError, UnsupportedModelError), match=message):
-        ovb.resolve_recipe(recipe, {"hidden_size": 576, "intermediate_size": 1536}, SilentProgress())
+        ov_recipe.resolve_recipe(recipe, {"hidden_size": 576, "intermediate_size": 1536}, SilentProgress())
 
 
 def test_hub_calibration_set_needs_datasets_and_says_what_works_offline():
@@ -251,14 +254,14 @@ def test_hub_calibration_set_needs_datasets_and_says_what_works_offline():
     if importlib.util.find_spec("datasets") is not None:
         pytest.skip("the datasets package is installed here")
     with pytest.raises(ConversionError, match="datasets") as info:
-        ovb.resolve_recipe(ConvertRecipe("int4", awq=True, dataset="wikitext2"), {"hidden_size": 576}, SilentProgress())
+        ov_recipe.resolve_recipe(ConvertRecipe("int4", awq=True, dataset="wikitext2"), {"hidden_size": 576}, SilentProgress())
     assert "--dataset auto" in info.value.hint
 
 
 def test_calibration_text_file(tmp_path):
     data = tmp_path / "calib.txt"
     data.write_text("First sample.\n\nSecond sample.\n")
-    settings = ovb.resolve_recipe(
+    settings = ov_recipe.resolve_recipe(
         ConvertRecipe("int4", awq=True, dataset=str(data)), {"hidden_size": 64}, SilentProgress()
     )
     assert settings["dataset"] == ["First sample.", "Second sample."] and settings["quant_method"] == "awq"
@@ -308,28 +311,28 @@ def test_auto_routes_openvino_to_the_best_device_it_sees():
 
 
 def test_device_names_and_npu_properties():
-    assert ovb.ov_device_for("gpu", ["CPU", "GPU.0", "GPU.1"]) == "GPU.0"
+    assert ov_runtime.ov_device_for("gpu", ["CPU", "GPU.0", "GPU.1"]) == "GPU.0"
     with pytest.raises(DeviceUnavailableError, match=r"no NPU .*lists: CPU, GPU"):
-        ovb.ov_device_for("npu", ["CPU", "GPU"])
-    assert ovb.npu_properties({}) == {"MAX_PROMPT_LEN": 1024, "MIN_RESPONSE_LEN": 128, "GENERATE_HINT": "FAST_COMPILE"}
-    props = ovb.npu_properties({"max_prompt_len": 2048, "generate_hint": "best_perf", "prefill_hint": "static"})
+        ov_runtime.ov_device_for("npu", ["CPU", "GPU"])
+    assert ov_runtime.npu_properties({}) == {"MAX_PROMPT_LEN": 1024, "MIN_RESPONSE_LEN": 128, "GENERATE_HINT": "FAST_COMPILE"}
+    props = ov_runtime.npu_properties({"max_prompt_len": 2048, "generate_hint": "best_perf", "prefill_hint": "static"})
     assert props == {
         "MAX_PROMPT_LEN": 2048,
         "MIN_RESPONSE_LEN": 128,
         "GENERATE_HINT": "BEST_PERF",
         "PREFILL_HINT": "STATIC",
     }
-    assert ovb.precision_properties("cpu", {}) == {"INFERENCE_PRECISION_HINT": "f32"}
+    assert ov_runtime.precision_properties("cpu", {}) == {"INFERENCE_PRECISION_HINT": "f32"}
     assert (
-        ovb.precision_properties("gpu", {}) == {}
-        and ovb.precision_properties("cpu", {"inference_precision": "auto"}) == {}
+        ov_runtime.precision_properties("gpu", {}) == {}
+        and ov_runtime.precision_properties("cpu", {"inference_precision": "auto"}) == {}
     )
 
 
 def test_execution_devices_are_read_from_the_compile_log():
     log = ["Model: OV Tokenizer", "  EXECUTION_DEVICES: CPU", "Model: Stateful LLM model", "  EXECUTION_DEVICES: NPU"]
-    assert ovb.execution_devices(log) == "NPU"
-    assert ovb.execution_devices(["nothing useful"]) is None
+    assert ov_runtime.execution_devices(log) == "NPU"
+    assert ov_runtime.execution_devices(["nothing useful"]) is None
 
 
 # ------------------------------------------------------------------------------ broken model folders
@@ -373,7 +376,7 @@ def test_tokenizer_that_cannot_be_converted_stops_clearly(demo_source, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ConversionError, match="tokenizer of hf cannot be converted to OpenVINO") as info:
-        ovb.ensure_tokenizers(out, hf, SilentProgress())
+        ov_export.ensure_tokenizers(out, hf, SilentProgress())
     assert "openvino_tokenizer.xml" in info.value.message and "--backend torch" in info.value.hint
     assert list(out.iterdir()) == []
 
@@ -413,7 +416,7 @@ def test_interrupted_convert_leaves_no_output(demo_source, tmp_path, sig):
         assert proc.returncode == 130, (tmp_path / "stderr.txt").read_text()
         assert list(work.iterdir()) == []
     else:
-        from phi3cli.store import remove_stale_partials
+        from phi3cli.util import remove_stale_partials
 
         assert remove_stale_partials(work) == [staging]  # the next build there sweeps the dead one's leftovers
         assert list(work.iterdir()) == []
@@ -424,7 +427,9 @@ def test_disk_full_during_build_leaves_nothing(demo_source, tmp_path, monkeypatc
         (out / "openvino_model.bin").write_bytes(b"\0" * 1024)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ovb, "export_ir", export_fills_the_disk)
+    from phi3cli.backends.openvino import backend as ov_backend
+
+    monkeypatch.setattr(ov_backend, "export_ir", export_fills_the_disk)
     from phi3cli.convert import convert
 
     with pytest.raises(ConversionError, match="No space left") as info:
@@ -435,7 +440,7 @@ def test_disk_full_during_build_leaves_nothing(demo_source, tmp_path, monkeypatc
 
 def test_disk_full_on_a_real_small_disk(demo_source, tmp_path):
     """OpenVINO reports a full disk only as an iostream error; it must still read as 'no space', and leave nothing."""
-    from phi3cli.store import atomic_output
+    from phi3cli.util import atomic_output
 
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -447,7 +452,7 @@ def test_disk_full_on_a_real_small_disk(demo_source, tmp_path):
     try:
         with pytest.raises(ConversionError, match="No space left"):
             with atomic_output(disk / "out") as staging:
-                ovb.ensure_tokenizers(staging, demo_source.path, SilentProgress())  # 2.5 MB of OpenVINO IR
+                ov_export.ensure_tokenizers(staging, demo_source.path, SilentProgress())  # 2.5 MB of OpenVINO IR
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)

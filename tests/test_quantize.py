@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import ConvertRecipe
 from phi3cli.convert import ensure_variant
-from phi3cli.store import dir_size
+from phi3cli.util import dir_size
 from tests.conftest import run_phi3
 
 

@@ -117,9 +117,9 @@ def test_library_without_an_npu_does_not_offer_its_own_cpu():
 
 
 def test_library_not_installable_says_why_and_what_instead():
-    from phi3cli.backends import BACKENDS
+    from phi3cli.backends import registry
 
-    report = machine(openvino=("npu", "cpu"), missing={"npu-lib": BACKENDS["npu-lib"].missing() or NOT_WIN})
+    report = machine(openvino=("npu", "cpu"), missing={"npu-lib": registry()["npu-lib"].missing() or NOT_WIN})
     with pytest.raises(BackendUnavailableError) as info:
         choose_route(report, device="npu", backend="npu-lib")
     assert info.value.hint == "Use OpenVINO GenAI's NPU plugin instead: --backend openvino --device npu."

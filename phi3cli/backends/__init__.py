@@ -1,6 +1,14 @@
-"""The registry of backends: what each is called, where it lives, which extra installs it.
+"""The registry of backends: each is described once, by the BackendSpec its package exports.
 
-Probing uses importlib's find_spec only, so listing backends imports no runtime.
+Backends are found through the entry-point group ``phi3cli.backends``; the built-in ones register there the same
+way a backend in its own package does (pyproject.toml)::
+
+    [project.entry-points."phi3cli.backends"]
+    openvino = "phi3cli.backends.openvino:SPEC"
+
+A spec lives in a light module (no runtime imports): loading the registry imports only the specs, probing whether a
+backend is installed uses importlib's find_spec, and the runtime itself is imported only by get_backend. Routing,
+device probing, sources, bench and the CLI all read these specs; nothing outside a backend's package spells its name.
 """
 
 from __future__ import annotations
@@ -8,33 +16,51 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
 
-from phi3cli.errors import BackendUnavailableError
+from phi3cli.errors import BackendUnavailableError, Phi3Error
+
+ENTRY_POINT_GROUP = "phi3cli.backends"
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A backend as the registry knows it before importing it."""
+    """Everything phi3 knows about a backend before importing it."""
 
     name: str
-    module: str
-    class_name: str
-    extra: str
-    probes: tuple[str, ...]  # top-level modules that must be importable
+    factory: str  # "module:Class" of its Backend, imported only when the backend is used
+    extra: str  # pip install 'phi3cli[extra]' brings it
+    requires: tuple[str, ...]  # top-level modules that must be importable
     devices: tuple[str, ...]  # devices it can drive, where present
-    formats: tuple[str, ...]  # weight formats it runs; the first is the default
+    formats: tuple[str, ...]  # weight formats it runs; the first is its default
     description: str
+    # Rank per device for --device auto and for choosing among backends (lower is preferred).
+    preference: tuple[tuple[str, int], ...] = ()
+    auto: bool = True  # whether routing may pick it when no --backend is named
+    marker: str | None = None  # the file that marks a folder in its own format; None: it runs Hugging Face folders
+    # What it found here: () -> (devices present, what it saw). Imports only the runtime's light entry module.
+    probe: Callable[[], tuple[list[str], str]] | None = None
+    probe_label: str = ""  # what the probe asks, for messages ("OpenVINO's device list")
+    probe_on_demand: bool = False  # its probe is costly: asked only when named, or for one of its devices
+    convert_targets: tuple[str, ...] = ()  # `phi3 convert --to NAME --device T` targets; empty: not a convert target
+    quantizes: str | None = None  # what `phi3 quantize --backend NAME` takes: "folder" (its own format) or "source"
+    quantize_input: str = ""  # that input, in words
+    quantize_make: str = ""  # the command that makes that input from a Hugging Face model ({model} is filled in)
+    libraries: tuple[str, ...] = ()  # distributions whose versions change its results (recorded, part of store keys)
+    reference: bool = False  # the full-precision reference that bench measures quality against
     platforms: tuple[str, ...] = ()  # sys.platform values it installs on; empty means all
     platform_note: str = ""  # why it installs only there
     instead: str = ""  # what to use where it is unavailable (a hint naming the flags)
+    origin: str = field(default="", compare=False)  # the entry point that registered it
 
     def missing(self) -> str | None:
         """Why this backend cannot be used here, or None when it can."""
         if self.platforms and sys.platform not in self.platforms:
             why = f": {self.platform_note}" if self.platform_note else ""
             return f"{self.name} installs only on {', '.join(self.platforms)} (this is {sys.platform}){why}"
-        absent = [m for m in self.probes if importlib.util.find_spec(m) is None]
+        absent = [m for m in self.requires if not _importable(m)]
         if absent:
             return f"{', '.join(absent)} not installed: pip install 'phi3cli[{self.extra}]'"
         return None
@@ -43,65 +69,80 @@ class BackendSpec:
     def installed(self) -> bool:
         return self.missing() is None
 
+    @property
+    def default_format(self) -> str:
+        return self.formats[0]
 
-BACKENDS: dict[str, BackendSpec] = {
-    spec.name: spec
-    for spec in (
-        BackendSpec(
-            name="torch",
-            module="phi3cli.backends.torch_backend",
-            class_name="TorchBackend",
-            extra="torch",
-            probes=("torch", "transformers"),
-            devices=("cpu",),
-            formats=("fp32", "bf16"),
-            description="transformers + PyTorch; the full-precision reference",
-        ),
-        BackendSpec(
-            name="openvino",
-            module="phi3cli.backends.openvino",
-            class_name="OpenVINOBackend",
-            extra="openvino",
-            probes=("openvino", "openvino_genai", "openvino_tokenizers"),
-            devices=("npu", "gpu", "cpu"),
-            formats=("int4", "int8", "fp16"),
-            description="OpenVINO GenAI LLMPipeline on IR built by optimum-intel + NNCF",
-        ),
-        BackendSpec(
-            name="onnx",
-            module="phi3cli.backends.onnx",
-            class_name="OnnxBackend",
-            extra="onnx",
-            probes=("onnxruntime_genai",),
-            devices=("gpu", "cpu"),
-            formats=("int4", "fp16", "fp32"),
-            description="ONNX Runtime GenAI (CPU, CUDA, DirectML) on its model builder's output",
-        ),
-        BackendSpec(
-            name="npu-lib",
-            module="phi3cli.backends.npu_lib",
-            class_name="NpuLibBackend",
-            extra="npu",
-            probes=("intel_npu_acceleration_library",),
-            devices=("npu",),
-            formats=("int4", "int8", "fp16"),
-            description="Intel NPU Acceleration Library (Windows; no longer developed)",
-            platforms=("win32",),
-            platform_note="its wheels are Windows-only; elsewhere pip builds it from source, which downloads "
-            "OpenVINO 2024.4 and accepts only Ubuntu; the library is no longer developed",
-            instead="Use OpenVINO GenAI's NPU plugin instead: --backend openvino --device npu.",
-        ),
-    )
-}
+    def rank(self, device: str) -> int | None:
+        """Its preference rank on a device (lower first), None where it does not run."""
+        return dict(self.preference).get(device)
+
+    @property
+    def label(self) -> str:
+        return self.probe_label or self.name
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@cache
+def registry() -> dict[str, BackendSpec]:
+    """Every registered backend by name, in preference order (its best rank on any device)."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, BackendSpec] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            spec = ep.load()
+        except Exception as exc:  # a broken plugin must not break phi3
+            print(f"phi3: ignoring backend entry point {ep.name} ({ep.value}): {exc}", file=sys.stderr)
+            continue
+        if not isinstance(spec, BackendSpec) or spec.name != ep.name:
+            print(f"phi3: ignoring backend entry point {ep.name}: it is not a BackendSpec named {ep.name}", file=sys.stderr)
+            continue
+        if spec.name not in found:  # the same distribution seen twice on sys.path
+            found[spec.name] = BackendSpec(**{**spec.__dict__, "origin": ep.value})
+    if not found:
+        raise Phi3Error(
+            "No backends are registered: phi3cli's package metadata is missing.", hint="Install it: pip install -e ."
+        )
+    best = {name: min((r for _, r in spec.preference), default=1 << 30) for name, spec in found.items()}
+    return {name: found[name] for name in sorted(found, key=lambda n: (best[n], n))}
+
+
+def names() -> list[str]:
+    return list(registry())
 
 
 def get_spec(name: str) -> BackendSpec:
     try:
-        return BACKENDS[name]
+        return registry()[name]
     except KeyError:
         raise BackendUnavailableError(
-            f"Unknown backend {name!r}.", hint=f"Choose one of: {', '.join(BACKENDS)}."
+            f"Unknown backend {name!r}.", hint=f"Choose one of: {', '.join(registry())}."
         ) from None
+
+
+def reference_spec() -> BackendSpec | None:
+    """The backend whose full-precision answers bench compares the others with."""
+    return next((s for s in registry().values() if s.reference), None)
+
+
+def converters() -> list[BackendSpec]:
+    """Backends `phi3 convert --to` can produce, best first."""
+    return [s for s in registry().values() if s.convert_targets]
+
+
+def runtime_of_folder(path) -> str | None:
+    """The backend whose own format a folder is in (by its marker file), or None."""
+    for spec in registry().values():
+        if spec.marker and (path / spec.marker).is_file():
+            return spec.name
+    return None
 
 
 def get_backend(name: str):
@@ -109,5 +150,6 @@ def get_backend(name: str):
     spec = get_spec(name)
     if reason := spec.missing():
         raise BackendUnavailableError(f"The {name} backend is not available: {reason}.", hint=spec.instead or None)
-    module = importlib.import_module(spec.module)
-    return getattr(module, spec.class_name)()
+    module, _, attr = spec.factory.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    return cls(spec)

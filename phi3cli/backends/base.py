@@ -15,13 +15,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from phi3cli.errors import ConversionError
+from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress
-from phi3cli.sources import ModelSource
-from phi3cli.store import ModelStore
 from phi3cli.templates import ChatTemplate
+from phi3cli.util import package_versions
+
+if TYPE_CHECKING:
+    from phi3cli.backends import BackendSpec
+    from phi3cli.sources import ModelSource
 
 DEVICES = ("cpu", "gpu", "npu")
 
@@ -62,6 +65,7 @@ class LoadRequest:
     threads: int | None = None
     trust_remote_code: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None  # the backend's runtime cache (compiled blobs); load_model sets it in the store
 
 
 class LoadedModel(ABC):
@@ -94,33 +98,59 @@ class LoadedModel(ABC):
 
 
 class Backend(ABC):
-    """A runtime that can load (and where it can, build) Phi-3 models."""
+    """A runtime that loads (and, where it has a format of its own, builds) Phi-3 models.
 
-    name: ClassVar[str]
+    phi3cli.generation.load_model does what every backend shares (the route check, the default and the check of
+    the format, building the variant through the store) and hands load() a ready folder.
+    """
+
+    recipe_version: ClassVar[str] = "1"  # bump when what build() writes changes, so stored variants are rebuilt
+
+    def __init__(self, spec: BackendSpec):
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def check_device(self, device: str) -> None:
+        """Raise DeviceUnavailableError if the runtime cannot run on device here (before anything is built)."""
 
     @abstractmethod
-    def load(self, request: LoadRequest, store: ModelStore, progress: Progress) -> LoadedModel:
-        """Find or build what the runtime needs for the request, and load it."""
+    def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
+        """Load a ready folder (its own format, or a Hugging Face folder) at request.format on request.device."""
 
-    def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, store: ModelStore, progress: Progress) -> None:
-        """Convert a Hugging Face folder into this runtime's format, writing into the (staging) folder out."""
+    def folder_format(self, folder: Path) -> str:
+        """The weight format a folder in this backend's own format holds."""
+        raise UnsupportedModelError(f"The {self.name} backend has no folder format of its own.")
+
+    def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress, cache: Path) -> None:
+        """Convert a Hugging Face folder into this runtime's format, writing into the (staging) folder out.
+
+        cache is this backend's folder in the model store, for scratch files that outlive one build.
+        """
         raise ConversionError(f"The {self.name} backend does not convert models.")
 
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
-        """Compress the weights of a model already in this runtime's format, writing into out."""
+        """Compress the weights of a model (as spec.quantizes says) into out."""
         raise ConversionError(f"The {self.name} backend does not quantize models.")
+
+    def build_target(self, device: str) -> str:
+        """The build target of the variant that runs on device (onnx: the execution provider for a GPU)."""
+        return device
 
     def default_target(self) -> str:
         """The build target used when the user names none (onnx: dml on Windows with DirectML)."""
-        return "cpu"
-
-    def converter_version(self) -> str:
-        """The versions of the converting libraries; part of every store key, so upgrades rebuild."""
-        return ""
+        return self.spec.convert_targets[0] if self.spec.convert_targets else "cpu"
 
     def runtime_versions(self) -> dict[str, str]:
         """Versions of the libraries this backend uses, recorded in each variant's manifest."""
-        return {}
+        return package_versions(self.spec.libraries)
+
+    def converter_version(self) -> str:
+        """The converting libraries' versions and the recipe version: part of every store key, so upgrades rebuild."""
+        versions = "; ".join(f"{k} {v}" for k, v in self.runtime_versions().items())
+        return f"{versions}; recipe {self.recipe_version}"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .compare import Finding, compare, parse_margin
 from .config import BenchSettings, Configuration, PlannedConfiguration, plan_configurations
-from .report import SCHEMA, load_report, to_csv, to_json, to_markdown, write_atomically
+from .report import SCHEMA, load_report, to_csv, to_json, to_markdown
 from .runner import run_bench
 
 __all__ = [
@@ -27,5 +27,4 @@ __all__ = [
     "to_csv",
     "to_json",
     "to_markdown",
-    "write_atomically",
 ]

@@ -9,13 +9,16 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from phi3cli.backends import BACKENDS
+from phi3cli.backends import get_backend, reference_spec, registry
 from phi3cli.devices import DeviceReport
 from phi3cli.errors import Phi3Error
 
+if TYPE_CHECKING:
+    from phi3cli.sources import ModelSource
+
 DEVICE_ORDER = ("npu", "gpu", "cpu")
-REFERENCE = ("torch", "cpu", "fp32")  # full precision on transformers: what agreement is measured against
 QUALITY_TOKENS = 64  # greedy tokens per prompt compared with the reference
 
 
@@ -33,7 +36,13 @@ class Configuration:
 
     @property
     def is_reference(self) -> bool:
-        return (self.backend, self.device, self.format) == REFERENCE
+        return self == reference_configuration()
+
+
+def reference_configuration() -> Configuration | None:
+    """What agreement and quality are measured against: the reference backend at full precision, on the CPU."""
+    spec = reference_spec()
+    return Configuration(spec.name, "cpu", spec.default_format) if spec else None
 
 
 @dataclass
@@ -76,7 +85,8 @@ class BenchSettings:
 
     def as_dict(self) -> dict:
         data = asdict(self)
-        data.update(greedy=True, ignore_eos=True, reference="/".join(REFERENCE))
+        reference = reference_configuration()
+        data.update(greedy=True, ignore_eos=True, reference=reference.label if reference else None)
         return data
 
 
@@ -95,16 +105,21 @@ def plan_configurations(
     formats: Sequence[str] = (),
     everything: bool = False,
     default: Configuration | None = None,
+    source: ModelSource | None = None,
 ) -> list[PlannedConfiguration]:
     """Every backend x device x format asked for, each either runnable or skipped with a reason.
 
     Devices named explicitly are attempted even where the probe saw none (the runtime then says why);
     with --all or no --device, only devices the probe found are run and the others are listed as skipped.
-    Without any selection and without `everything`, the one configuration `default` is planned.
+    Without any selection and without `everything`, the one configuration `default` is planned. When the source is
+    a backend's own folder (an OpenVINO IR), only that backend can run it, at the folder's format, and the other
+    backends are listed as not applicable.
     """
+    specs = registry()
+    runtime = source.runtime if source else None
     for name in backends:
-        if name not in BACKENDS:
-            raise Phi3Error(f"Unknown backend {name!r}.", hint=f"Choose --backend from: {', '.join(BACKENDS)}.")
+        if name not in specs:
+            raise Phi3Error(f"Unknown backend {name!r}.", hint=f"Choose --backend from: {', '.join(specs)}.")
     for device in devices:
         if device not in DEVICE_ORDER:
             raise Phi3Error(f"Unknown device {device!r}.", hint=f"Choose --device from: {', '.join(DEVICE_ORDER)}.")
@@ -112,16 +127,25 @@ def plan_configurations(
         return [PlannedConfiguration(default)]
 
     planned: list[PlannedConfiguration] = []
-    for name in backends or list(BACKENDS):
-        spec = BACKENDS[name]
+    for name in backends or list(specs):
+        spec = specs[name]
         wanted_devices = list(devices) or list(spec.devices)
         wanted_formats = list(formats) or list(spec.formats)
         reason = spec.missing()
-        if reason is None and not _module_present(spec.module):
-            reason = f"{spec.module} is not part of this install"
+        if reason is None and not _module_present(spec.factory.partition(":")[0]):
+            reason = f"{spec.factory} is not part of this install"
+        if reason is None and runtime and name != runtime:
+            reason = f"not applicable: the model is a {runtime} folder, which only the {runtime} backend runs"
         if reason is not None:  # one row per device, so the reason shows in each device's group
             planned += [PlannedConfiguration(Configuration(name, d, "any"), skip=reason) for d in wanted_devices]
             continue
+        if name == runtime:  # a prebuilt folder holds one format: --format can only select it
+            held = get_backend(name).folder_format(source.path)
+            if formats and held not in formats:
+                why = f"the model folder holds {held} weights"
+                planned += [PlannedConfiguration(Configuration(name, d, f), skip=why) for d in wanted_devices for f in formats]
+                continue
+            wanted_formats = [held]
         seen = report.details.get(name, "")
         for device in wanted_devices:
             if device not in spec.devices:
@@ -138,10 +162,22 @@ def plan_configurations(
     return planned
 
 
+def default_configuration(report: DeviceReport, source: ModelSource | None = None) -> Configuration:
+    """What `phi3 chat` would run here: the best backend and device present, at that backend's default format
+    (or, for a backend's own folder, that backend at the folder's format)."""
+    from phi3cli.routing import choose_route
+
+    runtime = source.runtime if source else None
+    route = choose_route(report, runtime=runtime)
+    fmt = get_backend(runtime).folder_format(source.path) if runtime else registry()[route.backend].default_format
+    return Configuration(route.backend, route.device, fmt)
+
+
 def sort_key(config: Configuration) -> tuple:
     """NPU, then GPU, then CPU; backends in registry order; formats in each backend's own order."""
-    names = list(BACKENDS)
-    spec = BACKENDS.get(config.backend)
+    specs = registry()
+    names = list(specs)
+    spec = specs.get(config.backend)
     formats = list(spec.formats) if spec else []
     return (
         DEVICE_ORDER.index(config.device) if config.device in DEVICE_ORDER else len(DEVICE_ORDER),

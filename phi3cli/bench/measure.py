@@ -21,7 +21,8 @@ from phi3cli.errors import Phi3Error
 from phi3cli.generation import ReplyStats, generate_text, load_model
 from phi3cli.progress import SilentProgress
 from phi3cli.sources import resolve_source
-from phi3cli.store import ModelStore, dir_size
+from phi3cli.store import ModelStore
+from phi3cli.util import dir_size
 
 from .quality import agreement_prompts, perplexity, perplexity_text
 

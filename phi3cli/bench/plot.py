@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 
 from phi3cli.errors import Phi3Error
+from phi3cli.util import write_atomically
 
-from .report import measured_rows, run_label, write_atomically
+from .report import measured_rows, run_label
 
 
 def write_plot(report: dict, path: Path) -> None:

@@ -37,12 +37,12 @@ import json
 import os
 import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
 from phi3cli import __version__
 from phi3cli.errors import Phi3Error
 from phi3cli.sources import ModelSource
+from phi3cli.util import package_versions
 
 SCHEMA = "phi3.bench/1"
 REPORT_KEYS = ("schema", "created", "model", "machine", "versions", "settings", "results")
@@ -92,25 +92,6 @@ RUN_KEYS = (
 FIGURE_KEYS = ("mean", "std", "min", "max", "n", "values")
 QUALITY_KEYS = ("agreement", "agreement_tokens", "agreement_prompts", "perplexity", "perplexity_tokens", "notes")
 
-# Libraries whose versions change the figures; reported where installed.
-LIBRARIES = (
-    "phi3cli",
-    "torch",
-    "transformers",
-    "optimum",
-    "optimum-intel",
-    "nncf",
-    "openvino",
-    "openvino-genai",
-    "openvino-tokenizers",
-    "onnxruntime",
-    "onnxruntime-genai",
-    "onnxruntime-genai-directml",
-    "intel-npu-acceleration-library",
-    "numpy",
-)
-
-
 def empty_row(config) -> dict:
     """A result row with every key present and nothing measured."""
     row = dict.fromkeys(RESULT_KEYS)
@@ -135,12 +116,11 @@ def machine_info() -> dict:
 
 
 def library_versions() -> dict:
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    """Versions of phi3cli and of every library a registered backend names (where installed)."""
+    from phi3cli.backends import registry
+
+    names = ["phi3cli", *dict.fromkeys(lib for spec in registry().values() for lib in spec.libraries), "numpy"]
+    found = package_versions(names)
     found.setdefault("phi3cli", __version__)
     return found
 
@@ -207,19 +187,6 @@ def measured_rows(report: dict):
 def run_label(run: dict) -> str:
     """llama-bench's name for a measurement: prompt processing + token generation."""
     return f"pp{run['prompt_tokens']}+tg{run['gen_tokens']}"
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write a file beside its final name and rename it into place, so a failure leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def to_json(report: dict) -> str:

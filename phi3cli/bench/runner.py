@@ -18,14 +18,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from phi3cli.backends import BACKENDS, get_backend
-from phi3cli.backends.base import Backend, LoadRequest
+from phi3cli.backends import get_backend, reference_spec
+from phi3cli.backends.base import LoadRequest
+from phi3cli.convert import runtime_folder
 from phi3cli.errors import Phi3Error
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.sources import ModelSource, resolve_source
 from phi3cli.store import ModelStore
 
-from .config import REFERENCE, BenchSettings, Configuration, PlannedConfiguration, sort_key
+from .config import BenchSettings, Configuration, PlannedConfiguration, reference_configuration, sort_key
 from .measure import Job, step_count
 from .quality import agreement, agreement_prompts
 from .report import build_report, empty_row
@@ -36,20 +37,9 @@ FIGURES = ("ttft_ms", "prefill_tps", "tpot_ms", "decode_tps", "e2e_tps")
 
 
 def prepare(config: Configuration, source: ModelSource, settings: BenchSettings, store: ModelStore, progress) -> None:
-    """Build (convert) what the configuration loads, here in the parent with progress, so each subprocess only loads.
-
-    A backend may offer prepare(request, store, progress) to build without loading. One that converts
-    (overrides build) but offers no prepare is loaded once here and closed: its load converts into the
-    store on first use. Others only need the source's Hugging Face folder.
-    """
-    backend = get_backend(config.backend)
+    """Build (convert) what the configuration loads, here in the parent with progress, so each subprocess only loads."""
     request = LoadRequest(source=source, device=config.device, format=config.format, threads=settings.threads)
-    if callable(getattr(backend, "prepare", None)):
-        backend.prepare(request, store, progress)
-    elif type(backend).build is not Backend.build and not source.runtime:
-        backend.load(request, store, progress).close()
-    elif not source.runtime:
-        source.hf_dir(store, progress)
+    runtime_folder(get_backend(config.backend), request, store, progress)
 
 
 def run_worker(job: Job, store: ModelStore, timeout_s: float, on_progress: Callable[[str], None]) -> dict:
@@ -196,21 +186,26 @@ def run_bench(
         except Phi3Error as exc:
             rows[config] = {**empty_row(config), "status": "failed", "reason": f"preparing: {exc.message}"}
 
-    reference = Configuration(*REFERENCE)
+    reference = reference_configuration()
     todo = [c for c in runnable if c not in rows]
     todo.sort(key=lambda c: (not c.is_reference, sort_key(c)))  # the reference first: the others compare with it
     reference_tokens: list[list[int]] = []
     reference_note = None
     if settings.quality and reference not in todo:
-        if BACKENDS["torch"].installed:
-            progress.phase("Reference answers (torch fp32 on cpu)")
+        spec = reference_spec()
+        if reference is None:
+            reference_note = "no reference: no backend is registered as the full-precision reference"
+        elif source.runtime and source.runtime != reference.backend:
+            reference_note = f"no reference: the model is a {source.runtime} folder, which {reference.backend} cannot run"
+        elif reason := spec.missing():
+            reference_note = f"no reference: {reason}"
+        else:
+            progress.phase(f"Reference answers ({reference.label})")
             result = run_worker(_job(model, reference, settings, measure_speed=False), store, settings.timeout_s, _noop)
             if result.get("ok"):
                 reference_tokens = (result.get("quality") or {}).get("tokens") or []
             else:
-                reference_note = f"no reference: torch fp32 failed ({result.get('error')})"
-        else:
-            reference_note = f"no reference: {BACKENDS['torch'].missing()}"
+                reference_note = f"no reference: {reference.label} failed ({result.get('error')})"
 
     for i, config in enumerate(todo, 1):
         job = _job(model, config, settings)
@@ -235,7 +230,7 @@ def run_bench(
         if reference_note:
             quality["notes"].append(reference_note)
         elif not reference_tokens:
-            quality["notes"].append("agreement n/a: the reference (torch fp32 on cpu) did not run")
+            quality["notes"].append(f"agreement n/a: the reference ({reference.label}) did not run")
         elif not tokens:
             quality["notes"].append("agreement n/a: no token ids from this backend")
         else:

@@ -8,7 +8,6 @@ PROGRESS_PREFIX, which the parent relays; anything else a runtime prints is igno
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,42 +19,25 @@ def _report(message: str) -> None:
     print(PROGRESS_PREFIX + message, flush=True)
 
 
-def _probe_versions(backend: str) -> dict[str, str]:
-    """Versions of the packages a backend's registry entry probes, for backends that report none themselves."""
-    from importlib import metadata
-
-    from phi3cli.backends import BACKENDS
-
-    found = {}
-    for name in BACKENDS[backend].probes:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
 def main(argv: list[str]) -> int:
     job_path, result_path = Path(argv[0]), Path(argv[1])
     from phi3cli.backends import get_backend
     from phi3cli.errors import Phi3Error
     from phi3cli.store import ModelStore
+    from phi3cli.util import first_line, write_atomically
 
     from .measure import Job, measure_configuration
 
     job = Job(**json.loads(job_path.read_text()))
     try:
         figures = measure_configuration(job, ModelStore(), _report)
-        figures["versions"] = get_backend(job.backend).runtime_versions() or _probe_versions(job.backend)
+        figures["versions"] = get_backend(job.backend).runtime_versions()
         out = {"ok": True, **figures}
     except Phi3Error as exc:
         out = {"ok": False, "error": exc.message + (f" ({exc.hint})" if exc.hint else "")}
     except Exception as exc:  # a runtime's own failure: keep its type and first line
-        first = (str(exc).strip().splitlines() or [""])[0]
-        out = {"ok": False, "error": f"{exc.__class__.__name__}: {first}", "traceback": traceback.format_exc()}
-    tmp = result_path.with_name(result_path.name + f".partial-{os.getpid()}")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(result_path)
+        out = {"ok": False, "error": first_line(exc, typed=True), "traceback": traceback.format_exc()}
+    write_atomically(result_path, json.dumps(out))
     return 0
 
 

@@ -163,9 +163,12 @@ def bench(
         settings.validate()
         spec = model or (baseline["model"]["spec"] if baseline else DEFAULT_MODEL)
         selected = bool(backend or device or format or everything)
+        from phi3cli.bench.config import default_configuration
         from phi3cli.devices import probe
+        from phi3cli.sources import resolve_source
 
         with RichProgress() as progress:
+            source = resolve_source(spec, progress=progress)
             progress.phase("Looking for devices")
             found = probe()
             if baseline and not selected:  # the baseline's configurations, each checked against this machine
@@ -174,7 +177,7 @@ def bench(
                     for r in baseline["results"]
                     if r["status"] == "ok"
                     for item in plan_configurations(
-                        found, backends=[r["backend"]], devices=[r["device"]], formats=[r["format"]]
+                        found, backends=[r["backend"]], devices=[r["device"]], formats=[r["format"]], source=source
                     )
                 ]
             else:
@@ -184,9 +187,10 @@ def bench(
                     devices=[d.value for d in device or ()],
                     formats=format or (),
                     everything=everything,
-                    default=_default_configuration(found),
+                    default=default_configuration(found, source),
+                    source=source,
                 )
-            report = run_bench(spec, planned, settings, progress=progress)
+            report = run_bench(spec, planned, settings, progress=progress, source=source)
 
     show_report(report, console, chart=chart)
     _write_outputs(report, json_out, csv_out, markdown_out, plot)
@@ -198,18 +202,9 @@ def bench(
         raise Phi3Error("No configuration could be measured; the table says why.")
 
 
-def _default_configuration(found):
-    """What `phi3 chat` would run here: the best backend and device present, at that backend's default format."""
-    from phi3cli.backends import BACKENDS
-    from phi3cli.bench.config import Configuration
-    from phi3cli.routing import choose_route
-
-    route = choose_route(found)
-    return Configuration(route.backend, route.device, BACKENDS[route.backend].formats[0])
-
-
 def _write_outputs(report: dict, json_out, csv_out, markdown_out, plot) -> None:
-    from phi3cli.bench import to_csv, to_json, to_markdown, write_atomically
+    from phi3cli.bench import to_csv, to_json, to_markdown
+    from phi3cli.util import write_atomically
 
     for path, render in ((json_out, to_json), (csv_out, to_csv), (markdown_out, to_markdown)):
         if path:

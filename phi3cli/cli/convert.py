@@ -2,49 +2,42 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from phi3cli.backends import get_backend, get_spec
-from phi3cli.backends.base import ConvertRecipe
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.render import RichProgress
-from phi3cli.convert import convert as convert_model
 from phi3cli.errors import Phi3Error
-from phi3cli.sources import DEFAULT_MODEL, resolve_source
-from phi3cli.store import dir_size
-
-
-class Runtime(str, Enum):
-    openvino = "openvino"
-    onnx = "onnx"
-
-
-class Target(str, Enum):
-    cpu = "cpu"
-    gpu = "gpu"
-    npu = "npu"
-    dml = "dml"
-    cuda = "cuda"
+from phi3cli.sources import DEFAULT_MODEL
 
 
 @user_errors
 def convert(
     model: Annotated[str, typer.Argument(help="Hugging Face id, local folder, .gguf file, or `demo`.")] = DEFAULT_MODEL,
-    to: Annotated[Runtime, typer.Option("--to", help="Runtime format to produce.")] = Runtime.openvino,
-    format: Annotated[str, typer.Option("--format", "-f", help="Weights: int4, int8, fp16 (onnx also fp32).")] = "int4",
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="Runtime format to produce: a backend that converts (`phi3 devices` lists the backends and their "
+            "formats). Default: the preferred one, OpenVINO IR.",
+            show_default=False,
+        ),
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="Weights: int4, int8, fp16 or fp32, as the runtime offers. Default: its first."),
+    ] = None,
     device: Annotated[
-        Target | None,
+        str | None,
         typer.Option(
             "--device",
             "--target",
             "-d",
-            help="Device the model is built for. openvino: cpu, gpu, npu (npu switches to OpenVINO's NPU recipe). "
-            "onnx: cpu, dml (DirectML) or cuda; default dml on Windows with the DirectML package, else cpu.",
+            help="Device the model is built for. OpenVINO: cpu, gpu, npu (npu switches to OpenVINO's NPU recipe). "
+            "ONNX Runtime GenAI: cpu, dml (DirectML) or cuda; default dml on Windows with the DirectML package, else cpu.",
         ),
     ] = None,
     group_size: Annotated[
@@ -68,15 +61,29 @@ def convert(
 
     The output folder appears only when the conversion is complete; a failure or Ctrl-C leaves nothing behind.
     """
-    spec = get_spec(to.value)
+    from phi3cli.backends import converters, get_backend, get_spec
+    from phi3cli.backends.base import ConvertRecipe
+    from phi3cli.convert import convert as convert_model
+    from phi3cli.sources import resolve_source
+    from phi3cli.util import dir_size
+
+    choices = [s.name for s in converters()]
+    spec = get_spec(to) if to else converters()[0]
+    if not spec.convert_targets:
+        raise Phi3Error(f"The {spec.name} backend does not convert models.", hint=f"Use --to {' or '.join(choices)}.")
+    format = format or spec.default_format
     if format not in spec.formats:
-        raise Phi3Error(f"--to {to.value} builds {', '.join(spec.formats)}, not {format}.", hint="Change --format.")
+        raise Phi3Error(f"--to {spec.name} builds {', '.join(spec.formats)}, not {format}.", hint="Change --format.")
+    if device and device not in spec.convert_targets:
+        raise Phi3Error(
+            f"--to {spec.name} builds for {', '.join(spec.convert_targets)}, not {device}.", hint="Change --device."
+        )
     if awq and not dataset:
         raise Phi3Error("--awq needs calibration data.", hint="Add --dataset (for example wikitext2).")
-    backend = get_backend(to.value)
+    backend = get_backend(spec.name)
     recipe = ConvertRecipe(
         format=format,
-        target=device.value if device else backend.default_target(),
+        target=device or backend.default_target(),
         group_size=group_size,
         ratio=ratio,
         sym=sym,
@@ -85,8 +92,8 @@ def convert(
     )
     with RichProgress() as progress:
         source = resolve_source(model, progress=progress)
-        path = convert_model(source, to.value, recipe, output, force=force, progress=progress)
+        path = convert_model(source, spec.name, recipe, output, force=force, progress=progress)
     Console(highlight=False).print(
-        f"[green]Converted[/] {model} → [bold]{path}[/] ({to.value}, {format}, {recipe.target}, "
+        f"[green]Converted[/] {model} → [bold]{path}[/] ({spec.name}, {format}, {recipe.target}, "
         f"{dir_size(path) / 1e6:.0f} MB)"
     )

@@ -6,26 +6,32 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from phi3cli.backends import BACKENDS
 from phi3cli.cli.errors import user_errors
-from phi3cli.devices import npu_checks, probe
 
 
 @user_errors
 def devices() -> None:
-    """Show the CPU, the devices each installed runtime sees, which extras are missing, and both NPU checks."""
+    """Show the CPU, the devices each installed runtime sees, which extras are missing, and every NPU check."""
+    from phi3cli.backends import registry
+    from phi3cli.devices import npu_checks, probe
+
     report = probe()
     console = Console(highlight=False)
     console.print(f"[bold]CPU:[/] {report.cpu}")
-    table = Table("backend", "devices", "what it saw", "install", title="Runtimes")
-    for name, spec in BACKENDS.items():
+    table = Table("backend", "devices", "formats", "what it saw", "install", title="Runtimes")
+    for name, spec in registry().items():
+        formats = ", ".join(spec.formats)
         if name in report.missing:
             table.add_row(
-                name, "[dim]-[/]", f"[yellow]{escape(report.missing[name])}[/]", escape(f"phi3cli[{spec.extra}]")
+                name,
+                "[dim]-[/]",
+                formats,
+                f"[yellow]{escape(report.missing[name])}[/]",
+                escape(f"phi3cli[{spec.extra}]"),
             )
         else:
             devs = ", ".join(report.present.get(name, [])) or "[red]none[/]"
-            table.add_row(name, devs, escape(report.details.get(name, "")), "[green]installed[/]")
+            table.add_row(name, devs, formats, escape(report.details.get(name, "")), "[green]installed[/]")
     console.print(table)
     console.print("[bold]NPU:[/] looked for with")
     for label, found, said in npu_checks(report):

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from phi3cli.cli.errors import user_errors
 from phi3cli.errors import Phi3Error
-from phi3cli.store import ModelStore, StoreEntry
+from phi3cli.inventory import StoreEntry, StoreInventory
+from phi3cli.store import ModelStore
 
 models_app = typer.Typer(
     name="models",
@@ -146,11 +147,11 @@ def list_models(
     Sizes are the blocks allocated on disk, as `du` counts them; the total is that of the whole store folder.
     Broken entries (no valid variant.json) and half-built ones are listed too: remove them with `rm` or `prune`.
     """
-    store = ModelStore()
-    rows = [(entry, entry.size) for entry in store.entries()]
-    total = store.total_size()
+    inventory = StoreInventory(ModelStore())
+    rows = [(entry, entry.size) for entry in inventory.entries()]
+    total = inventory.total_size()
     if as_json:
-        data = {"root": str(store.root), "total_bytes": total, "entries": [_entry_json(e, n) for e, n in rows]}
+        data = {"root": str(inventory.store.root), "total_bytes": total, "entries": [_entry_json(e, n) for e, n in rows]}
         try:
             print(json.dumps(data, indent=2), flush=True)
         except BrokenPipeError:  # `phi3 models list --json | head`
@@ -159,9 +160,9 @@ def list_models(
         return
     console = Console(highlight=False, soft_wrap=True)
     if not rows:
-        console.print(f"The model store at {store.root} is empty.")
+        console.print(f"The model store at {inventory.store.root} is empty.")
         return
-    console.print(_table(rows, title=f"Model store: {store.root}"))
+    console.print(_table(rows, title=f"Model store: {inventory.store.root}"))
     variants = [n for e, n in rows if e.kind == "variant"]
     listed = sum(n for _, n in rows)
     console.print(
@@ -179,11 +180,11 @@ def path(
     ] = None,
 ) -> None:
     """Print where the store is (set PHI3_HOME to move it), or where one entry lies."""
-    store = ModelStore()
+    inventory = StoreInventory(ModelStore())
     if target is None:
-        print(store.root)
+        print(inventory.store.root)
         return
-    found = store.find_entries(target)
+    found = inventory.find_entries(target)
     if len(found) > 1:
         raise Phi3Error(
             f"{target!r} matches {len(found)} entries: {', '.join(e.id for e in found)}.", hint="Give one id."
@@ -207,10 +208,10 @@ def _confirm(question: str, yes: bool) -> None:
         raise typer.Exit(1)
 
 
-def _remove(store: ModelStore, entries: list[StoreEntry], console: Console) -> None:
+def _remove(inventory: StoreInventory, entries: list[StoreEntry], console: Console) -> None:
     freed = 0
     for entry in entries:
-        freed += store.remove(entry)
+        freed += inventory.remove(entry)
         console.print(f"[green]Removed[/] {entry.id} {entry.path}")
     console.print(f"Freed {human_size(freed)}.")
 
@@ -228,10 +229,10 @@ def rm(
     yes: YesOpt = False,
 ) -> None:
     """Remove variants (or a source's materialised model, a cache, a broken entry). Asks unless --yes."""
-    store = ModelStore()
+    inventory = StoreInventory(ModelStore())
     chosen: dict[str, StoreEntry] = {}
     for target in targets:
-        for entry in store.find_entries(target):
+        for entry in inventory.find_entries(target):
             chosen[entry.id] = entry
     busy = [e for e in chosen.values() if not e.removable]
     if busy:
@@ -244,11 +245,11 @@ def rm(
     kept_sources = {e.source for e in chosen.values() if e.kind == "variant"} - {
         e.source for e in chosen.values() if e.kind == "source"
     }
-    for entry in store.entries():
+    for entry in inventory.entries():
         if entry.kind == "source" and entry.source in kept_sources:
             console.print(f"[dim]Kept the source model {entry.source} ({entry.id}); name its id to remove it too.[/]")
     _confirm(f"Remove {_count(rows)} ({human_size(sum(n for _, n in rows))})?", yes)
-    _remove(store, list(chosen.values()), console)
+    _remove(inventory, list(chosen.values()), console)
 
 
 @models_app.command("prune")
@@ -265,8 +266,8 @@ def prune(
 
     With --older-than N, also variants not used for N days. Shows what it removes and asks unless --yes.
     """
-    store = ModelStore()
-    picked = store.prune_candidates(unused_days=older_than)
+    inventory = StoreInventory(ModelStore())
+    picked = inventory.prune_candidates(unused_days=older_than)
     console = Console(highlight=False, soft_wrap=True)
     if not picked:
         console.print("Nothing to prune.")
@@ -279,4 +280,4 @@ def prune(
         console.print(f"{_count(rows)}, {human_size(sum(n for _, n in rows))}; nothing removed (--dry-run).")
         return
     _confirm(f"Remove {_count(rows)} ({human_size(sum(n for _, n in rows))})?", yes)
-    _remove(store, [p.entry for p in picked], console)
+    _remove(inventory, [p.entry for p in picked], console)

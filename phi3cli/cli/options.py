@@ -30,11 +30,18 @@ DeviceOpt = Annotated[
 ]
 BackendOpt = Annotated[
     str | None,
-    typer.Option("--backend", "-b", help="Runtime: openvino, onnx, torch or npu-lib (default: the best present)."),
+    typer.Option(
+        "--backend", "-b", help="Runtime to use; `phi3 devices` lists the backends (default: the best one present)."
+    ),
 ]
 FormatOpt = Annotated[
     str | None,
-    typer.Option("--format", "-f", help="Weight format: int4, int8, fp16 (fp32/bf16 for torch). Default per backend."),
+    typer.Option(
+        "--format",
+        "-f",
+        help="Weight format: int4, int8, fp16, fp32 or bf16, as the backend offers (`phi3 devices` lists them). "
+        "Default: the backend's first.",
+    ),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the runtime.", min=1)]
 TrustRemoteCodeOpt = Annotated[

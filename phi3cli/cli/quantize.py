@@ -10,20 +10,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from phi3cli.backends import get_backend
-from phi3cli.backends.base import ConvertRecipe
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.render import RichProgress
-from phi3cli.convert import quantize as quantize_model
 from phi3cli.errors import Phi3Error, UnsupportedModelError
-from phi3cli.sources import resolve_source
-from phi3cli.store import ModelStore, dir_size
-
-
-class QuantizeBackend(str, Enum):
-    npu_lib = "npu-lib"
-    openvino = "openvino"
-    onnx = "onnx"
 
 
 class QuantizeFormat(str, Enum):
@@ -36,14 +25,6 @@ class QuantizeTarget(str, Enum):
     cpu = "cpu"
     gpu = "gpu"
     npu = "npu"
-
-
-# What each backend quantizes, and the command that makes it from a Hugging Face model.
-_INPUT = {
-    "openvino": ("an OpenVINO IR folder (fp16 or fp32)", "phi3 convert {model} --to openvino --format fp16 -o DIR"),
-    "onnx": ("an ONNX Runtime GenAI folder (fp16 or fp32)", "phi3 convert {model} --to onnx --format fp32 -o DIR"),
-    "npu-lib": ("a Hugging Face model (folder, hub id, .gguf or `demo`)", ""),
-}
 
 
 def _sentence(text: str) -> str:
@@ -61,8 +42,8 @@ def quantize(
         ),
     ],
     backend: Annotated[
-        QuantizeBackend,
-        typer.Option("--backend", "-b", help="Whose quantizer to use (see above).", show_default=False),
+        str,
+        typer.Option("--backend", "-b", help="Whose quantizer to use: openvino, onnx or npu-lib (see above).", show_default=False),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.", show_default=False)],
     format: Annotated[QuantizeFormat, typer.Option("--format", "-f", help="Weight format to produce.")] = (
@@ -93,13 +74,24 @@ def quantize(
 
     The output folder appears only when complete; a failure or Ctrl-C leaves nothing behind.
     """
-    name = backend.value
-    get_backend(name)  # says why it is unavailable (and what to use instead) before any work
+    from phi3cli.backends import get_backend, get_spec, registry
+    from phi3cli.backends.base import ConvertRecipe
+    from phi3cli.convert import quantize as quantize_model
+    from phi3cli.sources import resolve_source
+    from phi3cli.store import ModelStore
+    from phi3cli.util import dir_size
+
+    spec = get_spec(backend)
+    name = spec.name
+    if spec.quantizes is None:
+        others = [s.name for s in registry().values() if s.quantizes]
+        raise Phi3Error(f"The {name} backend has no quantizer.", hint=f"Use --backend {' or '.join(others)}.")
+    impl = get_backend(name)  # says why it is unavailable (and what to use instead) before any work
     if awq and not dataset:
         raise Phi3Error("--awq needs calibration data.", hint="Add --dataset (for example wikitext2).")
     recipe = ConvertRecipe(
         format=format.value,
-        target=target.value if target else ("npu" if name == "npu-lib" else "cpu"),
+        target=target.value if target else impl.default_target(),
         group_size=group_size,
         ratio=ratio,
         sym=sym,
@@ -109,15 +101,19 @@ def quantize(
     store = ModelStore()
     with RichProgress() as progress:
         source = resolve_source(model, store, progress=progress)
-        wanted, make = _INPUT[name]
-        if source.runtime != (None if name == "npu-lib" else name):
+        takes_source = spec.quantizes == "source"
+        if source.runtime != (None if takes_source else name):
             what = f"an {source.runtime} model" if source.runtime else "a Hugging Face model"
-            hints = [f"quantize it with --backend {source.runtime}"] if source.runtime in _INPUT else []
-            hints.append(f"make one first: {make.format(model=model)}" if make else "give the original model")
+            hints = []
+            if source.runtime and (get_spec(source.runtime).quantizes == "folder"):
+                hints.append(f"quantize it with --backend {source.runtime}")
+            make = spec.quantize_make.format(model=model)
+            hints.append(f"make one first: {make}" if make else "give the original model")
             raise UnsupportedModelError(
-                f"{model} is {what}; --backend {name} quantizes {wanted}.", hint=_sentence(" or ".join(hints))
+                f"{model} is {what}; --backend {name} quantizes {spec.quantize_input}.",
+                hint=_sentence(" or ".join(hints)),
             )
-        model_dir = source.hf_dir(store, progress) if name == "npu-lib" else source.path
+        model_dir = source.hf_dir(store, progress) if takes_source else source.path
         path = quantize_model(model_dir, name, recipe, output, force=force, progress=progress)
     Console(highlight=False).print(
         f"[green]Quantized[/] {escape(model)} → [bold]{escape(str(path))}[/] ({name}, {format.value}, "

@@ -21,21 +21,19 @@ from pathlib import Path
 import torch
 
 from phi3cli.backends.base import Backend, ConvertRecipe, LoadedModel, LoadRequest
-from phi3cli.backends.torch_backend import TorchModel
+from phi3cli.backends.npu_lib import MANIFEST
+from phi3cli.backends.torch_backend.runtime import TorchModel
 from phi3cli.errors import (
-    BackendUnavailableError,
     ConversionError,
     DeviceUnavailableError,
     UnsupportedModelError,
 )
 from phi3cli.progress import Progress
 from phi3cli.sources import check_architecture
-from phi3cli.store import ModelStore
 
 SCHEMA = "phi3.npu-lib/1"
-MANIFEST = "npu_model.json"  # marks the folder as this backend's (sources.RUNTIME_MARKERS)
 WEIGHTS = "npu_weights.safetensors"
-FORMATS = {"int4": "int4", "int8": "int8", "fp16": "float16"}  # phi3 format -> the library's dtype name
+DTYPE_NAMES = {"int4": "int4", "int8": "int8", "fp16": "float16"}  # phi3 format -> the library's dtype name
 # Files of a Hugging Face folder that are not weights: config, generation config, tokenizer, chat template.
 _NOT_WEIGHTS = ("*.json", "tokenizer.model", "*.jinja", "*.txt", "*.md")
 _SKIP = {"model.safetensors.index.json", MANIFEST}
@@ -134,9 +132,9 @@ def quantize_with_library(hf_dir: Path, fmt: str, out: Path, progress: Progress)
     """Quantize and compile a Hugging Face Phi-3 folder with the library; store it safely in out."""
     from safetensors.torch import save_file
 
-    if fmt not in FORMATS:
+    if fmt not in DTYPE_NAMES:
         raise ConversionError(
-            f"The NPU library produces {', '.join(FORMATS)}, not {fmt}.", hint="Use --format int4, int8 or fp16."
+            f"The NPU library produces {', '.join(DTYPE_NAMES)}, not {fmt}.", hint="Use --format int4, int8 or fp16."
         )
     _check_source(hf_dir)
     import intel_npu_acceleration_library as npu_lib
@@ -147,7 +145,7 @@ def quantize_with_library(hf_dir: Path, fmt: str, out: Path, progress: Progress)
         model = npu_lib.NPUModelForCausalLM.from_pretrained(
             str(hf_dir),
             use_cache=True,
-            config=CompilerConfig(dtype=getattr(npu_lib, FORMATS[fmt])),
+            config=CompilerConfig(dtype=getattr(npu_lib, DTYPE_NAMES[fmt])),
             attn_implementation="sdpa",
             export=False,  # the library's cache pickles the whole model; phi3 stores safetensors instead
         ).eval()
@@ -162,7 +160,7 @@ def quantize_with_library(hf_dir: Path, fmt: str, out: Path, progress: Progress)
         "schema": SCHEMA,
         "format": fmt,
         "library": library_version(),
-        "compiler": {"dtype": FORMATS[fmt], "use_cache": True, "attn_implementation": "sdpa"},
+        "compiler": {"dtype": DTYPE_NAMES[fmt], "use_cache": True, "attn_implementation": "sdpa"},
         "weights": WEIGHTS,
         "layers": layers,
     }
@@ -243,44 +241,24 @@ class NpuLibModel(TorchModel):
 
 
 class NpuLibBackend(Backend):
-    name = "npu-lib"
+    def check_device(self, device: str) -> None:
+        _require_npu()
 
-    def load(self, request: LoadRequest, store: ModelStore, progress: Progress) -> LoadedModel:
+    def folder_format(self, folder: Path) -> str:
+        return read_manifest(folder)["format"]
+
+    def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
         from transformers import AutoTokenizer
 
-        from phi3cli.convert import ensure_variant
-
-        if request.device != "npu":
-            raise DeviceUnavailableError(
-                f"The npu-lib backend runs on the NPU only; {request.device} was asked.",
-                hint="Use --device npu, or --backend openvino for the CPU and GPU.",
-            )
-        _require_npu()
-        source = request.source
-        if source.runtime == self.name:
-            path, fmt = source.path, read_manifest(source.path)["format"]
-            if request.format and request.format != fmt:
-                raise UnsupportedModelError(
-                    f"{source.spec} holds {fmt} weights, not {request.format}.",
-                    hint=f"Leave out --format, or quantize again with --format {request.format}.",
-                )
-        elif source.runtime:
-            raise BackendUnavailableError(
-                f"{source.spec} is an {source.runtime} model; the npu-lib backend needs the Hugging Face model "
-                "or a folder made by `phi3 quantize --backend npu-lib`.",
-                hint=f"Use --backend {source.runtime}.",
-            )
-        else:
-            fmt = request.format or "int4"
-            path = ensure_variant(self, source, ConvertRecipe(format=fmt, target="npu"), store, progress)
+        fmt = request.format or self.folder_format(folder)
         if request.threads:
             torch.set_num_threads(request.threads)
-        progress.phase(f"Loading {source.spec} for the NPU ({fmt}, Intel NPU Acceleration Library)")
-        model = load_quantized(path, progress)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        return NpuLibModel(path, model, tokenizer, fmt)
+        progress.phase(f"Loading {request.source.spec} for the NPU ({fmt}, Intel NPU Acceleration Library)")
+        model = load_quantized(folder, progress)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return NpuLibModel(folder, model, tokenizer, fmt)
 
-    def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, store: ModelStore, progress: Progress) -> None:
+    def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress, cache: Path) -> None:
         self.quantize(hf_dir, recipe, out, progress)
 
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
@@ -297,19 +275,5 @@ class NpuLibBackend(Backend):
             )
         quantize_with_library(Path(model_dir), recipe.format, out, progress)
 
-    def default_target(self) -> str:
-        return "npu"
-
-    def converter_version(self) -> str:
-        import transformers
-
-        return f"intel-npu-acceleration-library {library_version()}; transformers {transformers.__version__}"
-
     def runtime_versions(self) -> dict[str, str]:
-        import transformers
-
-        return {
-            "intel-npu-acceleration-library": library_version(),
-            "transformers": transformers.__version__,
-            "torch": torch.__version__.split("+")[0],
-        }
+        return {**super().runtime_versions(), "intel-npu-acceleration-library": library_version()}

@@ -1,4 +1,4 @@
-"""The reference backend: transformers + PyTorch on the CPU, full precision."""
+"""The torch backend's runtime: transformers generate() streamed through a worker thread, on the CPU."""
 
 from __future__ import annotations
 
@@ -19,12 +19,10 @@ from phi3cli.backends.base import (
     RawToken,
     pull_from_push,
 )
-from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError, UnsupportedModelError
 from phi3cli.progress import Progress
-from phi3cli.store import ModelStore
 from phi3cli.templates import load_chat_template
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class _Streamer(BaseStreamer):
@@ -122,29 +120,10 @@ class TorchModel(LoadedModel):
 
 
 class TorchBackend(Backend):
-    name = "torch"
-
-    def load(self, request: LoadRequest, store: ModelStore, progress: Progress) -> LoadedModel:
-        if request.device != "cpu":
-            raise DeviceUnavailableError(
-                f"The torch backend runs on the CPU only here; {request.device} was asked.",
-                hint="Use --device cpu, or --backend openvino for GPU and NPU.",
-            )
-        if request.source.runtime:
-            raise BackendUnavailableError(
-                f"{request.source.spec} is an {request.source.runtime} model; the torch backend needs "
-                "the Hugging Face model.",
-                hint=f"Use --backend {request.source.runtime}.",
-            )
-        fmt = request.format or "fp32"
-        if fmt not in DTYPES:
-            raise UnsupportedModelError(
-                f"The torch backend runs fp32, bf16 or fp16 weights, not {fmt}.",
-                hint="Use --backend openvino or onnx for int4/int8.",
-            )
-        folder = request.source.hf_dir(store, progress)
+    def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
         if request.threads:
             torch.set_num_threads(request.threads)
+        fmt = request.format or self.spec.default_format
         progress.phase(f"Loading {request.source.spec} with transformers ({fmt})")
         config = json.loads((folder / "config.json").read_text())
         if config.get("auto_map") and not request.trust_remote_code:

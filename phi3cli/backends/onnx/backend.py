@@ -1,0 +1,40 @@
+"""The onnx backend's facade: build with the model builder, quantize with MatMulNBits, load with og.Model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from phi3cli.backends.base import Backend, ConvertRecipe, LoadedModel, LoadRequest
+from phi3cli.backends.onnx.build import build_folder
+from phi3cli.backends.onnx.folder import detect_format, read_genai_config
+from phi3cli.backends.onnx.providers import available_providers, choose_providers
+from phi3cli.backends.onnx.quantize import quantize_folder
+from phi3cli.backends.onnx.runtime import load_folder
+from phi3cli.progress import Progress
+
+
+class OnnxBackend(Backend):
+    recipe_version = "2"  # bump when what build() writes changes, so stored variants are rebuilt
+
+    def build_target(self, device: str) -> str:
+        """cpu, or the GPU execution provider this ONNX Runtime GenAI has (dml on Windows, else cuda); raises
+        before anything is built when it has none. (A prebuilt folder's own providers are checked on loading.)"""
+        if device == "cpu":
+            return "cpu"
+        return choose_providers(device, [], available_providers(), sys.platform).providers[0]
+
+    def default_target(self) -> str:
+        return "dml" if sys.platform == "win32" and "dml" in available_providers() else "cpu"
+
+    def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress, cache: Path) -> None:
+        build_folder(hf_dir, recipe, out, progress, cache)
+
+    def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
+        quantize_folder(Path(model_dir), recipe, out, progress)
+
+    def folder_format(self, folder: Path) -> str:
+        return detect_format(folder, read_genai_config(folder)["model"]["decoder"]["filename"])
+
+    def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
+        return load_folder(folder, request.format or self.folder_format(folder), request, progress)

@@ -1,0 +1,227 @@
+"""Building an ONNX Runtime GenAI folder with its model builder (create_model as a library), output tamed.
+
+The builder prints its progress on stdout and tqdm bars on stderr; both become phi3 Progress phases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections import deque
+from pathlib import Path
+
+from phi3cli.backends.base import ConvertRecipe
+from phi3cli.backends.onnx import SPEC
+from phi3cli.backends.onnx.folder import GENAI_CONFIG, TOKENIZER_FILES, read_genai_config
+from phi3cli.errors import ConversionError
+from phi3cli.progress import Progress
+from phi3cli.util import copy_missing, first_line, remove_stale_partials
+
+# Block sizes MatMulNBits accepts (the builder's default is 32).
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+class _BuilderOutput(io.TextIOBase):
+    """Receives the model builder's prints (stdout) as progress phases; keeps the last lines for errors."""
+
+    def __init__(self, progress: Progress, what: str, fmt: str):
+        self.progress, self.what, self.fmt = progress, what, fmt
+        self.tail: deque[str] = deque(maxlen=20)
+        self._buffer = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        *lines, self._buffer = re.split(r"[\r\n]", self._buffer)
+        for line in lines:
+            self._line(line.strip())
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if not line:
+            return
+        self.tail.append(line)
+        if line.startswith("Reading layer "):
+            self.progress.advance()
+        elif line.startswith("Saving ONNX model"):
+            step = "Quantizing to int4 and writing" if self.fmt == "int4" else "Writing"
+            self.progress.phase(f"{step} the ONNX model ({self.what})")
+        elif line.startswith("Saving GenAI config"):
+            self.progress.phase("Writing genai_config.json and the tokenizer files")
+
+
+_TQDM = re.compile(r"\?it/s\]|it/s\]|s/it\]")
+
+
+class _WithoutProgressBars(io.TextIOBase):
+    """Stands in for stderr while the builder runs: everything but tqdm's bars goes to the process's stderr.
+
+    Our own progress display writes to stderr too, so stderr cannot simply be captured; and a terminal
+    display may have replaced sys.stderr with a proxy that draws through it, so this writes to the
+    stream underneath.
+    """
+
+    def __init__(self):
+        self.real = sys.__stderr__ or io.StringIO()
+        self._after_bar = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        bar = bool(_TQDM.search(text))
+        if not bar and not (self._after_bar and text == "\n"):
+            self.real.write(text)
+        self._after_bar = bar
+        return len(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def isatty(self) -> bool:
+        return self.real.isatty()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.real, "encoding", "utf-8")
+
+
+def builder_target(recipe: ConvertRecipe) -> tuple[str, bool]:
+    """(the builder's execution-provider argument, whether to drop its provider options afterwards).
+
+    The builder has no fp16 graph for the CPU (its fp16-CPU fallback fails in ONNX Runtime's CPU provider
+    with a buffer-reuse shape mismatch), so fp16 for the CPU is its fp16 GroupQueryAttention graph, built
+    with the CUDA layout and run by the CPU provider.
+    """
+    if recipe.format == "fp16" and recipe.target == "cpu":
+        return "cuda", True
+    return recipe.target, False
+
+
+def _builder_options(recipe: ConvertRecipe) -> dict:
+    options = {"hf_token": "false", "hf_remote": False}  # local folders only; never run a model's own code
+    unsupported = [
+        flag
+        for flag, given in (("--ratio", recipe.ratio is not None), ("--awq", recipe.awq), ("--dataset", recipe.dataset))
+        if given
+    ]
+    if unsupported:
+        raise ConversionError(
+            f"{', '.join(unsupported)} apply to OpenVINO; the ONNX Runtime GenAI builder quantizes every MatMul "
+            "to int4 with round-to-nearest.",
+            hint="Drop them, or use --to openvino.",
+        )
+    if recipe.format != "int4":
+        if recipe.group_size is not None or recipe.sym is not None:
+            raise ConversionError(
+                "--group-size and --sym/--asym apply to int4 only.", hint="Drop them or use --format int4."
+            )
+        return options
+    if recipe.group_size is not None:
+        if recipe.group_size not in INT4_BLOCK_SIZES:
+            raise ConversionError(
+                f"ONNX int4 uses block sizes {', '.join(map(str, INT4_BLOCK_SIZES))}, not {recipe.group_size}.",
+                hint="Change --group-size.",
+            )
+        options["int4_block_size"] = recipe.group_size
+    if recipe.sym is not None:
+        options["int4_is_symmetric"] = recipe.sym
+    return options
+
+
+def _set_provider_options(folder: Path, providers: list[dict]) -> None:
+    path = folder / GENAI_CONFIG
+    data = json.loads(path.read_text())
+    data["model"]["decoder"].setdefault("session_options", {})["provider_options"] = providers
+    path.write_text(json.dumps(data, indent=4) + "\n")
+
+
+def build_folder(hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress, cache: Path) -> None:
+    """Run the model builder on a Hugging Face folder into out; its scratch goes under cache and is removed."""
+    if recipe.format not in SPEC.formats:
+        raise ConversionError(
+            f"ONNX Runtime GenAI builds {', '.join(SPEC.formats)}, not {recipe.format}.", hint="Change --format."
+        )
+    if recipe.target not in SPEC.convert_targets:
+        raise ConversionError(
+            f"ONNX models are built for {', '.join(SPEC.convert_targets)}, not {recipe.target}.",
+            hint="Change --target.",
+        )
+    ep, drop_providers = builder_target(recipe)
+    options = _builder_options(recipe)
+    try:
+        layers = int(json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        layers = None
+    what = f"{recipe.format}, {recipe.target}"
+    remove_stale_partials(cache)  # scratch of builds that were killed
+    scratch = cache / f".build-{uuid.uuid4().hex[:8]}.partial-{os.getpid()}"
+    output = _BuilderOutput(progress, what, recipe.format)
+    progress.phase("Loading ONNX Runtime GenAI's model builder")
+    try:
+        with (
+            contextlib.redirect_stdout(output),
+            contextlib.redirect_stderr(_WithoutProgressBars()),
+            quantizer_logs(),
+        ):
+            from onnxruntime_genai.models.builder import create_model
+
+            progress.phase(f"Building the ONNX graph, layer by layer ({what})", total=layers)
+            create_model(None, str(hf_dir), str(out), recipe.format, ep, str(scratch), **options)
+    except Exception as exc:
+        last = f" (after: {output.tail[-1]})" if output.tail else ""
+        raise ConversionError(
+            f"ONNX Runtime GenAI's model builder failed on {hf_dir}: {first_line(exc, typed=True)}{last}",
+            hint="Run again with --debug for the traceback.",
+        ) from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if drop_providers:
+        _set_provider_options(out, [])
+    copy_missing(hf_dir, out, TOKENIZER_FILES)  # what the builder did not write, so templates.py finds it
+    read_genai_config(out)
+
+
+@contextlib.contextmanager
+def quantizer_logs(progress: Progress | None = None):
+    """Keep ONNX Runtime's int4 quantizer quiet, advancing progress once per weight it starts on.
+
+    Importing that module calls logging.basicConfig(level=INFO), which would print every later INFO record
+    of any library on stderr; the root logger is put back as it was.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+
+    class Counter(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if progress is not None and record.getMessage().startswith("start to quantize"):
+                progress.advance()
+
+    counter = Counter()
+    saved = logger.level, logger.propagate
+    logger.addHandler(counter)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)

@@ -1,0 +1,110 @@
+"""Running an ONNX Runtime GenAI folder: og.Model on the chosen providers, a Generator loop pulled token by token."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+
+from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest, RawToken
+from phi3cli.backends.onnx.folder import read_genai_config
+from phi3cli.backends.onnx.providers import (
+    EXECUTED,
+    apply_providers,
+    available_providers,
+    choose_providers,
+    configured_providers,
+)
+from phi3cli.errors import ContextOverflowError, UnsupportedModelError
+from phi3cli.progress import Progress
+from phi3cli.templates import load_chat_template
+from phi3cli.util import first_line
+
+
+class OnnxModel(LoadedModel):
+    backend = "onnx"
+
+    def __init__(self, path: Path, model, fmt: str, device: str, genai: dict):
+        self.path, self.model, self.format, self.device = path, model, fmt, device
+        self.tokenizer = og.Tokenizer(model)
+        with contextlib.suppress(Exception):  # the chat template writes the special tokens itself
+            self.tokenizer.update_options(add_special_tokens="false")
+        self.executed_device = EXECUTED.get(model.device_type, model.device_type)
+        self.context_length = int(genai["model"]["context_length"])
+        self.chat_template = load_chat_template(path)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer.encode(text)]
+
+    def _params(self, max_length: int, settings: GenerationSettings | None = None):
+        params = og.GeneratorParams(self.model)
+        options = {"max_length": max_length, "do_sample": False, "batch_size": 1}
+        if settings is not None:
+            if not settings.greedy:
+                options.update(
+                    do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k
+                )
+            if settings.seed is not None:
+                options["random_seed"] = settings.seed
+            if settings.ignore_eos:
+                options["min_length"] = max_length
+        params.set_search_options(**options)
+        return params
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
+        params = self._params(len(prompt_ids) + settings.max_new_tokens, settings)
+        generator = og.Generator(self.model, params)
+        stream = self.tokenizer.create_stream()
+        try:
+            generator.append_tokens(prompt_ids)  # the prefill: inside the iterator, so it counts in TTFT
+            while not generator.is_done():
+                generator.generate_next_token()
+                token_id = int(generator.get_next_tokens()[0])
+                yield RawToken(stream.decode(token_id), token_id=token_id)
+        finally:
+            del generator
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        if len(ids) >= self.context_length:
+            raise ContextOverflowError(f"{len(ids)} tokens do not fit the context of {self.context_length}.")
+        generator = og.Generator(self.model, self._params(len(ids) + 1))
+        generator.append_tokens(ids)
+        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
+        logits = logits.reshape(-1, logits.shape[-1])
+        del generator
+        if logits.shape[0] != len(ids):
+            raise NotImplementedError("this ONNX model returns logits for the last position only")
+        logits = logits[:-1]
+        peak = logits.max(axis=-1, keepdims=True)
+        norm = np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True)) + peak
+        return (logits - norm)[np.arange(len(ids) - 1), ids[1:]].astype(float).tolist()
+
+    def close(self) -> None:
+        self.tokenizer = self.model = None
+
+
+def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> OnnxModel:
+    """Load a folder with the execution providers the device asks for (cpu clears a DirectML folder's)."""
+    genai = read_genai_config(folder)
+    choice = choose_providers(request.device, configured_providers(genai), available_providers(), sys.platform)
+    if choice.note:
+        progress.note(choice.note)
+    progress.phase(f"Loading {folder.name} with ONNX Runtime GenAI ({fmt})")
+    try:
+        config = og.Config(str(folder))
+        apply_providers(config, choice)
+        if request.threads:
+            session = {"intra_op_num_threads": request.threads}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+        model = og.Model(config)
+    except RuntimeError as exc:
+        raise UnsupportedModelError(
+            f"ONNX Runtime GenAI cannot load {folder}: {first_line(exc)}",
+            hint="Check its genai_config.json, or rebuild it with `phi3 convert MODEL --to onnx`.",
+        ) from exc
+    return OnnxModel(folder, model, fmt, request.device, genai)

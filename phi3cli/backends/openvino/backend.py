@@ -1,0 +1,79 @@
+"""The openvino backend's facade: build (export + compress), quantize an existing IR, and load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import openvino as ov
+
+from phi3cli.backends.base import Backend, ConvertRecipe, LoadedModel, LoadRequest
+from phi3cli.backends.openvino.export import compress_ir, ensure_tokenizers, export_ir
+from phi3cli.backends.openvino.ir import SUPPORT_FILES, TOKENIZER_FILES, check_ir, ir_format, weight_summary
+from phi3cli.backends.openvino.recipe import RECIPE_VERSION, resolve_recipe
+from phi3cli.backends.openvino.runtime import load_ir, ov_device_for
+from phi3cli.errors import ConversionError, UnsupportedModelError
+from phi3cli.progress import Progress
+from phi3cli.util import copy_missing
+
+
+class OpenVINOBackend(Backend):
+    recipe_version = RECIPE_VERSION
+
+    def check_device(self, device: str) -> None:
+        ov_device_for(device, list(ov.Core().available_devices))
+
+    def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress, cache: Path) -> None:
+        config = json.loads((hf_dir / "config.json").read_text())
+        settings = resolve_recipe(recipe, config, progress)
+        if settings is None:
+            export_ir(hf_dir, out, progress)
+        else:
+            exported = out / ".fp16-export"
+            export_ir(hf_dir, exported, progress)
+            compress_ir(exported, settings, out, progress)
+            copy_missing(exported, out, TOKENIZER_FILES + SUPPORT_FILES)
+            shutil.rmtree(exported)
+        ensure_tokenizers(out, hf_dir, progress)
+        copy_missing(hf_dir, out, SUPPORT_FILES)
+        _note_weights(out, progress)
+
+    def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
+        model_dir = Path(model_dir)
+        check_ir(model_dir)
+        if recipe.format == "fp16":
+            raise ConversionError(
+                "Quantizing compresses weights to int4 or int8; fp16 comes from exporting.",
+                hint="Use --format int4 or int8, or `phi3 convert MODEL --to openvino --format fp16`.",
+            )
+        if not (model_dir / "config.json").is_file():
+            raise UnsupportedModelError(
+                f"{model_dir} has no config.json; NNCF compression through optimum-intel needs it.",
+                hint="Export the model with `phi3 convert` or optimum-cli, which write it.",
+            )
+        current = ir_format(model_dir / "openvino_model.xml")
+        if current in ("int4", "int8"):
+            raise ConversionError(
+                f"{model_dir} is already compressed ({current}); compressing it again would lose accuracy.",
+                hint="Quantize an fp16 IR (phi3 convert MODEL --to openvino --format fp16).",
+            )
+        config = json.loads((model_dir / "config.json").read_text())
+        settings = resolve_recipe(recipe, config, progress)
+        compress_ir(model_dir, settings, out, progress)
+        copy_missing(model_dir, out, TOKENIZER_FILES + SUPPORT_FILES)
+        _note_weights(out, progress)
+
+    def folder_format(self, folder: Path) -> str:
+        check_ir(folder)
+        return ir_format(folder / "openvino_model.xml")
+
+    def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
+        check_ir(folder)
+        return load_ir(folder, request.format or self.folder_format(folder), request, progress)
+
+
+def _note_weights(out: Path, progress: Progress) -> None:
+    progress.phase("Reading back the weight precisions of the IR")
+    shares = weight_summary(out / "openvino_model.xml")
+    progress.note("Weights stored as " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005) + ".")

@@ -1,0 +1,204 @@
+"""Building an IR: optimum-intel's export to fp16, NNCF's weight compression, OpenVINO's tokenizer converter.
+
+The converters' own warnings, log tables and progress bars are tamed: phi3's Progress says what happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openvino as ov
+
+from phi3cli.backends.openvino.ir import TOKENIZER_FILES
+from phi3cli.backends.openvino.recipe import describe_recipe
+from phi3cli.errors import ConversionError
+from phi3cli.progress import Progress
+from phi3cli.util import first_line
+
+FULL_DISK_BYTES = 64 << 20  # a write that failed with less than this free is taken as a full disk
+
+
+@contextlib.contextmanager
+def _quiet_converters() -> Iterator[None]:
+    """Silence the exporters' tracer warnings and info tables; our Progress tells the user what happens."""
+    names = ("nncf", "optimum", "optimum.intel", "optimum.exporters", "transformers", "torch")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            hf_verbosity = None
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+            if hf_verbosity is not None:
+                hf_logging.set_verbosity(hf_verbosity)
+
+
+class _TrackToProgress:
+    """Stands in for nncf's `track` progress bar, reporting to our Progress instead of its own Rich bar."""
+
+    progress: Progress | None = None
+
+    def __init__(self, sequence=None, description="Working...", total=None, weights=None, **_):
+        self.sequence, self.description, self.weights = sequence, description, weights
+        if weights is not None:
+            total = sum(weights)
+        elif total is None and hasattr(sequence, "__len__"):
+            total = len(sequence)
+        self.total = total
+
+    def __iter__(self):
+        self.__enter__()
+        weights = self.weights or []
+        for i, item in enumerate(self.sequence):
+            yield item
+            self.update(weights[i] if i < len(weights) else 1)
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.phase(f"NNCF: {self.description.rstrip('.')}", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def update(self, advance: float = 1, **_):
+        if self.progress:
+            self.progress.advance(advance)
+
+
+WEIGHT_COMPRESSION_STEPS = ("algorithm", "mixed_precision", "awq", "scale_estimation", "gptq")
+
+
+@contextlib.contextmanager
+def _nncf_progress(progress: Progress) -> Iterator[None]:
+    """Route NNCF's weight-compression progress bars to our Progress for the duration of the block."""
+    import importlib
+
+    patched = []
+    names = [f"nncf.quantization.algorithms.weight_compression.{n}" for n in WEIGHT_COMPRESSION_STEPS]
+    for name in [*names, "nncf.common.tensor_statistics.aggregator"]:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "track"):
+            patched.append((module, module.track))
+            module.track = _TrackToProgress
+    _TrackToProgress.progress = progress
+    try:
+        yield
+    finally:
+        _TrackToProgress.progress = None
+        for module, original in patched:
+            module.track = original
+
+
+def _raise_if_disk_full(exc: BaseException, out: Path) -> None:
+    """Turn a write that failed on a full disk into the OSError(ENOSPC) atomic_output reports plainly.
+
+    OpenVINO's save_model reports a full disk only as "basic_ios::clear: iostream error", so the free space
+    left on the output's disk decides.
+    """
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        free = None
+    if "No space left" in str(exc) or (free is not None and free < FULL_DISK_BYTES):
+        raise OSError(errno.ENOSPC, f"No space left on device ({first_line(exc)})") from exc
+
+
+def export_ir(hf_dir: Path, out: Path, progress: Progress) -> None:
+    """Export a Hugging Face folder to an fp16 OpenVINO IR (stateful, with KV cache) plus OV tokenizers."""
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+
+    progress.phase(f"Exporting {hf_dir.name} to OpenVINO IR with optimum-intel")
+    try:
+        with _quiet_converters():
+            main_export(
+                str(hf_dir),
+                output=out,
+                task="text-generation-with-past",
+                ov_config=OVConfig(dtype="fp16"),
+                convert_tokenizer=True,
+                library_name="transformers",
+                local_files_only=True,
+            )
+    except (RuntimeError, ValueError) as exc:
+        _raise_if_disk_full(exc, out)
+        raise ConversionError(f"optimum-intel could not export {hf_dir}: {first_line(exc)}") from exc
+
+
+def compress_ir(src: Path, settings: dict[str, Any], out: Path, progress: Progress) -> None:
+    """NNCF weight compression of the IR in src, written to out (through optimum-intel's OVQuantizer)."""
+    from optimum.intel import OVConfig, OVModelForCausalLM, OVQuantizer, OVWeightQuantizationConfig
+
+    progress.phase(f"Compressing weights with NNCF ({describe_recipe(settings)})")
+    try:
+        with _quiet_converters(), _nncf_progress(progress):
+            model = OVModelForCausalLM.from_pretrained(src, compile=False, local_files_only=True)
+            config = OVWeightQuantizationConfig(tokenizer=str(src), **settings)
+            OVQuantizer(model).quantize(ov_config=OVConfig(quantization_config=config), save_directory=out)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
+        raise ConversionError(f"NNCF could not compress {src}: {first_line(exc)}") from exc
+    except (RuntimeError, ValueError, ImportError) as exc:
+        _raise_if_disk_full(exc, out)
+        if settings.get("dataset") is not None:
+            name = settings["dataset"] if isinstance(settings["dataset"], str) else "from the text file"
+            raise ConversionError(
+                f"Could not build the calibration data {name}: {first_line(exc)}",
+                hint="Use --dataset auto or --dataset FILE.txt (one sample a line) when the hub cannot be reached.",
+            ) from exc
+        raise ConversionError(f"NNCF could not compress {src}: {first_line(exc)}") from exc
+
+
+def ensure_tokenizers(out: Path, hf_dir: Path, progress: Progress) -> None:
+    """Write openvino_tokenizer/detokenizer beside the IR if the export did not (LLMPipeline needs them)."""
+    if all((out / name).is_file() for name in TOKENIZER_FILES):
+        return
+    progress.phase("Converting the tokenizer with openvino-tokenizers")
+    try:
+        from openvino_tokenizers import convert_tokenizer
+        from transformers import AutoTokenizer
+
+        with _quiet_converters():
+            tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+            ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True)
+        ov.save_model(ov_tokenizer, out / "openvino_tokenizer.xml")
+        ov.save_model(ov_detokenizer, out / "openvino_detokenizer.xml")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
+        raise _tokenizer_error(hf_dir, exc) from exc
+    except Exception as exc:  # any converter failure means the model cannot run without transformers
+        _raise_if_disk_full(exc, out)
+        raise _tokenizer_error(hf_dir, exc) from exc
+
+
+def _tokenizer_error(hf_dir: Path, exc: BaseException) -> ConversionError:
+    return ConversionError(
+        f"The tokenizer of {hf_dir.name} cannot be converted to OpenVINO ({first_line(exc)}); "
+        "OpenVINO GenAI needs openvino_tokenizer.xml and openvino_detokenizer.xml to run the model.",
+        hint="Convert with --to onnx, or run the original model with --backend torch.",
+    )
+
+

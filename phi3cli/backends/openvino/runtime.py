@@ -1,0 +1,279 @@
+"""Running an IR: OpenVINO GenAI's LLMPipeline with phi3's own prompt ids, streaming one RawToken per token."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import openvino_genai as ov_genai
+
+from phi3cli.backends.base import (
+    GenerationSettings,
+    IncrementalDecoder,
+    LoadedModel,
+    LoadRequest,
+    RawToken,
+    pull_from_push,
+)
+from phi3cli.backends.openvino.ir import context_length
+from phi3cli.errors import DeviceUnavailableError, Phi3Error
+from phi3cli.progress import Progress
+from phi3cli.templates import ChatTemplate, load_chat_template
+from phi3cli.util import first_line
+
+OV_DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
+# NPU pipeline properties (static shapes), by the option names LoadRequest.options uses, with their defaults.
+NPU_OPTIONS = {
+    "max_prompt_len": ("MAX_PROMPT_LEN", 1024),
+    "min_response_len": ("MIN_RESPONSE_LEN", 128),
+    "generate_hint": ("GENERATE_HINT", "FAST_COMPILE"),
+    "prefill_hint": ("PREFILL_HINT", None),  # None: the plugin's default (DYNAMIC)
+}
+PRECISIONS = ("auto", "f32", "bf16", "f16")
+
+
+def ov_device_for(device: str, available: list[str]) -> str:
+    """The OpenVINO device name for cpu/gpu/npu, or a clear error listing what OpenVINO sees here."""
+    wanted = OV_DEVICES.get(device)
+    if wanted is None:
+        raise DeviceUnavailableError(f"OpenVINO runs on cpu, gpu or npu, not {device}.", hint="Use --device cpu.")
+    matches = [d for d in available if d.split(".")[0] == wanted]
+    if matches:
+        return wanted if wanted in matches else matches[0]
+    seen = ", ".join(available) or "no device"
+    fallback = next((d for d in ("gpu", "cpu") if OV_DEVICES[d] in {a.split(".")[0] for a in available}), None)
+    raise DeviceUnavailableError(
+        f"OpenVINO sees no {wanted} on this machine (it lists: {seen}).",
+        hint=(f"Run on it with --device {fallback}, or --device auto." if fallback else "Check the OpenVINO drivers.")
+        + (" An NPU needs Intel Core Ultra and the NPU driver." if device == "npu" else ""),
+    )
+
+
+def npu_properties(options: dict[str, Any]) -> dict[str, Any]:
+    """LLMPipeline properties for the NPU (static shapes), from LoadRequest.options with OpenVINO's defaults."""
+    props: dict[str, Any] = {}
+    for option, (prop, default) in NPU_OPTIONS.items():
+        value = options.get(option, default)
+        if value is None:
+            continue
+        if prop in ("MAX_PROMPT_LEN", "MIN_RESPONSE_LEN"):
+            value = int(value)
+            if value < 1:
+                raise Phi3Error(f"--{option.replace('_', '-')} must be at least 1, not {value}.")
+        else:
+            value = str(value).upper()
+        props[prop] = value
+    return props
+
+
+def precision_properties(device: str, options: dict[str, Any]) -> dict[str, Any]:
+    """INFERENCE_PRECISION_HINT: f32 by default on the CPU, so answers match the reference on CPUs with bf16.
+
+    OpenVINO computes in bf16 by default on CPUs that have it (Xeon, Zen 4), which changes the greedy answers of
+    small models; "auto" leaves OpenVINO's choice, bf16/f16 trade accuracy for speed. Other devices keep theirs.
+    """
+    value = str(options.get("inference_precision") or ("f32" if device == "cpu" else "auto")).lower()
+    if value not in PRECISIONS:
+        raise Phi3Error(f"Unknown inference precision {value!r}.", hint=f"Use one of: {', '.join(PRECISIONS)}.")
+    return {} if value == "auto" else {"INFERENCE_PRECISION_HINT": value}
+
+
+def attention_properties(device: str, options: dict[str, Any]) -> dict[str, Any]:
+    """ATTENTION_BACKEND: the stateful SDPA pipeline by default on the CPU.
+
+    OpenVINO GenAI's default on the CPU is its continuous-batching pipeline (PagedAttention), which rebuilds the
+    model at every start, so the compiled-model cache does not shorten the next start; the stateful pipeline
+    loads from the cache and runs one conversation as fast. "pa" asks for continuous batching.
+    """
+    value = str(options.get("attention_backend") or ("sdpa" if device == "cpu" else "auto")).lower()
+    if value not in ("auto", "sdpa", "pa"):
+        raise Phi3Error(f"Unknown attention backend {value!r}.", hint="Use sdpa, pa or auto.")
+    return {} if value == "auto" else {"ATTENTION_BACKEND": value.upper()}
+
+
+@contextlib.contextmanager
+def _compile_log() -> Iterator[list[str]]:
+    """Capture what OpenVINO GenAI prints about the models it compiles (it logs their EXECUTION_DEVICES)."""
+    lines: list[str] = []
+    if "OPENVINO_LOG_LEVEL" in os.environ:  # the user asked for the log: leave it on their terminal
+        yield lines
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.environ["OPENVINO_LOG_LEVEL"] = "2"
+        try:
+            yield lines
+        finally:
+            del os.environ["OPENVINO_LOG_LEVEL"]
+            os.dup2(saved, 1)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
+
+
+def execution_devices(log: list[str]) -> str | None:
+    """The EXECUTION_DEVICES of the LLM's compiled model, from GenAI's compile log (not the tokenizers')."""
+    model = None
+    found = None
+    for line in log:
+        if line.startswith("Model:"):
+            model = line.split(":", 1)[1].strip()
+        elif line.strip().startswith("EXECUTION_DEVICES:") and model and "okenizer" not in model:
+            value = line.split(":", 1)[1].strip()
+            if value:
+                found = value
+    return found
+
+
+class _TokenStreamer(ov_genai.StreamerBase):
+    """Receives each generated token id from LLMPipeline and pushes it, decoded, to the consumer."""
+
+    def __init__(self, decoder: IncrementalDecoder, emit: Callable[[RawToken], bool]):
+        super().__init__()
+        self._decoder, self._emit = decoder, emit
+
+    def write(self, token) -> ov_genai.StreamingStatus:
+        status = ov_genai.StreamingStatus.RUNNING
+        for token_id in [token] if isinstance(token, int) else token:
+            if not self._emit(RawToken(self._decoder.push(token_id), token_id=token_id)):
+                status = ov_genai.StreamingStatus.CANCEL
+        return status
+
+    def end(self) -> None:
+        pass
+
+
+class OpenVINOModel(LoadedModel):
+    backend = "openvino"
+
+    def __init__(self, path: Path, pipe, fmt: str, device: str, executed: str, context: int, prompt_limit: int | None):
+        self.path, self.pipe, self.format, self.device = path, pipe, fmt, device
+        self.executed_device = executed
+        self.context_length = context
+        self.max_prompt_tokens = prompt_limit
+        self.tokenizer = pipe.get_tokenizer()
+        self.chat_template = _chat_template(path, self.tokenizer)
+        self.last_perf = None  # openvino_genai.PerfMetrics of the last generate, for cross-checking our timings
+        self.scorer_properties: dict[str, Any] = {}  # how token_logprobs compiles the IR (on the CPU)
+        self._scorer = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0].tolist()
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode_pair(self, first: list[int], second: list[int]) -> tuple[str, str]:
+        """Both windows in one detokenizer call: it costs as much as one (about 0.15 ms here)."""
+        a, b = self.tokenizer.decode([first, second], skip_special_tokens=True)
+        return a, b
+
+    def generation_config(self, settings: GenerationSettings):
+        config = self.pipe.get_generation_config()
+        config.max_new_tokens = settings.max_new_tokens
+        config.apply_chat_template = False
+        config.ignore_eos = settings.ignore_eos
+        config.do_sample = not settings.greedy
+        if not settings.greedy:
+            config.temperature = settings.temperature
+            config.top_p = settings.top_p
+            if settings.top_k:
+                config.top_k = settings.top_k
+            config.rng_seed = settings.seed if settings.seed is not None else random.getrandbits(31)
+        return config
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
+        config = self.generation_config(settings)
+        inputs = ov.Tensor(np.array([prompt_ids], dtype=np.int64))
+        decoder = IncrementalDecoder(self.decode, self.decode_pair)
+
+        def produce(emit: Callable[[RawToken], bool]) -> None:
+            result = self.pipe.generate(inputs, config, _TokenStreamer(decoder, emit))
+            self.last_perf = result.perf_metrics
+
+        return pull_from_push(produce)
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """One forward pass of the IR over ids with a fresh KV state (compiled on first use, on the CPU)."""
+        if self._scorer is None:
+            core = ov.Core()
+            model = core.read_model(str(self.path / "openvino_model.xml"))
+            self._scorer = core.compile_model(model, "CPU", self.scorer_properties)
+        request = self._scorer.create_infer_request()
+        request.reset_state()
+        n = len(ids)
+        inputs = {
+            "input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, n), dtype=np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None, :],
+            "beam_idx": np.zeros(1, dtype=np.int32),
+        }
+        names = {p.get_any_name() for p in self._scorer.inputs}
+        logits = request.infer({k: v for k, v in inputs.items() if k in names})["logits"][0, :-1].astype(np.float64)
+        top = logits.max(axis=-1, keepdims=True)
+        logsumexp = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+        return (logits[np.arange(n - 1), ids[1:]] - logsumexp).tolist()
+
+    def close(self) -> None:
+        self.pipe = None
+        self._scorer = None
+
+
+def _chat_template(folder: Path, tokenizer) -> ChatTemplate:
+    """The folder's Hugging Face chat template, else the one the OpenVINO tokenizer carries."""
+    has_hf = (folder / "chat_template.jinja").is_file()
+    if not has_hf and (folder / "tokenizer_config.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            has_hf = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    if not has_hf and tokenizer.chat_template:
+        return ChatTemplate(tokenizer.chat_template, tokenizer.get_bos_token(), tokenizer.get_eos_token())
+    return load_chat_template(folder)
+
+
+def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> OpenVINOModel:
+    """Compile an IR folder into an LLMPipeline on the device asked, and read back where it runs."""
+    device = ov_device_for(request.device, list(ov.Core().available_devices))
+    properties: dict[str, Any] = {}
+    if request.cache_dir:
+        properties["CACHE_DIR"] = str(request.cache_dir)
+    if request.threads:
+        properties["INFERENCE_NUM_THREADS"] = int(request.threads)
+    properties.update(precision_properties(request.device, request.options))
+    properties.update(attention_properties(request.device, request.options))
+    context = context_length(folder)
+    prompt_limit = None
+    ignored = [f"--{o.replace('_', '-')}" for o in NPU_OPTIONS if o in request.options and request.device != "npu"]
+    if ignored:
+        verb = "apply" if len(ignored) > 1 else "applies"
+        progress.note(f"{', '.join(ignored)} {verb} to the NPU only; ignored on {request.device}.")
+    if request.device == "npu":
+        npu = npu_properties(request.options)
+        properties.update(npu)
+        prompt_limit = npu["MAX_PROMPT_LEN"]
+        context = min(context, npu["MAX_PROMPT_LEN"] + npu["MIN_RESPONSE_LEN"])
+
+    progress.phase(f"Loading {folder.name} on {device} with OpenVINO GenAI")
+    try:
+        with _compile_log() as log:
+            pipe = ov_genai.LLMPipeline(str(folder), device, **properties)
+    except RuntimeError as exc:
+        raise Phi3Error(
+            f"OpenVINO GenAI could not load {folder} on {device}: {first_line(exc)}",
+            hint="Run again with --debug for OpenVINO's full message.",
+        ) from exc
+    executed = execution_devices(log) or device
+    model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit)
+    scorer = {"CACHE_DIR": properties["CACHE_DIR"]} if "CACHE_DIR" in properties else {}
+    model.scorer_properties = {**scorer, **precision_properties("cpu", request.options)}
+    return model
