@@ -7,6 +7,7 @@ import json
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -174,9 +175,9 @@ ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9])")
 class Terminal:
     """`phi3 ARGS` in a pseudo-terminal: type lines, wait for text to appear."""
 
-    def __init__(self, *args: str, cwd, env: dict | None = None):
+    def __init__(self, *args: str, cwd, env: dict | None = None, rows: int = 50, columns: int = 200):
         master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns: no wrapping
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))  # 200 columns: no wrapping
         env = {**os.environ, "TERM": "xterm", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "phi3cli", *args],
@@ -253,6 +254,30 @@ def test_interactive_save_load_model_and_multiline(demo_source, uninterrupted, t
     assert second.close() == 0
     after = json.loads((tmp_path / "after.json").read_text())
     assert len(after["messages"]) == 6
+
+
+def test_a_reply_taller_than_the_terminal_is_printed_once(demo_source, tmp_path):
+    # A live view redraws the lines that scrolled away each time it refreshes; streamed text is printed once.
+    rows = 12
+    term = Terminal("chat", "-m", "demo", "-b", "torch", "-n", "150", "--save", "chat.json", cwd=tmp_path, rows=rows)
+    term.expect(r">>> ")
+    term.type("Write a poem about the sea.")
+    shown = term.expect(r"(?s).*?tok/s").replace("\r\n", "\n")
+    term.expect(r">>> ")
+    term.type("Another one.")  # Ctrl-C stops a reply with a mark and keeps the session
+    term.expect(r"Another one\.\s*\n\s*\S")
+    term.proc.send_signal(signal.SIGINT)
+    term.expect(r"\[stopped\]")
+    term.expect(r">>> ")
+    term.type("/exit")
+    assert term.close() == 0
+    messages = json.loads((tmp_path / "chat.json").read_text())["messages"]
+    assert len(messages) == 2  # the stopped turn is not kept
+    answer = messages[1]["content"]
+    first = answer.splitlines()[0]
+    assert len(answer.splitlines()) > rows and answer.count(first) == 1  # taller than the terminal
+    assert shown.count(first) == 1, shown
+    assert answer in shown
 
 
 def test_cli_names_the_session_file_when_its_backend_is_missing_here(demo_source, tmp_path):

@@ -296,24 +296,22 @@ def _interactive(state: _ChatState, console: Console) -> None:
 
 
 def _stream(session: ChatSession, text: str, console: Console) -> None:
-    from rich.live import Live  # interactive only: keeps `phi3 --help` and one-shot chat light
-    from rich.markdown import Markdown
-
+    """Print the reply once, as it streams (as llama.cpp and mlx-lm do); a live view redraws a tall one."""
     answer = ""
     events = session.ask(text)
-    with contextlib.closing(events), Live(console=console, refresh_per_second=12, vertical_overflow="visible") as live:
+    with contextlib.closing(events):  # closing stops the runtime when Ctrl-C ends the loop
         try:
             for event in events:
                 if isinstance(event, TokenEvent):
                     answer += event.text
-                    live.update(Markdown(answer))
+                    console.out(event.text, end="", highlight=False)
                 elif isinstance(event, HistoryTrimmed):
                     console.print(f"[yellow]{_trim_notice(event, session)}[/]")
-                elif isinstance(event, ReplyStats):
-                    live.update(Markdown(event.text))
         except KeyboardInterrupt:
-            live.update(Markdown(answer + "\n\n*[stopped]*"))
+            console.print(("\n" if answer and not answer.endswith("\n") else "") + "[dim]\\[stopped][/]")
             return
+    if answer and not answer.endswith("\n"):
+        console.out("")
     if session.last_stats:
         console.print(f"[dim]{stats_line(session.last_stats)}[/]")
 
