@@ -211,6 +211,23 @@ def test_a_hang_becomes_a_failure_row():
     assert "No configuration could be measured" in done.stderr
 
 
+def test_the_table_is_printed_whole_when_stdout_is_not_a_terminal():
+    # 80 columns, as a CI log or `> file` gets them: headers and figures must not be cut to "…".
+    args = ["--model", "demo", "-b", "torch", "-f", "fp32", "-p", "8", "-n", "2", "-r", "1", "--warmup", "0"]
+    done = run_phi3("bench", *args, "--no-quality", "--no-chart", env={"COLUMNS": "80"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "…" not in done.stdout, done.stdout
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "prefill" in line)
+    for words, line in (
+        (["TTFT", "prefill", "TPOT", "decode", "e2e", "load s", "peak", "size"], lines[header]),
+        (["backend", "format", "test", "tok/s", "cold/warm", "RSS MB", "MB"], lines[header + 1]),
+    ):
+        assert all(word in line for word in words), line
+    row = next(line for line in lines if line.lstrip().startswith("torch"))
+    assert row.split()[:3] == ["torch", "fp32", "pp8+tg2"] and max(map(len, lines)) > 80
+
+
 # Pure pieces, on real inputs.
 
 

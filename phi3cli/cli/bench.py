@@ -15,7 +15,7 @@ from rich.text import Text
 
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import ThreadsOpt
-from phi3cli.cli.render import RichProgress, err_console
+from phi3cli.cli.render import RichProgress, err_console, out_console
 from phi3cli.errors import Phi3Error
 from phi3cli.sources import DEFAULT_MODEL
 
@@ -140,7 +140,7 @@ def bench(
 
     margin = parse_margin(max_regression)
     baseline = load_report(compare) if compare else None
-    console = Console(highlight=False)
+    console = out_console()
 
     if load:
         report = load_report(load)

@@ -10,6 +10,16 @@ from phi3cli.generation import ReplyStats
 
 err_console = Console(stderr=True, highlight=False)
 
+UNLIMITED_WIDTH = 10_000  # wider than any table we print
+
+
+def out_console() -> Console:
+    """stdout: as wide as the terminal, or, piped or redirected, without a width limit so tables come out whole."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = UNLIMITED_WIDTH
+    return console
+
 
 class RichProgress:
     """The core's Progress protocol drawn on stderr: a spinner per phase, a bar when the size is known."""
