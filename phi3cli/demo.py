@@ -8,6 +8,7 @@ only PyPI. Llama and Phi-3 differ only in fused projections, so the repack is ex
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -142,20 +143,47 @@ def _plain_bytelevel_tokenizer(tokenizer, chat_template: str | None, eos: str):
 def gguf_to_phi3(gguf: Path, out: Path, progress: Progress, *, repack_llama: bool) -> None:
     """Write a Phi3ForCausalLM Hugging Face folder (float16 safetensors) from a .gguf file."""
     try:
-        import torch
-        from transformers import (
-            AutoModelForCausalLM,
-            AutoTokenizer,
-            GenerationConfig,
-            Phi3Config,
-            Phi3ForCausalLM,
-        )
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError as exc:
         raise Phi3Error("Reading a .gguf model needs the torch extra.", hint="pip install 'phi3cli[torch]'") from exc
 
+    with _transformers_quiet():  # our phases say what happens; its bars and notices are not for our users
+        _write_phi3(gguf, out, progress, repack_llama=repack_llama)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' progress bars and notices off for the duration, then as they were.
+
+    Its GGUF reader draws its bar with tqdm directly, past transformers' own switch: for the duration it draws
+    with transformers' tqdm, which obeys the switch.
+    """
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # its GGUF tokenizer notice ("legacy behaviour") is not for our users
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    except ImportError:  # another transformers: its switch alone then
+        gguf_reader = None
+    bars, verbosity, reader_tqdm = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), None
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # e.g. its GGUF tokenizer notice ("legacy behaviour")
+    if hasattr(gguf_reader, "tqdm"):
+        reader_tqdm, gguf_reader.tqdm = gguf_reader.tqdm, hf_logging.tqdm
+    try:
+        yield
+    finally:
+        if reader_tqdm is not None:
+            gguf_reader.tqdm = reader_tqdm
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _write_phi3(gguf: Path, out: Path, progress: Progress, *, repack_llama: bool) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Phi3Config, Phi3ForCausalLM
+
     progress.phase(f"Loading {gguf.name} (dequantizing)")
     folder, name = str(gguf.parent), gguf.name
     try:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from phi3cli.backends.base import GenerationSettings
 from phi3cli.errors import Phi3Error
 from phi3cli.generation import ReplyStats, TokenEvent, generate_text, stream_reply
+from tests.conftest import run_phi3
 
 
 def test_demo_is_phi3_architecture(demo_source):
@@ -95,3 +97,38 @@ def test_demo_build_failure_leaves_nothing(tmp_path, monkeypatch):
         ensure_demo(store)
     assert not store.source_dir("demo").exists()
     assert not any(p.name.startswith(".demo") for p in store.sources_dir.iterdir())
+
+
+@pytest.mark.slow
+def test_building_the_demo_shows_only_our_progress_lines(tmp_path):
+    # A fresh store: the real command fetches and builds the demo, then answers with it.
+    done = run_phi3("chat", "-m", "demo", "-b", "torch", "-n", "4", "Hi", env={"PHI3_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr
+    assert "Building the demo model" in done.stderr
+    assert "Converting and de-quantizing" not in done.stderr and "\r" not in done.stderr, done.stderr
+    assert re.search(r"^✓ Loading \S+\.gguf \(dequantizing\) \(\d+\.\d s\)$", done.stderr, re.M), done.stderr
+    for line in done.stderr.splitlines():  # each phase whole on its line, its time included
+        if line.startswith("✓"):
+            assert re.search(r"\(\d+\.\d s\)$", line), done.stderr
+
+
+def test_transformers_progress_bars_are_off_only_while_reading_a_gguf(capsys):
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as hf_logging
+
+    from phi3cli.demo import _transformers_quiet
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    try:
+        with _transformers_quiet():
+            assert not hf_logging.is_progress_bar_enabled()
+            assert list(gguf_reader.tqdm(range(3), desc="Converting")) == [0, 1, 2]  # still iterates
+        assert "Converting" not in capsys.readouterr().err
+        assert hf_logging.is_progress_bar_enabled() and gguf_reader.tqdm is tqdm
+        assert hf_logging.get_verbosity() == verbosity
+    finally:
+        if not was:
+            hf_logging.disable_progress_bar()

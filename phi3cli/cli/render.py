@@ -58,7 +58,9 @@ class RichProgress:
     def _finish_task(self) -> None:
         if self._progress and self._task is not None:
             task = self._progress.tasks[-1]
-            self.console.print(f"[green]✓[/] [dim]{escape(task.description)} ({task.elapsed or 0:.1f} s)[/]")
+            self.console.print(
+                f"[green]✓[/] [dim]{escape(task.description)} ({task.elapsed or 0:.1f} s)[/]", soft_wrap=True
+            )
             self._progress.remove_task(self._task)
             self._task = None
 
