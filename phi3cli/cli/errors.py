@@ -6,12 +6,16 @@ import functools
 import os
 import shlex
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
 from phi3cli.errors import DeviceUnavailableError, Phi3Error
 
 EXIT_INTERRUPTED = 130
+
+Outcome = tuple[str, str | None, int]  # message, hint, exit code
 
 
 def debug_enabled() -> bool:
@@ -33,22 +37,36 @@ def command_on(device: str, argv: list[str] | None = None) -> str:
     return shlex.join(["phi3", *args])
 
 
-def message_for(exc: BaseException) -> tuple[str, str | None, int]:
-    """(message, hint, exit code) for an exception reaching the command line."""
-    if isinstance(exc, DeviceUnavailableError) and exc.instead and not exc.hint:
-        return exc.message, f"Run it on the {exc.instead.upper()} instead: {command_on(exc.instead)}", exc.exit_code
-    if isinstance(exc, Phi3Error):
-        return exc.message, exc.hint, exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        return "Interrupted; nothing was left half-written.", None, EXIT_INTERRUPTED
-    if isinstance(exc, MemoryError):
-        return "Out of memory.", "Try a smaller --format (int4) or close other programs.", 1
+def _run_instead(exc: DeviceUnavailableError) -> str | None:
+    """The error's own hint, else the command that runs it on the device that is present."""
+    if exc.hint or not exc.instead:
+        return exc.hint
+    return f"Run it on the {exc.instead.upper()} instead: {command_on(exc.instead)}"
+
+
+def _unexpected(exc: BaseException) -> Outcome:
     text = str(exc).strip().splitlines()
     return (
         f"Unexpected error: {exc.__class__.__name__}: {text[0] if text else ''}",
         "Run again with --debug (or PHI3_DEBUG=1) for the traceback.",
         1,
     )
+
+
+# Exception type -> (message, hint, exit code); the first type the exception is an instance of wins, so the most
+# specific types come first (as huggingface_hub's CLI maps its errors).
+RULES: tuple[tuple[type[BaseException], Callable[[Any], Outcome]], ...] = (
+    (DeviceUnavailableError, lambda exc: (exc.message, _run_instead(exc), exc.exit_code)),
+    (Phi3Error, lambda exc: (exc.message, exc.hint, exc.exit_code)),
+    (KeyboardInterrupt, lambda exc: ("Interrupted; nothing was left half-written.", None, EXIT_INTERRUPTED)),
+    (MemoryError, lambda exc: ("Out of memory.", "Try a smaller --format (int4) or close other programs.", 1)),
+    (BaseException, _unexpected),
+)
+
+
+def message_for(exc: BaseException) -> Outcome:
+    """(message, hint, exit code) for an exception reaching the command line."""
+    return next(rule(exc) for kind, rule in RULES if isinstance(exc, kind))
 
 
 def user_errors(command):
