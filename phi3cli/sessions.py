@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from phi3cli.backends.base import GenerationSettings
+from phi3cli.backends.base import DEVICES, GenerationSettings
 from phi3cli.chat import ChatSession
 from phi3cli.errors import SessionFileError
 from phi3cli.util import write_atomically
@@ -156,3 +156,53 @@ def restore(session: ChatSession, saved: SavedSession) -> None:
     session.system = saved.system
     session.settings = GenerationSettings(**asdict(saved.settings))
     session.last_stats = None
+
+
+@dataclass
+class ResumeChoice:
+    """What a chat runs with: the options given, and for those left unset what the resumed file decides."""
+
+    model: str | None
+    backend: str | None
+    format: str | None
+    device: str  # auto, cpu, gpu or npu
+    settings: GenerationSettings
+    from_file: dict[str, str] = field(default_factory=dict)  # flag -> the file's value, for errors to name the flag
+
+
+def resume_choice(
+    saved: SavedSession | None,
+    *,
+    model: str | None = None,
+    backend: str | None = None,
+    format: str | None = None,
+    device: str = "auto",
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> ResumeChoice:
+    """Merge a saved session with the user's options: the options given (not None, device not auto) win."""
+    from_file = {}
+    if saved:
+        from_file = {
+            flag: value
+            for flag, value, given in (
+                ("--model", saved.model, model),
+                ("--backend", saved.backend, backend),
+                ("--format", saved.format, format),
+                ("--device", saved.device, None if device == "auto" else device),
+            )
+            if given is None and value and value != "auto"
+        }
+        model = model or saved.model
+        backend = backend or saved.backend
+        format = format or saved.format
+        if "--device" in from_file and saved.device in DEVICES:
+            device = saved.device
+    settings = GenerationSettings(**(saved.settings.__dict__ if saved else {}))
+    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    for name, value in given.items():
+        if value is not None:
+            setattr(settings, name, value)
+    return ResumeChoice(model, backend, format, device, settings, from_file)

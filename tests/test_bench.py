@@ -11,7 +11,13 @@ import pytest
 
 from phi3cli.bench import report as schema
 from phi3cli.bench.compare import parse_margin
-from phi3cli.bench.config import BenchSettings, Configuration, plan_configurations
+from phi3cli.bench.config import (
+    BenchSettings,
+    Configuration,
+    baseline_configurations,
+    plan_configurations,
+    settings_with_baseline,
+)
 from phi3cli.bench.quality import agreement, agreement_prompts, perplexity_text
 from phi3cli.bench.stats import summarize
 from phi3cli.devices import DeviceReport
@@ -243,6 +249,27 @@ def test_plan_lists_what_cannot_run_here():
     assert explicit[Configuration("openvino", "npu", "int4")] is None  # asked for by name: attempted
     with pytest.raises(Phi3Error, match="Unknown backend"):
         plan_configurations(report, backends=["nope"])
+
+
+def test_compare_fills_unset_settings_from_the_baseline():
+    was = BenchSettings([64, 128], gen_tokens=32, warmup=0, repetitions=3, threads=2, timeout_s=60.0, quality=False)
+    baseline = {"settings": {**was.as_dict(), "quality_tokens": 16}}
+    settings = settings_with_baseline(baseline, repetitions=7, quality=True, timeout_s=300.0)
+    assert settings == BenchSettings([64, 128], 32, 0, 7, 2, timeout_s=300.0, quality=True, quality_tokens=16)
+    assert settings_with_baseline(baseline, prompt_tokens=[8]).timeout_s == 900.0  # the run's own, not the baseline's
+    assert settings_with_baseline(None) == BenchSettings()
+    assert settings_with_baseline({"settings": {}}, gen_tokens=4).gen_tokens == 4
+    with pytest.raises(Phi3Error, match="--repetitions"):
+        settings_with_baseline({"settings": {"repetitions": 0}})  # checked, whoever decided it
+
+
+def test_compare_plans_the_configurations_the_baseline_measured():
+    report = DeviceReport(cpu="test", present={"torch": ["cpu"], "openvino": ["cpu"], "onnx": ["cpu"]})
+    results = [("torch", "cpu", "fp32", "ok"), ("onnx", "cpu", "int4", "failed"), ("openvino", "npu", "int4", "ok")]
+    baseline = {"results": [dict(backend=b, device=d, format=f, status=s) for b, d, f, s in results]}
+    planned = {p.config: p.skip for p in baseline_configurations(report, baseline)}
+    # Failed rows are not planned again; a device the baseline had is attempted (the runtime says why not).
+    assert planned == {Configuration("torch", "cpu", "fp32"): None, Configuration("openvino", "npu", "int4"): None}
 
 
 def test_agreement_counts_positions_and_missing_tokens():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import termios
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -20,7 +21,7 @@ from phi3cli.backends.base import GenerationSettings
 from phi3cli.chat import ChatSession, HistoryTrimmed
 from phi3cli.errors import SessionFileError
 from phi3cli.generation import ReplyStats, prompt_budget
-from phi3cli.sessions import SCHEMA, load_session, restore, save_session, snapshot
+from phi3cli.sessions import SCHEMA, SavedSession, load_session, restore, resume_choice, save_session, snapshot
 from tests.conftest import run_phi3
 
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the two cities is bigger?"]
@@ -147,6 +148,36 @@ def test_cli_session_naming_a_missing_model_suggests_model(demo_source, tmp_path
     done = run_phi3("chat", "--resume", path, "--model", "demo", "-n", "8", "What is the capital of France?")
     assert done.returncode == 0, done.stderr
     assert "Resumed" in done.stderr
+
+
+def test_resume_choice_takes_from_the_file_what_the_options_leave_unset():
+    saved = SavedSession(
+        model="demo",
+        backend="onnx",
+        device="cpu",
+        executed_device="CPU",
+        format="int4",
+        settings=GenerationSettings(max_new_tokens=64, temperature=0.5, seed=3),
+    )
+    chosen = resume_choice(saved, format="fp32", temperature=0.0)
+    assert (chosen.model, chosen.backend, chosen.format, chosen.device) == ("demo", "onnx", "fp32", "cpu")
+    assert chosen.from_file == {"--model": "demo", "--backend": "onnx", "--device": "cpu"}  # not --format: given
+    assert chosen.settings == GenerationSettings(max_new_tokens=64, temperature=0.0, seed=3)
+    assert saved.settings.temperature == 0.5  # the file's settings are copied, not changed
+
+    given = resume_choice(saved, model="other", backend="torch", device="npu", max_new_tokens=8, top_p=0.9, seed=1)
+    assert (given.model, given.backend, given.device) == ("other", "torch", "npu")
+    assert given.from_file == {"--format": "int4"}
+    assert (given.settings.max_new_tokens, given.settings.top_p, given.settings.seed) == (8, 0.9, 1)
+
+    # An "auto" or unknown device in the file leaves the device to routing; an unknown one is still named.
+    assert resume_choice(replace(saved, device="auto")).device == "auto"
+    odd = resume_choice(replace(saved, device="xpu"))
+    assert odd.device == "auto" and odd.from_file["--device"] == "xpu"
+
+    fresh = resume_choice(None, model="demo", seed=5)
+    assert (fresh.model, fresh.backend, fresh.format, fresh.device, fresh.from_file) == ("demo", None, None, "auto", {})
+    assert fresh.settings == GenerationSettings(seed=5)
 
 
 def test_history_trimming_respects_a_prompt_limit(torch_model, monkeypatch):

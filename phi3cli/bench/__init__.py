@@ -9,7 +9,14 @@ Every figure comes from phi3cli.generation's stream_reply, the path `phi3 chat` 
 from __future__ import annotations
 
 from .compare import Finding, compare, parse_margin
-from .config import BenchSettings, Configuration, PlannedConfiguration, plan_configurations
+from .config import (
+    BenchSettings,
+    Configuration,
+    PlannedConfiguration,
+    baseline_configurations,
+    plan_configurations,
+    settings_with_baseline,
+)
 from .report import SCHEMA, load_report, to_csv, to_json, to_markdown
 from .runner import run_bench
 
@@ -19,11 +26,13 @@ __all__ = [
     "Configuration",
     "Finding",
     "PlannedConfiguration",
+    "baseline_configurations",
     "compare",
     "load_report",
     "parse_margin",
     "plan_configurations",
     "run_bench",
+    "settings_with_baseline",
     "to_csv",
     "to_json",
     "to_markdown",

@@ -173,6 +173,56 @@ def default_configuration(report: DeviceReport, source: ModelSource | None = Non
     return Configuration(route.backend, route.device, fmt)
 
 
+def settings_with_baseline(
+    baseline: dict | None,
+    *,
+    prompt_tokens: list[int] | None = None,
+    gen_tokens: int | None = None,
+    warmup: int | None = None,
+    repetitions: int | None = None,
+    threads: int | None = None,
+    quality: bool | None = None,
+    quality_tokens: int | None = None,
+    timeout_s: float | None = None,
+) -> BenchSettings:
+    """Checked settings: the options given (not None), the --compare baseline's for those unset, else the defaults.
+
+    The timeout is this run's own, never the baseline's.
+    """
+    base = baseline["settings"] if baseline else {}
+    default = BenchSettings()
+
+    def pick(value, key):
+        return value if value is not None else base.get(key, getattr(default, key))
+
+    settings = BenchSettings(
+        prompt_tokens=prompt_tokens or list(base.get("prompt_tokens", default.prompt_tokens)),
+        gen_tokens=pick(gen_tokens, "gen_tokens"),
+        warmup=pick(warmup, "warmup"),
+        repetitions=pick(repetitions, "repetitions"),
+        threads=pick(threads, "threads"),
+        timeout_s=timeout_s if timeout_s is not None else default.timeout_s,
+        quality=pick(quality, "quality"),
+        quality_tokens=pick(quality_tokens, "quality_tokens"),
+    )
+    settings.validate()
+    return settings
+
+
+def baseline_configurations(
+    report: DeviceReport, baseline: dict, source: ModelSource | None = None
+) -> list[PlannedConfiguration]:
+    """The configurations the baseline measured (failed ones left out), each planned against this machine."""
+    return [
+        item
+        for r in baseline["results"]
+        if r["status"] == "ok"
+        for item in plan_configurations(
+            report, backends=[r["backend"]], devices=[r["device"]], formats=[r["format"]], source=source
+        )
+    ]
+
+
 def sort_key(config: Configuration) -> tuple:
     """NPU, then GPU, then CPU; backends in registry order; formats in each backend's own order."""
     specs = registry()

@@ -135,7 +135,14 @@ def bench(
     Each configuration runs in its own process, on the code path `phi3 chat` uses, with a new synthetic prompt
     every run. Figures are mean ± standard deviation. Missing variants are converted into the model store first.
     """
-    from phi3cli.bench import BenchSettings, load_report, parse_margin, plan_configurations, run_bench
+    from phi3cli.bench import (
+        baseline_configurations,
+        load_report,
+        parse_margin,
+        plan_configurations,
+        run_bench,
+        settings_with_baseline,
+    )
     from phi3cli.bench import compare as compare_reports
 
     margin = parse_margin(max_regression)
@@ -145,22 +152,17 @@ def bench(
     if load:
         report = load_report(load)
     else:
-        base = baseline["settings"] if baseline else {}
-
-        def pick(value, key, default):
-            return value if value is not None else base.get(key, default)
-
-        settings = BenchSettings(
-            prompt_tokens=_ints(prompt_tokens, "--prompt-tokens") or list(base.get("prompt_tokens", [512])),
-            gen_tokens=pick(gen_tokens, "gen_tokens", 128),
-            warmup=pick(warmup, "warmup", 1),
-            repetitions=pick(repetitions, "repetitions", 5),
-            threads=pick(threads, "threads", None),
+        settings = settings_with_baseline(
+            baseline,
+            prompt_tokens=_ints(prompt_tokens, "--prompt-tokens"),
+            gen_tokens=gen_tokens,
+            warmup=warmup,
+            repetitions=repetitions,
+            threads=threads,
+            quality=quality,
+            quality_tokens=agreement_tokens,
             timeout_s=timeout,
-            quality=pick(quality, "quality", True),
-            quality_tokens=pick(agreement_tokens, "quality_tokens", 64),
         )
-        settings.validate()
         spec = model or (baseline["model"]["spec"] if baseline else DEFAULT_MODEL)
         selected = bool(backend or device or format or everything)
         from phi3cli.bench.config import default_configuration
@@ -172,14 +174,7 @@ def bench(
             progress.phase("Looking for devices")
             found = probe()
             if baseline and not selected:  # the baseline's configurations, each checked against this machine
-                planned = [
-                    item
-                    for r in baseline["results"]
-                    if r["status"] == "ok"
-                    for item in plan_configurations(
-                        found, backends=[r["backend"]], devices=[r["device"]], formats=[r["format"]], source=source
-                    )
-                ]
+                planned = baseline_configurations(found, baseline, source)
             else:
                 planned = plan_configurations(
                     found,

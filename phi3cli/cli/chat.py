@@ -41,7 +41,15 @@ from phi3cli.errors import (
     UnsupportedModelError,
 )
 from phi3cli.generation import ReplyStats, TokenEvent, open_model, prompt_budget
-from phi3cli.sessions import SavedSession, check_saveable, load_session, restore, save_session, snapshot
+from phi3cli.sessions import (
+    SavedSession,
+    check_saveable,
+    load_session,
+    restore,
+    resume_choice,
+    save_session,
+    snapshot,
+)
 from phi3cli.sources import DEFAULT_MODEL
 
 HELP = """\
@@ -140,23 +148,19 @@ def chat(
     saved = load_session(resume) if resume else None
     if save:
         check_saveable(save)
-    if saved:
-        # What the file decides (the user's options win): named in errors, so the user knows which flag overrides it.
-        from_file = {
-            flag: value
-            for flag, value, given in (
-                ("--model", saved.model, model),
-                ("--backend", saved.backend, backend),
-                ("--format", saved.format, format),
-                ("--device", saved.device, None if device == DeviceChoice.auto else device),
-            )
-            if given is None and value and value != "auto"
-        }
-        model = model or saved.model
-        backend = backend or saved.backend
-        format = format or saved.format
-        if "--device" in from_file and saved.device in DeviceChoice.__members__:
-            device = DeviceChoice(saved.device)
+    chosen = resume_choice(
+        saved,
+        model=model,
+        backend=backend,
+        format=format,
+        device=device.value,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    model, backend, format, device = chosen.model, chosen.backend, chosen.format, DeviceChoice(chosen.device)
+    from_file = chosen.from_file  # named in errors, so the user knows which flag overrides the file
     model = model or DEFAULT_MODEL
     try:
         with RichProgress() as progress:
@@ -185,13 +189,7 @@ def chat(
         raise
     if device == DeviceChoice.auto:
         err_console.print(f"[dim]{escape(route.reason)}[/]", soft_wrap=True)
-    settings = GenerationSettings(**(saved.settings.__dict__ if saved else {}))
-    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p)):
-        if value is not None:
-            setattr(settings, name, value)
-    if seed is not None:
-        settings.seed = seed
-    session = ChatSession(loaded, settings)
+    session = ChatSession(loaded, chosen.settings)
     state = _ChatState(session, model, device.value, autosave=save, file=resume)
     if saved:
         restore(session, saved)
