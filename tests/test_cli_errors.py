@@ -53,7 +53,8 @@ def test_out_of_memory_suggests_a_smaller_format():
     ("exc", "message"),
     [
         (ValueError("bad value\nsecond line"), "Unexpected error: ValueError: bad value"),
-        (RuntimeError(), "Unexpected error: RuntimeError: "),
+        (RuntimeError("Exception from src/core/x.cpp:12:\nno kernel"), "Unexpected error: RuntimeError: no kernel"),
+        (RuntimeError(), "Unexpected error: RuntimeError"),
     ],
 )
 def test_anything_else_is_unexpected_with_the_debug_hint(exc, message):

@@ -45,9 +45,10 @@ def _run_instead(exc: DeviceUnavailableError) -> str | None:
 
 
 def _unexpected(exc: BaseException) -> Outcome:
-    text = str(exc).strip().splitlines()
+    from phi3cli.util import first_line  # on the error path only: keeps `phi3 --help` light
+
     return (
-        f"Unexpected error: {exc.__class__.__name__}: {text[0] if text else ''}",
+        f"Unexpected error: {first_line(exc, typed=True)}",
         "Run again with --debug (or PHI3_DEBUG=1) for the traceback.",
         1,
     )
