@@ -141,16 +141,20 @@ def list_repo(repo: str, revision: str | None = None) -> RepoListing:
     """The repo's files: from the hub (with sizes), or offline (or when the hub cannot be reached) its cached snapshot."""
     if not offline():
         from huggingface_hub import HfApi
-        from requests.exceptions import ConnectionError as RequestsConnectionError
-        from requests.exceptions import Timeout
 
         try:
             with hub_errors(repo, revision):
                 info = HfApi().model_info(repo, revision=revision, files_metadata=True)
             return RepoListing(repo, info.sha, {s.rfilename: s.size for s in info.siblings or []}, False)
-        except OfflineError as exc:
-            if not isinstance(exc.__cause__, (RequestsConnectionError, Timeout)):
-                raise
+        except OfflineError as unreachable:  # as huggingface-hub does: the cached snapshot, if there is one
+            try:
+                return _cached_listing(repo, revision)
+            except OfflineError:
+                raise unreachable from None
+    return _cached_listing(repo, revision)
+
+
+def _cached_listing(repo: str, revision: str | None) -> RepoListing:
     snapshot = fetch(repo, revision, [], cached=True)
     files = {
         p.relative_to(snapshot).as_posix(): p.stat().st_size

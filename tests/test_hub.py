@@ -64,13 +64,16 @@ def test_an_ir_repo_runs_by_its_id(hub_env):
 
 
 def test_a_multi_variant_onnx_repo_picks_the_cpu_folder(hub_env):
-    done = run_phi3("chat", "-m", ONNX_REPO, "-d", "cpu", "-n", "24", QUESTION, env=hub_env)
+    unreachable = {**hub_env, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # read from the cache
+    done = run_phi3("chat", "-m", ONNX_REPO, "-d", "cpu", "-n", "24", QUESTION, env=unreachable)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout and "onnx on CPU" in done.stderr
     picked = next(line for line in done.stderr.splitlines() if "running" in line)
     assert f"running {CPU_DIR} (int4, built for cpu" in picked and f"it also has {DML_DIR}" in picked
     assert f"--model {ONNX_REPO}:SUBFOLDER" in picked
     assert "targets DirectML" not in done.stderr
+    missing = run_phi3("chat", "-m", "acme/not-cached", "Hi", env=unreachable)
+    assert missing.returncode == 1 and "Could not download acme/not-cached" in missing.stderr, missing.stderr
 
 
 def test_repo_colon_subfolder_picks_the_other(hub_env):
