@@ -241,7 +241,7 @@ def open_model(
 
     store = store or ModelStore()
     progress = progress or SilentProgress()
-    source = resolve_source(model, store, progress=progress)
+    source = resolve_source(model, store, progress=progress, device=device, backend=backend)
     report = probe(backends_to_probe(device, backend or source.runtime))
     route = choose_route(report, device=device, backend=backend, runtime=source.runtime)
     request = LoadRequest(

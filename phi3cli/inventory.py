@@ -140,6 +140,9 @@ class StoreInventory:
         target = target.strip()
         entries = self.entries()
         path = Path(target).expanduser()
+        by_spec = [e for e in entries if e.variant and e.variant.source_spec == target and not path.exists()]
+        if by_spec:  # a hub id (OWNER/NAME) as given to convert, not a path
+            return by_spec
         if path.is_absolute() or "/" in target or os.sep in target:
             if not path.is_absolute() and not path.exists():
                 path = self.store.root / path  # relative to the store root, as `models list` shows it

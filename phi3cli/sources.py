@@ -1,4 +1,4 @@
-"""Model sources: a Hugging Face id, a local folder, a .gguf file, a runtime folder, or `demo`.
+"""Model sources: a Hugging Face id (phi3cli.hub), a local folder, a .gguf file, a runtime folder, or `demo`.
 
 Resolving a source never imports torch or transformers: it reads config files only. Materialising a
 .gguf or building the demo model does, inside the functions that need it.
@@ -7,13 +7,11 @@ Resolving a source never imports torch or transformers: it reads config files on
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi3cli.backends import registry, runtime_of_folder
-from phi3cli.errors import ModelNotFoundError, OfflineError, Phi3Error, UnsupportedModelError
+from phi3cli.errors import ModelNotFoundError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.store import ModelStore
 from phi3cli.util import short_hash, slugify
@@ -24,9 +22,6 @@ SUPPORTED_HELP = (
     "phi3 runs the Phi-3 architecture (config model_type 'phi3', Phi3ForCausalLM): Phi-3-mini/medium, "
     "Phi-3.5-mini and Phi-4-mini, or `demo`"
 )
-# Only what a Phi-3 checkpoint needs; safetensors only, never pickled weights.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Kinds of source that are Hugging Face models (any other kind is the name of the backend whose folder it is).
 HF_KINDS = ("demo", "hub", "folder", "gguf")
 
@@ -102,8 +97,13 @@ def resolve_source(
     *,
     progress: Progress | None = None,
     revision: str | None = None,
+    device: str = "auto",
+    backend: str | None = None,
 ) -> ModelSource:
-    """Turn what the user typed into a ModelSource, downloading or building it if needed."""
+    """Turn what the user typed into a ModelSource, downloading or building it if needed.
+
+    device and backend are those asked: of a hub repo with several ready-to-run folders, they pick one.
+    """
     spec = spec or DEFAULT_MODEL
     store = store or ModelStore()
     progress = progress or SilentProgress()
@@ -137,58 +137,17 @@ def resolve_source(
             check_architecture(path / "config.json", spec)
         resolved = path.resolve()
         return ModelSource(spec, kind, resolved, f"local--{slugify(path.name)}-{short_hash(str(resolved))}")
-    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+    from phi3cli.hub import parse_hub_id, resolve_hub
+
+    if (hub_id := parse_hub_id(spec)) is None:
         raise ModelNotFoundError(
-            f"No model named {spec!r}: it is not a file, a folder, or a Hugging Face id (owner/name).",
+            f"No model named {spec!r}: it is not a file, a folder, or a Hugging Face id (owner/name[:subfolder]).",
             hint="Try `--model demo` for the built-in demo model.",
         )
-    folder = download_from_hub(spec, revision=revision)
-    check_architecture(folder / "config.json", spec)
-    return ModelSource(spec, "hub", folder, f"hub--{slugify(spec)}" + (f"@{slugify(revision)}" if revision else ""))
-
-
-def download_from_hub(repo_id: str, *, revision: str | None = None) -> Path:
-    """Download (or find in the hub cache) the safetensors checkpoint of a hub model.
-
-    huggingface-hub resumes partial downloads, shows its own progress bars, and honours
-    HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        folder = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline)
-        )
-    except GatedRepoError as exc:
-        raise ModelNotFoundError(
-            f"{repo_id} is gated on the hub.", hint="Accept its licence on the hub, then `hf auth login`."
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelNotFoundError(f"{repo_id} does not exist on the Hugging Face hub (or is private).") from exc
-    except RevisionNotFoundError as exc:
-        raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}.") from exc
-    except LocalEntryNotFoundError as exc:
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
-        raise OfflineError(
-            f"{repo_id} is not in the local hub cache and {why}.",
-            hint="Connect and retry, point --model at a local folder, or use `--model demo`.",
-        ) from exc
-    except OSError as exc:  # connection errors surface as requests/httpx OSError subclasses
-        raise OfflineError(
-            f"Could not download {repo_id}: {exc.__class__.__name__}.",
-            hint="Check the connection, or use a local folder or `--model demo`.",
-        ) from exc
-    if not (folder / "config.json").is_file():
-        raise UnsupportedModelError(f"{repo_id} has no config.json; it is not a transformers model.")
-    if not any(folder.glob("*.safetensors")):
-        raise UnsupportedModelError(
-            f"{repo_id} publishes no .safetensors weights; phi3 does not load pickled checkpoints.",
-        )
-    return folder
+    hub = resolve_hub(*hub_id, store=store, revision=revision, device=device, backend=backend, progress=progress)
+    slug = f"hub--{slugify(hub.repo)}" + (f"--{slugify(hub.variant)}" if hub.variant else "")
+    slug += f"@{slugify(revision)}" if revision else ""
+    if hub.runtime:  # a folder a backend runs as it is
+        return ModelSource(spec, hub.runtime, hub.folder, slug)
+    check_architecture(hub.folder / "config.json", spec)
+    return ModelSource(spec, "hub", hub.folder, slug)

@@ -94,6 +94,16 @@ def dir_size(path: Path) -> int:
     return total
 
 
+def human_size(n: int) -> str:
+    """Bytes in binary units, as `du -h` shows them."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 from phi3cli.errors import BackendUnavailableError, Phi3Error
 
@@ -40,6 +41,9 @@ class BackendSpec:
     preference: tuple[tuple[str, int], ...] = ()
     auto: bool = True  # whether routing may pick it when no --backend is named
     marker: str | None = None  # the file that marks a folder in its own format; None: it runs Hugging Face folders
+    # For a folder in its own format, read from its marker file alone (before its weights are downloaded): the
+    # devices it is built to run on here. None: every device in `devices` (an IR runs wherever OpenVINO does).
+    folder_devices: Callable[[Path], tuple[str, ...]] | None = None
     # What it found here: () -> (devices present, what it saw). Imports only the runtime's light entry module.
     probe: Callable[[], tuple[list[str], str]] | None = None
     probe_label: str = ""  # what the probe asks, for messages ("OpenVINO's device list")

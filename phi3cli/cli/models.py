@@ -15,29 +15,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from phi3cli.cli.errors import user_errors
-from phi3cli.errors import Phi3Error
+from phi3cli.errors import Phi3Error, StoreEntryNotFoundError
+from phi3cli.hub_cache import HubUse, delete_from_cache, find_hub_uses, hub_uses
 from phi3cli.inventory import StoreEntry, StoreInventory
 from phi3cli.store import ModelStore
+from phi3cli.util import human_size
 
 models_app = typer.Typer(
     name="models",
-    help="List, locate, remove and prune the models phi3 built (converted variants, the demo model, caches).",
+    help="List, locate, remove and prune the models phi3 built (converted variants, the demo model, caches), "
+    "and list the hub models it ran from the Hugging Face hub cache.",
     no_args_is_help=True,
 )
 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")]
 
 KIND_LABEL = {"source": "source", "cache": "runtime cache", "broken": "broken", "partial": "half-built"}
-
-
-def human_size(n: int) -> str:
-    """Bytes in binary units, as `du -h` shows them."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _when(t: float | None) -> str:
@@ -137,6 +130,38 @@ def _table(rows: list[tuple[StoreEntry, int]], title: str | None = None, reasons
     return Group(table, *(f"[dim]\\[{n}][/] {text}" for n, text in enumerate(notes, 1)))
 
 
+def _hub_json(use: HubUse, size: int) -> dict:
+    return {
+        "id": use.id,
+        "repo": use.repo,
+        "variant": use.variant,
+        "runs_with": use.runtime or None,
+        "revision": use.revision,
+        "path": use.path,
+        "size_bytes": size,
+        "status": use.status,
+        "last_used": use.last_used,
+    }
+
+
+def _hub_table(rows: list[tuple[HubUse, int]], title: str):
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True
+    )
+    table.add_column("id", no_wrap=True)
+    table.add_column("repo\n  folder", min_width=20, overflow="fold")
+    table.add_column("runs as", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("last used", no_wrap=True)
+    table.add_column("status", min_width=6)
+    for use, size in rows:
+        status = "[green]ok[/]" if use.status == "ok" else f"[yellow]{escape(use.status)}[/]"
+        what = f"{use.runtime} folder" if use.runtime else "checkpoint"
+        name = escape(use.repo) + (f"\n  {escape(use.variant)}" if use.variant else "")
+        table.add_row(use.id, name, what, human_size(size), _when(use.last_used), status)
+    return table
+
+
 @models_app.command("list")
 @user_errors
 def list_models(
@@ -146,12 +171,20 @@ def list_models(
 
     Sizes are the blocks allocated on disk, as `du` counts them; the total is that of the whole store folder.
     Broken entries (no valid variant.json) and half-built ones are listed too: remove them with `rm` or `prune`.
+    Hub models phi3 ran (a repo's checkpoint, or a ready-to-run folder of it) are listed below, with their size in
+    the Hugging Face hub cache, which phi3 does not own: `rm --hub-cache` deletes from it.
     """
     inventory = StoreInventory(ModelStore())
     rows = [(entry, entry.size) for entry in inventory.entries()]
     total = inventory.total_size()
+    hub = [(use, use.size()) for use in hub_uses(inventory.store)]
     if as_json:
-        data = {"root": str(inventory.store.root), "total_bytes": total, "entries": [_entry_json(e, n) for e, n in rows]}
+        data = {
+            "root": str(inventory.store.root),
+            "total_bytes": total,
+            "entries": [_entry_json(e, n) for e, n in rows],
+            "hub": [_hub_json(u, n) for u, n in hub],
+        }
         try:
             print(json.dumps(data, indent=2), flush=True)
         except BrokenPipeError:  # `phi3 models list --json | head`
@@ -161,15 +194,23 @@ def list_models(
     console = Console(highlight=False, soft_wrap=True)
     if not rows:
         console.print(f"The model store at {inventory.store.root} is empty.")
-        return
-    console.print(_table(rows, title=f"Model store: {inventory.store.root}"))
-    variants = [n for e, n in rows if e.kind == "variant"]
-    listed = sum(n for _, n in rows)
-    console.print(
-        f"{len(variants)} variant{'' if len(variants) == 1 else 's'}: {human_size(sum(variants))} · "
-        f"everything listed: {human_size(listed)} · folders, locks and manifests: {human_size(total - listed)}\n"
-        f"[bold]Store total: {human_size(total)}[/] ({total} bytes, as `du -s --block-size=1` counts)"
-    )
+    else:
+        console.print(_table(rows, title=f"Model store: {inventory.store.root}"))
+        variants = [n for e, n in rows if e.kind == "variant"]
+        listed = sum(n for _, n in rows)
+        console.print(
+            f"{len(variants)} variant{'' if len(variants) == 1 else 's'}: {human_size(sum(variants))} · "
+            f"everything listed: {human_size(listed)} · folders, locks and manifests: {human_size(total - listed)}\n"
+            f"[bold]Store total: {human_size(total)}[/] ({total} bytes, as `du -s --block-size=1` counts)"
+        )
+    if hub:
+        roots = sorted({str(u.cache_root) for u, _ in hub})
+        console.print()
+        console.print(_hub_table(hub, title=f"Hub models phi3 ran, in the Hugging Face hub cache: {', '.join(roots)}"))
+        console.print(
+            f"{len(hub)} hub model{'' if len(hub) == 1 else 's'}: {human_size(sum(n for _, n in hub))}, not in the "
+            "store total; the hub cache is shared with other tools: `phi3 models rm ID --hub-cache` deletes one."
+        )
 
 
 @models_app.command("path")
@@ -208,8 +249,7 @@ def _confirm(question: str, yes: bool) -> None:
         raise typer.Exit(1)
 
 
-def _remove(inventory: StoreInventory, entries: list[StoreEntry], console: Console) -> None:
-    freed = 0
+def _remove(inventory: StoreInventory, entries: list[StoreEntry], console: Console, freed: int = 0) -> None:
     for entry in entries:
         freed += inventory.remove(entry)
         console.print(f"[green]Removed[/] {entry.id} {entry.path}")
@@ -227,29 +267,73 @@ def rm(
         ),
     ],
     yes: YesOpt = False,
+    hub_cache: Annotated[
+        bool,
+        typer.Option(
+            "--hub-cache",
+            help="Also delete the hub models named (listed under the hub cache) from the Hugging Face hub cache, "
+            "which other tools share. Without it, phi3 never deletes from that cache.",
+        ),
+    ] = False,
 ) -> None:
-    """Remove variants (or a source's materialised model, a cache, a broken entry). Asks unless --yes."""
+    """Remove variants (or a source's materialised model, a cache, a broken entry). Asks unless --yes.
+
+    A hub model phi3 ran (`OWNER/NAME`, `OWNER/NAME:SUBFOLDER` or its id) is deleted from the hub cache only
+    with --hub-cache.
+    """
     inventory = StoreInventory(ModelStore())
     chosen: dict[str, StoreEntry] = {}
+    hub: dict[str, HubUse] = {}
     for target in targets:
-        for entry in inventory.find_entries(target):
+        in_hub = find_hub_uses(inventory.store, target)
+        try:
+            found = inventory.find_entries(target)
+        except StoreEntryNotFoundError:
+            if not in_hub:
+                raise
+            found = []
+        if in_hub and not hub_cache and not found:
+            raise Phi3Error(
+                f"{target} is in the Hugging Face hub cache ({in_hub[0].cache_root}), which other tools share; "
+                "phi3 deletes from it only when asked.",
+                hint=f"phi3 models rm {target} --hub-cache",
+            )
+        for entry in found:
             chosen[entry.id] = entry
+        for use in in_hub:
+            hub[use.id] = use
     busy = [e for e in chosen.values() if not e.removable]
     if busy:
         raise Phi3Error(
             f"{busy[0].path} is being built right now ({busy[0].status}); it cannot be removed until that build ends."
         )
     rows = [(e, e.size) for e in chosen.values()]
+    hub_rows = [(u, u.size()) for u in hub.values()] if hub_cache else []
     console = Console(highlight=False, soft_wrap=True)
-    console.print(_table(rows, title="To remove"))
+    if rows:
+        console.print(_table(rows, title="To remove"))
+    if hub_rows:
+        console.print(_hub_table(hub_rows, title="To delete from the Hugging Face hub cache"))
+    for use in hub.values():
+        if not hub_cache:
+            console.print(f"[dim]Kept {use.name} in the hub cache ({use.id}); add --hub-cache to delete it too.[/]")
     kept_sources = {e.source for e in chosen.values() if e.kind == "variant"} - {
         e.source for e in chosen.values() if e.kind == "source"
     }
     for entry in inventory.entries():
         if entry.kind == "source" and entry.source in kept_sources:
             console.print(f"[dim]Kept the source model {entry.source} ({entry.id}); name its id to remove it too.[/]")
-    _confirm(f"Remove {_count(rows)} ({human_size(sum(n for _, n in rows))})?", yes)
-    _remove(inventory, list(chosen.values()), console)
+    count = _count(rows + hub_rows)
+    _confirm(f"Remove {count} ({human_size(sum(n for _, n in rows + hub_rows))})?", yes)
+    _remove(inventory, list(chosen.values()), console, freed=_delete_hub(inventory.store, hub_rows, console))
+
+
+def _delete_hub(store: ModelStore, rows: list[tuple[HubUse, int]], console: Console) -> int:
+    freed = 0
+    for use, _ in rows:
+        freed += delete_from_cache(store, use)
+        console.print(f"[green]Deleted from the hub cache[/] {use.id} {escape(use.name)}")
+    return freed
 
 
 @models_app.command("prune")

@@ -20,8 +20,9 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Hugging Face id, local model folder, .gguf file, a folder made by `phi3 convert`, or `demo` "
-        "(a 135M Phi-3-architecture model built offline).",
+        help="Hugging Face id (a safetensors checkpoint, or a repo of ready-to-run IR or ONNX folders, run as "
+        "they are: OWNER/NAME:SUBFOLDER picks one of several), local model folder, .gguf file, a folder made by "
+        "`phi3 convert`, or `demo` (a 135M Phi-3-architecture model built offline).",
     ),
 ]
 DeviceOpt = Annotated[

@@ -8,6 +8,9 @@ build (the model builder), quantize (the int4 quantizer), backend (the facade).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from phi3cli.backends import BackendSpec
 
 
@@ -21,6 +24,24 @@ def probe() -> tuple[list[str], str]:
     return devices, "ONNX Runtime GenAI providers: " + ", ".join(providers + ["CPU"]) + missing
 
 
+def folder_devices(folder: Path) -> tuple[str, ...]:
+    """What a folder's genai_config.json builds it for: the CPU when it names no provider, the GPU when this ONNX
+    Runtime GenAI has every provider it names, nothing when it names one missing here (cleared, it runs on the CPU)."""
+    from phi3cli.backends.onnx.providers import available_providers, configured_providers
+
+    try:
+        configured = configured_providers(json.loads((folder / "genai_config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ()
+    if not configured:
+        return ("cpu",)
+    try:
+        available = available_providers()
+    except ImportError:
+        available = set()
+    return ("gpu",) if set(configured) <= available else ()
+
+
 SPEC = BackendSpec(
     name="onnx",
     factory="phi3cli.backends.onnx.backend:OnnxBackend",
@@ -31,6 +52,7 @@ SPEC = BackendSpec(
     description="ONNX Runtime GenAI (CPU, CUDA, DirectML) on its model builder's output",
     preference=(("gpu", 30), ("cpu", 50)),
     marker="genai_config.json",
+    folder_devices=folder_devices,
     probe=probe,
     probe_label="ONNX Runtime GenAI's providers",
     convert_targets=("cpu", "dml", "cuda"),
