@@ -134,3 +134,29 @@ def test_clients_that_disconnect_free_their_sequences_at_once(server, alone):
     assert answers == [alone[q] for q in QUESTIONS[:4]]
     text = server.wait_for_log("cancelled: client went away")
     assert text.count("cancelled: client went away") - before == 8
+
+
+def test_one_sequence_serves_on_the_chat_pipeline_with_its_answers(demo_source, store, tmp_path):
+    """--max-sequences 1: one request at a time on LLMPipeline, so greedy answers are those of `phi3 chat`."""
+    from phi3cli.backends.base import GenerationSettings, LoadRequest
+    from phi3cli.chat import ChatSession
+    from phi3cli.generation import load_model
+
+    srv = Server(free_port(), tmp_path / "server.log")
+    srv.start("--api-key", KEY, "--format", "int4", "--max-sequences", "1", backend="openvino")
+    try:
+        srv.wait_ready()
+        batching = health(srv)["batching"]
+        assert batching["mode"] == "serial" and "LLMPipeline" in batching["reason"]
+        answer = ask(srv, QUESTIONS[0])
+    finally:
+        srv.stop()
+    assert "Requests: one request at a time: OpenVINO GenAI's LLMPipeline" in srv.log()
+    model = load_model(LoadRequest(demo_source, device="cpu", format="int4"), "openvino", store)
+    try:
+        session = ChatSession(model, GenerationSettings(max_new_tokens=MAX_TOKENS))
+        for _ in session.ask(QUESTIONS[0]):
+            pass
+    finally:
+        model.close()
+    assert answer == session.last_stats.text

@@ -55,7 +55,8 @@ def serve(
             "--max-sequences",
             min=1,
             help="Requests generated at once where the backend batches (/health says whether it does); more wait "
-            "their turn. With --ray: the most each replica takes.",
+            "their turn. 1 runs them one at a time on the pipeline `phi3 chat` uses, with its greedy answers. "
+            "With --ray: the most each replica takes.",
             rich_help_panel="Batching",
         ),
     ] = 8,
@@ -113,7 +114,7 @@ def serve(
         raise typer.BadParameter("--ray-address and --replicas apply with --ray only.")
     from phi3cli.backends.base import BATCHING, BatchingOptions
 
-    options = {BATCHING: BatchingOptions(max_sequences, kv_cache_gb, prefix_caching)}
+    options = {BATCHING: BatchingOptions(max_sequences, kv_cache_gb, prefix_caching)} if max_sequences > 1 else {}
     open_kwargs = dict(
         backend=backend,
         device=device.value,

@@ -77,7 +77,9 @@ class OpenVINOBackend(Backend):
             return load_batched(folder, fmt, request, progress)
         model = load_ir(folder, fmt, request, progress)
         if request.device == "npu":
-            model.serial_reason = "the NPU pipeline is compiled for static shapes: one request at a time"
+            model.serial_reason = "one request at a time: the NPU pipeline is compiled for static shapes"
+        else:
+            model.serial_reason = "one request at a time: OpenVINO GenAI's LLMPipeline, as phi3 chat runs it"
         return model
 
 
