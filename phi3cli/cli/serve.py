@@ -83,7 +83,7 @@ def serve(
         typer.Option(
             "--ray",
             help="Serve as a Ray Serve deployment: --replicas copies of the model, on the nodes of a Ray cluster "
-            "(needs pip install 'phi3cli[ray]').",
+            "(needs phi3cli's ray extra).",
             rich_help_panel="Ray",
         ),
     ] = False,
@@ -106,9 +106,10 @@ def serve(
     """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     The model loads once (converted first if needed). Where the backend can, requests are batched
-    (continuous batching: each runs as soon as there is room, all advance together); otherwise they are
-    answered one at a time, in order. A client that disconnects stops its generation. With --ray, Ray
-    Serve runs --replicas copies and routes requests to them. Point any OpenAI client at http://HOST:PORT/v1.
+    (continuous batching: each starts as soon as there is room, all advance together); otherwise
+    they are answered one at a time, in order. A client that disconnects stops its generation.
+    With --ray, Ray Serve runs --replicas copies and routes the requests to them.
+    Point any OpenAI client at http://HOST:PORT/v1.
     """
     if not ray and (ray_address or replicas != 1):
         raise typer.BadParameter("--ray-address and --replicas apply with --ray only.")
