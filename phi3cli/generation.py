@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from phi3cli.backends import get_backend
-from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
+from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest, RawToken
 from phi3cli.convert import runtime_folder
 from phi3cli.errors import ContextOverflowError, DeviceUnavailableError
 from phi3cli.progress import Progress, SilentProgress
@@ -107,11 +107,16 @@ def prompt_budget(model: LoadedModel) -> int:
 
 
 def stream_reply(
-    model: LoadedModel, prompt: str | list[int], settings: GenerationSettings
+    model: LoadedModel,
+    prompt: str | list[int],
+    settings: GenerationSettings,
+    generate: Callable[[list[int], GenerationSettings], Iterator[RawToken]] | None = None,
 ) -> Iterator[TokenEvent | ReplyStats]:
     """Generate after a prompt (text already templated, or token ids); yield tokens, then the stats.
 
-    Closing the iterator early (Ctrl-C, a client that went away) stops the runtime and yields nothing more.
+    generate is what produces the RawTokens, model.generate by default (serve passes its batch engine's, so a
+    batched reply is timed by this same code). Closing the iterator early (Ctrl-C, a client that went away) stops
+    the runtime and yields nothing more.
     """
     start = time.perf_counter()
     ids = model.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -126,7 +131,7 @@ def stream_reply(
     times: list[float] = []
     token_ids: list[int] = []
     finish = "length"
-    tokens = model.generate(ids, run)
+    tokens = (generate or model.generate)(ids, run)
     try:
         for token in tokens:
             times.append(token.t - start)

@@ -49,9 +49,9 @@ class Server:
         self.base = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, backend: str = "torch") -> None:
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        args = ["serve", "--model", "demo", "--backend", "torch", "--port", str(self.port), *extra]
+        args = ["serve", "--model", "demo", "--backend", backend, "--port", str(self.port), *extra]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "phi3cli", *args], stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy()
         )
@@ -231,6 +231,7 @@ def test_eight_concurrent_clients_each_get_their_own_answer(server, references):
 GOOD = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
 BAD_INPUTS = {
     "malformed JSON": (b'{"model": "demo", "messages": [', 400, "invalid_json"),
+    "deeply nested JSON": (b'{"messages":' + b"[" * 100_000, 400, "invalid_json"),
     "not an object": (b"[1, 2]", 400, "invalid_json"),
     "wrong model": ({**GOOD, "model": "gpt-4o"}, 404, "model_not_found"),
     "empty messages": ({**GOOD, "messages": []}, 400, "invalid_value"),
@@ -355,7 +356,7 @@ def test_serve_help_loads_no_server_or_runtime():
 
     names = imported_modules("serve", "--help")
     assert "typer" in names
-    assert not names & {*HEAVY, "starlette", "uvicorn"}, names & {*HEAVY, "starlette", "uvicorn"}
+    assert not names & {*HEAVY, "starlette", "uvicorn", "ray"}, names & {*HEAVY, "starlette", "uvicorn", "ray"}
 
 
 def test_loopback_detection():

@@ -93,8 +93,65 @@ class LoadedModel(ABC):
         """Log-probability of each of ids[1:] given the tokens before it (for perplexity)."""
         raise NotImplementedError(f"{self.backend} cannot score tokens")
 
+    # Why this model generates one request at a time, for `phi3 serve` (its /health and start-up line).
+    serial_reason: str = "this runtime generates one request at a time"
+
+    def batch_engine(self) -> BatchEngine | None:
+        """The engine that runs many requests at once on this model, or None (then serve queues them).
+
+        A backend returns one only when the model was loaded with LoadRequest.options[BATCHING] set.
+        """
+        return None
+
     def close(self) -> None:
         """Release the runtime's resources."""
+
+
+BATCHING = "batching"  # the LoadRequest.options key that asks for a model that serves many requests at once
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """What `phi3 serve` asks of a backend that batches: None leaves a setting to the backend's default."""
+
+    max_sequences: int = 8  # requests generating at once
+    kv_cache_gb: float | None = None  # the KV-cache pool all of them share
+    prefix_caching: bool = True  # keep the KV blocks of earlier prompts for requests that repeat their start
+
+
+class BatchEngine(ABC):
+    """Continuous batching on one loaded model: many generations at once, each its own RawToken stream.
+
+    generate() may be called from many threads; each call is one sequence in the running batch, and it is freed
+    when its stream ends, is closed, or `cancelled` is set (at the runtime's next step).
+    """
+
+    max_sequences: int  # how many sequences run at once; more requests wait their turn
+
+    @abstractmethod
+    def generate(
+        self, prompt_ids: list[int], settings: GenerationSettings, cancelled: threading.Event | None = None
+    ) -> Iterator[RawToken]:
+        """Generate after the prompt as one sequence of the batch (the same tokens as LoadedModel.generate)."""
+
+    def refusal(self, prompt_tokens: int, max_new_tokens: int | None) -> str | None:
+        """Why a request of this size can never run here (the KV-cache pool is too small), or None."""
+        return None
+
+    def room(self, prompt_tokens: int) -> int | None:
+        """The most new tokens a request with this prompt can have here (None: as many as the context holds)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What /health reports: the sizes in use and the state of the batch."""
+        return {"max_sequences": self.max_sequences}
+
+    def healthy(self) -> bool:
+        """Whether it still runs requests (its loop is alive)."""
+        return True
+
+    def close(self) -> None:
+        """Stop the engine; running streams end."""
 
 
 class Backend(ABC):

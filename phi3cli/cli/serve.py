@@ -49,27 +49,91 @@ def serve(
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
+    max_sequences: Annotated[
+        int,
+        typer.Option(
+            "--max-sequences",
+            min=1,
+            help="Requests generated at once where the backend batches (/health says whether it does); more wait "
+            "their turn. 1 runs them one at a time on the pipeline `phi3 chat` uses, with its greedy answers. "
+            "With --ray: the most each replica takes.",
+            rich_help_panel="Batching",
+        ),
+    ] = 8,
+    kv_cache_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--kv-cache-gb",
+            help="Memory for the KV cache that batched requests share. Default: room for every sequence's full "
+            "context, at most a quarter of the memory available. A request that cannot fit in it gets a 400.",
+            rich_help_panel="Batching",
+        ),
+    ] = None,
+    prefix_caching: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-caching/--no-prefix-caching",
+            help="Keep the KV cache of earlier prompts, so a client that resends a growing conversation does not "
+            "have it read again (where the backend batches).",
+            rich_help_panel="Batching",
+        ),
+    ] = True,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve as a Ray Serve deployment: --replicas copies of the model, on the nodes of a Ray cluster "
+            "(needs phi3cli's ray extra).",
+            rich_help_panel="Ray",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="With --ray: join this Ray cluster (HEAD_IP:6379, as `ray start --head` prints). "
+            "Default: start a Ray instance on this machine.",
+            rich_help_panel="Ray",
+        ),
+    ] = None,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            "--replicas", min=1, help="With --ray: how many replicas load the model.", rich_help_panel="Ray"
+        ),
+    ] = 1,
 ) -> None:
     """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-    The model loads once (converted first if needed); requests are answered one at a time, in order,
-    and a client that disconnects stops its generation. Point any OpenAI client at http://HOST:PORT/v1.
+    The model loads once (converted first if needed). Where the backend can, requests are batched
+    (continuous batching: each starts as soon as there is room, all advance together); otherwise
+    they are answered one at a time, in order. A client that disconnects stops its generation.
+    With --ray, Ray Serve runs --replicas copies and routes the requests to them.
+    Point any OpenAI client at http://HOST:PORT/v1.
     """
+    if not ray and (ray_address or replicas != 1):
+        raise typer.BadParameter("--ray-address and --replicas apply with --ray only.")
+    from phi3cli.backends.base import BATCHING, BatchingOptions
+
+    options = {BATCHING: BatchingOptions(max_sequences, kv_cache_gb, prefix_caching)} if max_sequences > 1 else {}
+    open_kwargs = dict(
+        backend=backend,
+        device=device.value,
+        format=format,
+        threads=threads,
+        trust_remote_code=trust_remote_code,
+        allow_fallback=allow_fallback,
+        options=options,
+    )
+    if ray:
+        return _serve_with_ray(model, open_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
+
     from phi3cli import serve as server  # needs the serve extra; imported only here
 
     sock = server.bind(host, port)  # before loading, so a taken port fails at once
     try:
         with RichProgress() as progress:
-            loaded, route = open_model(
-                model,
-                backend=backend,
-                device=device.value,
-                format=format,
-                threads=threads,
-                trust_remote_code=trust_remote_code,
-                allow_fallback=allow_fallback,
-                progress=progress,
-            )
+            loaded, route = open_model(model, **open_kwargs, progress=progress)
             progress.phase("Warming up")
             server.warm_up(loaded)
     except BaseException:
@@ -83,12 +147,8 @@ def serve(
         f"context {loaded.context_length} tokens · loaded in {loaded.load_seconds:.1f} s",
         soft_wrap=True,
     )
-    if not server.is_loopback(host):
-        err_console.print(
-            f"[bold yellow]Warning:[/] listening on {host}: other machines on the network can use this model"
-            + ("." if api_key else " and nothing asks them for a key (add --api-key)."),
-            soft_wrap=True,
-        )
+    err_console.print(f"Requests: {server.describe(loaded)}.", soft_wrap=True, markup=False)
+    _warn_if_open(host, api_key)
     err_console.print(
         f"Serving [bold]{model}[/] at [bold]{url}/v1[/]"
         + (" (API key required)" if api_key else "")
@@ -101,4 +161,53 @@ def serve(
         pass
     finally:
         loaded.close()
+    err_console.print("[dim]Server stopped.[/]")
+
+
+def _warn_if_open(host: str, api_key: str | None) -> None:
+    from phi3cli.serve import is_loopback
+
+    if not is_loopback(host):
+        err_console.print(
+            f"[bold yellow]Warning:[/] listening on {host}: other machines on the network can use this model"
+            + ("." if api_key else " and nothing asks them for a key (add --api-key)."),
+            soft_wrap=True,
+        )
+
+
+def _serve_with_ray(model, open_kwargs, host, port, replicas, address, api_key, max_sequences, threads) -> None:
+    """The same app as a Ray Serve deployment; Ray's proxy listens on host:port and routes to the replicas."""
+    from phi3cli.serve import ray_serve  # needs the ray extra; imported only here
+
+    plan = ray_serve.RayPlan(
+        model=model,
+        open_kwargs=open_kwargs,
+        host=host,
+        port=port,
+        replicas=replicas,
+        address=address,
+        api_key=api_key,
+        max_ongoing_requests=max_sequences,
+        replica_cpus=float(threads or 1),
+    )
+
+    def note(text: str) -> None:
+        err_console.print(f"[dim]{text}[/]", soft_wrap=True)
+
+    where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    note(f"Deploying {replicas} replica(s) of {model} on {where}; each loads the model (this takes a while)...")
+    try:
+        ray_serve.deploy(plan, note)
+        _warn_if_open(host, api_key)
+        err_console.print(
+            f"Serving [bold]{model}[/] at [bold]http://{host}:{port}/v1[/] from {replicas} Ray Serve replica(s)"
+            + (" (API key required)" if api_key else "")
+            + ". Ctrl-C stops.",
+            soft_wrap=True,
+        )
+        ray_serve.wait(note)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.undeploy(started_here=address is None)
     err_console.print("[dim]Server stopped.[/]")

@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from phi3cli.serve.app import create_app  # noqa: E402
 
-__all__ = ["bind", "create_app", "is_loopback", "run", "warm_up"]
+__all__ = ["bind", "create_app", "describe", "is_loopback", "run", "warm_up"]
 
 
 class ServeError(Phi3Error):
@@ -37,6 +37,26 @@ def warm_up(model: LoadedModel) -> None:
     """One short generation, so the first client does not pay for the runtime's first-call compilation."""
     ids = model.encode(model.chat_template.render([{"role": "user", "content": "Hello"}]))
     generate_text(model, ids, GenerationSettings(max_new_tokens=2))
+
+
+def describe(model: LoadedModel) -> str:
+    """How the server runs requests on this model, in one line for the start-up message."""
+    engine = model.batch_engine()
+    if engine is None:
+        return model.serial_reason
+    info = engine.describe()
+    parts = [f"continuous batching of up to {info['max_sequences']} requests"]
+    if "kv_cache_tokens" in info:
+        parts.append(f"KV cache {info['kv_cache_tokens']:,} tokens ({info['kv_cache_bytes'] / 2**30:.2f} GiB)")
+    if "prefix_caching" in info:
+        parts.append(f"prefix caching {'on' if info['prefix_caching'] else 'off'}")
+    if "threads" in info:
+        threads = info["threads"]
+        same = "greedy answers do not change with load" if info.get("greedy_invariant") else (
+            "greedy answers may change with load (one thread keeps them the same)"
+        )
+        parts.append(f"{threads} CPU thread{'s' if threads > 1 else ''}: {same}")
+    return " · ".join(parts)
 
 
 def is_loopback(host: str) -> bool:

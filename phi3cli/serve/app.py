@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -146,11 +147,14 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             {
                 "status": "ok",
                 "model": name,
+                "pid": os.getpid(),  # which process answered (with --ray: which replica)
                 "backend": model.backend,
                 "executed_device": model.executed_device,
-                "busy": jobs.active is not None,
+                "busy": jobs.running > 0,
+                "running": jobs.running,
                 "waiting": jobs.waiting,
                 "served": jobs.served,
+                "batching": jobs.describe(),
             }
         )
 
@@ -219,6 +223,10 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             budget = prompt_budget(loaded)
             if error := protocol.context_errors(len(ids), budget, parsed.max_tokens, loaded.context_length):
                 raise error
+            if jobs.engine and (why := jobs.engine.refusal(len(ids), None)):
+                raise ApiError(why, param="messages" if parsed.kind == "chat" else "prompt", code="context_length_exceeded")
+            if jobs.engine and (why := jobs.engine.refusal(len(ids), parsed.max_tokens)):
+                raise ApiError(why, param="max_tokens", code="context_length_exceeded")
             return ids
 
         return prepare

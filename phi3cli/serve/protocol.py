@@ -67,6 +67,10 @@ def parse_body(raw: bytes) -> dict:
         raise ApiError(
             "We could not parse the JSON body of your request: it is not valid JSON.", code="invalid_json"
         ) from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise ApiError(
+            "We could not parse the JSON body of your request: it is nested too deeply.", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError("The request body must be a JSON object.", code="invalid_json")
     return body

@@ -1,9 +1,11 @@
-"""The generation queue: one model, one worker thread, one request at a time in arrival order.
+"""The generation queue: one model, its requests in arrival order, run one at a time or batched.
 
-The backends are blocking and not safe to share between threads, so everything that touches the
-model (templating, tokenizing, generating) runs on the worker. Each request is a Job whose events
-the web side awaits; cancelling a job (the client went away) closes its stream_reply, which stops
-the runtime, and the worker moves on to the next job.
+Everything that touches the model (templating, tokenizing, generating) runs on worker threads, never on the
+event loop. A model without a batch engine gets one worker: one request at a time (the backends are blocking and
+not safe to share between threads). A model with one (LoadedModel.batch_engine) gets as many workers as the
+engine runs sequences, each driving stream_reply over the engine's generate, so every request is timed by the
+same code as `phi3 chat` while the engine steps them all together. Each request is a Job whose events the web
+side awaits; cancelling a job (the client went away) stops its generation and frees its place at once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from phi3cli.backends.base import GenerationSettings, LoadedModel
 from phi3cli.generation import ReplyStats, TokenEvent, stream_reply
@@ -79,19 +82,24 @@ class Job:
 
 
 class GenerationQueue:
-    """Serializes generations on one model."""
+    """Runs the generations of one model: serially, or up to its batch engine's max_sequences at once."""
 
     def __init__(self, model: LoadedModel):
         self.model = model
+        self.engine = model.batch_engine()
+        self.workers = self.engine.max_sequences if self.engine else 1
         self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self.active: Job | None = None
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.active: set[Job] = set()
         self.served = 0
         self.stopping = False
 
     def start(self) -> None:
-        self._worker = threading.Thread(target=self._run, name="phi3-serve-worker", daemon=True)
-        self._worker.start()
+        for n in range(self.workers):
+            worker = threading.Thread(target=self._run, name=f"phi3-serve-worker-{n}", daemon=True)
+            worker.start()
+            self._threads.append(worker)
 
     def submit(self, prepare: Callable[[LoadedModel], list[int]], settings: GenerationSettings) -> Job:
         job = Job(prepare, settings, asyncio.get_running_loop())
@@ -106,11 +114,26 @@ class GenerationQueue:
     def waiting(self) -> int:
         return self._jobs.qsize()
 
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
+    def describe(self) -> dict:
+        """How requests are run, for /health."""
+        if self.engine is None:
+            return {"mode": "serial", "max_sequences": 1, "reason": self.model.serial_reason}
+        return {"mode": "continuous", **self.engine.describe()}
+
+    def healthy(self) -> bool:
+        """Every worker (and the batch engine) still running."""
+        return all(t.is_alive() for t in self._threads) and (self.engine is None or self.engine.healthy())
+
     def cancel_all(self) -> None:
         """Cancel what is running and waiting (the server is stopping); does not block."""
         self.stopping = True
-        if job := self.active:
-            job.cancel()
+        with self._lock:
+            for job in self.active:
+                job.cancel()
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -121,31 +144,41 @@ class GenerationQueue:
                 job.deliver(FINISHED)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Cancel everything and stop the worker."""
+        """Cancel everything and stop the workers."""
         self.cancel_all()
-        self._jobs.put(None)
-        if self._worker:
-            self._worker.join(timeout)
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for worker in self._threads:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             if job.cancelled.is_set():
                 job.deliver(FINISHED)
                 continue
-            self.active = job
+            with self._lock:
+                self.active.add(job)
             try:
                 self._generate(job)
             except BaseException as exc:  # delivered to the request; the worker carries on
                 job.deliver(exc)
             finally:
-                self.active = None
-                self.served += 1
+                with self._lock:
+                    self.active.discard(job)
+                    self.served += 1
                 job.deliver(FINISHED)
 
     def _generate(self, job: Job) -> None:
         ids = job.prepare(self.model)
         job.deliver(Started(len(ids), time.perf_counter() - job.submitted))
-        events = stream_reply(self.model, ids, job.settings)
+        settings, generate = job.settings, None
+        if self.engine:
+            generate = partial(self.engine.generate, cancelled=job.cancelled)
+            room = self.engine.room(len(ids))
+            if room is not None and settings.max_new_tokens > room:  # what the KV-cache pool leaves ("length")
+                settings = GenerationSettings(**{**settings.__dict__, "max_new_tokens": room})
+        events = stream_reply(self.model, ids, settings, generate)
         try:
             for event in events:
                 if job.cancelled.is_set():

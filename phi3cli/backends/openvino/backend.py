@@ -8,7 +8,7 @@ from pathlib import Path
 
 import openvino as ov
 
-from phi3cli.backends.base import Backend, ConvertRecipe, LoadedModel, LoadRequest
+from phi3cli.backends.base import BATCHING, Backend, ConvertRecipe, LoadedModel, LoadRequest
 from phi3cli.backends.openvino.export import compress_ir, ensure_tokenizers, export_ir
 from phi3cli.backends.openvino.ir import SUPPORT_FILES, TOKENIZER_FILES, check_ir, ir_format, weight_summary
 from phi3cli.backends.openvino.recipe import RECIPE_VERSION, resolve_recipe
@@ -70,7 +70,17 @@ class OpenVINOBackend(Backend):
 
     def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
         check_ir(folder)
-        return load_ir(folder, request.format or self.folder_format(folder), request, progress)
+        fmt = request.format or self.folder_format(folder)
+        if request.options.get(BATCHING) is not None and request.device != "npu":
+            from phi3cli.backends.openvino.batching import load_batched  # only `phi3 serve` asks for it
+
+            return load_batched(folder, fmt, request, progress)
+        model = load_ir(folder, fmt, request, progress)
+        if request.device == "npu":
+            model.serial_reason = "one request at a time: the NPU pipeline is compiled for static shapes"
+        else:
+            model.serial_reason = "one request at a time: OpenVINO GenAI's LLMPipeline, as phi3 chat runs it"
+        return model
 
 
 def _note_weights(out: Path, progress: Progress) -> None:

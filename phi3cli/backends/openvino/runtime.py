@@ -100,6 +100,17 @@ def attention_properties(device: str, options: dict[str, Any]) -> dict[str, Any]
     return {} if value == "auto" else {"ATTENTION_BACKEND": value.upper()}
 
 
+def compile_properties(request: LoadRequest) -> dict[str, Any]:
+    """What every pipeline of this backend is compiled with: the cache folder, threads and precision."""
+    properties: dict[str, Any] = {}
+    if request.cache_dir:
+        properties["CACHE_DIR"] = str(request.cache_dir)
+    if request.threads:
+        properties["INFERENCE_NUM_THREADS"] = int(request.threads)
+    properties.update(precision_properties(request.device, request.options))
+    return properties
+
+
 @contextlib.contextmanager
 def _compile_log() -> Iterator[list[str]]:
     """Capture what OpenVINO GenAI prints about the models it compiles (it logs their EXECUTION_DEVICES)."""
@@ -154,6 +165,21 @@ class _TokenStreamer(ov_genai.StreamerBase):
         pass
 
 
+def generation_config(config, settings: GenerationSettings):
+    """One request's settings on the pipeline's GenerationConfig (LLMPipeline and continuous batching share it)."""
+    config.max_new_tokens = settings.max_new_tokens
+    config.apply_chat_template = False
+    config.ignore_eos = settings.ignore_eos
+    config.do_sample = not settings.greedy
+    if not settings.greedy:
+        config.temperature = settings.temperature
+        config.top_p = settings.top_p
+        if settings.top_k:
+            config.top_k = settings.top_k
+        config.rng_seed = settings.seed if settings.seed is not None else random.getrandbits(31)
+    return config
+
+
 class OpenVINOModel(LoadedModel):
     backend = "openvino"
 
@@ -180,18 +206,7 @@ class OpenVINOModel(LoadedModel):
         return a, b
 
     def generation_config(self, settings: GenerationSettings):
-        config = self.pipe.get_generation_config()
-        config.max_new_tokens = settings.max_new_tokens
-        config.apply_chat_template = False
-        config.ignore_eos = settings.ignore_eos
-        config.do_sample = not settings.greedy
-        if not settings.greedy:
-            config.temperature = settings.temperature
-            config.top_p = settings.top_p
-            if settings.top_k:
-                config.top_k = settings.top_k
-            config.rng_seed = settings.seed if settings.seed is not None else random.getrandbits(31)
-        return config
+        return generation_config(self.pipe.get_generation_config(), settings)
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         config = self.generation_config(settings)
@@ -244,12 +259,7 @@ def _chat_template(folder: Path, tokenizer) -> ChatTemplate:
 def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> OpenVINOModel:
     """Compile an IR folder into an LLMPipeline on the device asked, and read back where it runs."""
     device = ov_device_for(request.device, list(ov.Core().available_devices))
-    properties: dict[str, Any] = {}
-    if request.cache_dir:
-        properties["CACHE_DIR"] = str(request.cache_dir)
-    if request.threads:
-        properties["INFERENCE_NUM_THREADS"] = int(request.threads)
-    properties.update(precision_properties(request.device, request.options))
+    properties = compile_properties(request)
     properties.update(attention_properties(request.device, request.options))
     context = context_length(folder)
     prompt_limit = None

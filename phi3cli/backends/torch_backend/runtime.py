@@ -96,6 +96,7 @@ def transformers_logprobs(model, ids: list[int]) -> list[float]:
 
 class TorchModel(LoadedModel):
     backend = "torch"
+    serial_reason = "transformers' generate() here runs one request at a time"
 
     def __init__(self, path: Path, model, tokenizer, fmt: str, device: str):
         self.path, self.model, self.tokenizer, self.format = path, model, tokenizer, fmt
