@@ -10,13 +10,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi3cli import DEFAULT_MODEL
 from phi3cli.backends import registry, runtime_of_folder
 from phi3cli.errors import ModelNotFoundError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.store import ModelStore
 from phi3cli.util import short_hash, slugify
 
-DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 SUPPORTED_MODEL_TYPES = ("phi3",)
 SUPPORTED_HELP = (
     "phi3 runs the Phi-3 architecture (config model_type 'phi3', Phi3ForCausalLM): Phi-3-mini/medium, "

@@ -13,7 +13,7 @@ from tests.conftest import ROOT, run_phi3
 HEAVY = ("torch", "transformers", "openvino", "openvino_genai", "onnxruntime", "onnxruntime_genai", "optimum", "nncf", "ray")
 
 
-def imported_modules(*args: str) -> set[str]:
+def imported_modules(*args: str, full: bool = False) -> set[str]:
     import subprocess
 
     done = subprocess.run(
@@ -24,7 +24,8 @@ def imported_modules(*args: str) -> set[str]:
     for line in done.stderr.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+\d+ \|\s+(\S.*)$", line)
         if m:
-            names.add(m.group(1).strip().split(".")[0])
+            name = m.group(1).strip()
+            names.add(name if full else name.split(".")[0])
     return names
 
 
@@ -33,6 +34,22 @@ def test_help_imports_no_heavy_library(args):
     names = imported_modules(*args)
     assert "typer" in names  # the measurement works
     assert not names & set(HEAVY), names & set(HEAVY)
+
+
+def test_top_level_help_builds_no_command():
+    names = imported_modules("--help", full=True)
+    assert "phi3cli.cli" in names  # the measurement works
+    loaded = {n for n in names if n.startswith("phi3cli.cli.") or n.startswith("phi3cli.backends")}
+    assert not loaded, loaded
+
+
+def test_listed_lines_are_the_commands_own_help():
+    from phi3cli.cli import COMMANDS, load_command
+
+    for name, (_, _, line) in COMMANDS.items():
+        command = load_command(name)
+        assert command.name == name
+        assert " ".join(command.help.split("\n\n")[0].split()) == line, name
 
 
 def test_one_shot_chat_prints_only_the_answer(demo_source):

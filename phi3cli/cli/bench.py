@@ -13,11 +13,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from phi3cli import DEFAULT_MODEL
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import ThreadsOpt
 from phi3cli.cli.render import RichProgress, err_console, out_console
 from phi3cli.errors import Phi3Error
-from phi3cli.sources import DEFAULT_MODEL
 
 EXIT_REGRESSION = 3
 

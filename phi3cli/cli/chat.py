@@ -6,14 +6,14 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from phi3cli import DEFAULT_MODEL
 from phi3cli.backends.base import GenerationSettings
-from phi3cli.chat import ChatSession, HistoryTrimmed
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import (
     AllowFallbackOpt,
@@ -40,17 +40,10 @@ from phi3cli.errors import (
     SessionFileError,
     UnsupportedModelError,
 )
-from phi3cli.generation import ReplyStats, TokenEvent, open_model, prompt_budget
-from phi3cli.sessions import (
-    SavedSession,
-    check_saveable,
-    load_session,
-    restore,
-    resume_choice,
-    save_session,
-    snapshot,
-)
-from phi3cli.sources import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # imported where used, so `phi3 --help` does not load the core
+    from phi3cli.chat import ChatSession, HistoryTrimmed
+    from phi3cli.sessions import SavedSession
 
 HELP = """\
 Commands: /reset clears the history · /system TEXT sets the system prompt · /stats shows the last reply's
@@ -72,6 +65,8 @@ class _ChatState:
     file: Path | None = None  # the last file resumed, loaded or saved: where a bare /save writes without --save
 
     def save(self, path: Path | None = None) -> Path:
+        from phi3cli.sessions import save_session, snapshot
+
         path = path or self.autosave or self.file
         assert path is not None
         written = save_session(path, snapshot(self.session, model=self.model_spec, device=self.device_asked))
@@ -141,6 +136,10 @@ def chat(
     the figures go to stderr. Without, it starts an interactive session. The model defaults to
     microsoft/Phi-3-mini-4k-instruct, or the one a --resume file names.
     """
+    from phi3cli.chat import ChatSession
+    from phi3cli.generation import open_model
+    from phi3cli.sessions import check_saveable, load_session, restore, resume_choice
+
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -221,6 +220,9 @@ def _resumed_line(path: Path, saved: SavedSession, loaded) -> str:
 
 def _answer_once(state: _ChatState, prompt: str) -> None:
     """Plain text on stdout as it streams; notices and figures on stderr."""
+    from phi3cli.chat import HistoryTrimmed
+    from phi3cli.generation import ReplyStats, TokenEvent
+
     out = sys.stdout
     session = state.session
     for event in session.ask(prompt):
@@ -238,6 +240,8 @@ def _answer_once(state: _ChatState, prompt: str) -> None:
 
 
 def _trim_notice(event: HistoryTrimmed, session: ChatSession) -> str:
+    from phi3cli.generation import prompt_budget
+
     model = session.model
     limit = prompt_budget(model)
     why = (
@@ -295,6 +299,9 @@ def _interactive(state: _ChatState, console: Console) -> None:
 
 def _stream(session: ChatSession, text: str, console: Console) -> None:
     """Print the reply once, as it streams (as llama.cpp and mlx-lm do); a live view redraws a tall one."""
+    from phi3cli.chat import HistoryTrimmed
+    from phi3cli.generation import TokenEvent
+
     answer = ""
     events = session.ask(text)
     with contextlib.closing(events):  # closing stops the runtime when Ctrl-C ends the loop
@@ -316,6 +323,9 @@ def _stream(session: ChatSession, text: str, console: Console) -> None:
 
 def _command(state: _ChatState, text: str, console: Console) -> bool:
     """Run a slash command; True means leave."""
+    from phi3cli.generation import prompt_budget
+    from phi3cli.sessions import load_session, restore
+
     name, _, arg = text.partition(" ")
     session = state.session
     model = session.model

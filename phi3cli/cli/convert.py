@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from phi3cli import DEFAULT_MODEL
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.render import RichProgress
 from phi3cli.errors import Phi3Error
-from phi3cli.sources import DEFAULT_MODEL
 
 
 @user_errors

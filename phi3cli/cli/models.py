@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -16,10 +16,12 @@ from rich.table import Table
 
 from phi3cli.cli.errors import user_errors
 from phi3cli.errors import Phi3Error, StoreEntryNotFoundError
-from phi3cli.hub_cache import HubUse, delete_from_cache, find_hub_uses, hub_uses
-from phi3cli.inventory import StoreEntry, StoreInventory
-from phi3cli.store import ModelStore
 from phi3cli.util import human_size
+
+if TYPE_CHECKING:  # the store is read where a command needs it, so `phi3 --help` stays fast
+    from phi3cli.hub_cache import HubUse
+    from phi3cli.inventory import StoreEntry, StoreInventory
+    from phi3cli.store import ModelStore
 
 models_app = typer.Typer(
     name="models",
@@ -162,6 +164,13 @@ def _hub_table(rows: list[tuple[HubUse, int]], title: str):
     return table
 
 
+def _inventory() -> StoreInventory:
+    from phi3cli.inventory import StoreInventory
+    from phi3cli.store import ModelStore
+
+    return StoreInventory(ModelStore())
+
+
 @models_app.command("list")
 @user_errors
 def list_models(
@@ -174,9 +183,11 @@ def list_models(
     Hub models phi3 ran (a repo's checkpoint, or a ready-to-run folder of it) are listed below, with their size in
     the Hugging Face hub cache, which phi3 does not own: `rm --hub-cache` deletes from it.
     """
-    inventory = StoreInventory(ModelStore())
+    inventory = _inventory()
     rows = [(entry, entry.size) for entry in inventory.entries()]
     total = inventory.total_size()
+    from phi3cli.hub_cache import hub_uses
+
     hub = [(use, use.size()) for use in hub_uses(inventory.store)]
     if as_json:
         data = {
@@ -221,7 +232,7 @@ def path(
     ] = None,
 ) -> None:
     """Print where the store is (set PHI3_HOME to move it), or where one entry lies."""
-    inventory = StoreInventory(ModelStore())
+    inventory = _inventory()
     if target is None:
         print(inventory.store.root)
         return
@@ -281,7 +292,9 @@ def rm(
     A hub model phi3 ran (`OWNER/NAME`, `OWNER/NAME:SUBFOLDER` or its id) is deleted from the hub cache only
     with --hub-cache.
     """
-    inventory = StoreInventory(ModelStore())
+    from phi3cli.hub_cache import find_hub_uses
+
+    inventory = _inventory()
     chosen: dict[str, StoreEntry] = {}
     hub: dict[str, HubUse] = {}
     for target in targets:
@@ -329,6 +342,8 @@ def rm(
 
 
 def _delete_hub(store: ModelStore, rows: list[tuple[HubUse, int]], console: Console) -> int:
+    from phi3cli.hub_cache import delete_from_cache
+
     freed = 0
     for use, _ in rows:
         freed += delete_from_cache(store, use)
@@ -350,7 +365,7 @@ def prune(
 
     With --older-than N, also variants not used for N days. Shows what it removes and asks unless --yes.
     """
-    inventory = StoreInventory(ModelStore())
+    inventory = _inventory()
     picked = inventory.prune_candidates(unused_days=older_than)
     console = Console(highlight=False, soft_wrap=True)
     if not picked:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from phi3cli.generation import ReplyStats
+if TYPE_CHECKING:
+    from phi3cli.generation import ReplyStats
 
 err_console = Console(stderr=True, highlight=False)
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from phi3cli import DEFAULT_MODEL
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import (
     AllowFallbackOpt,
@@ -18,8 +19,6 @@ from phi3cli.cli.options import (
     TrustRemoteCodeOpt,
 )
 from phi3cli.cli.render import RichProgress, err_console
-from phi3cli.generation import open_model
-from phi3cli.sources import DEFAULT_MODEL
 
 
 @user_errors
@@ -133,6 +132,8 @@ def serve(
     sock = server.bind(host, port)  # before loading, so a taken port fails at once
     try:
         with RichProgress() as progress:
+            from phi3cli.generation import open_model
+
             loaded, route = open_model(model, **open_kwargs, progress=progress)
             progress.phase("Warming up")
             server.warm_up(loaded)
