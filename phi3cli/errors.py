@@ -59,3 +59,7 @@ class StoreEntryNotFoundError(Phi3Error):
 
 class SessionFileError(Phi3Error):
     """A chat session file cannot be read, is not a phi3 session, or names a model that is not here."""
+
+
+class ConstraintError(Phi3Error):
+    """The runtime's grammar engine refused a constraint (a schema feature it does not support); quotes its reason."""

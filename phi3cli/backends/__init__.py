@@ -57,6 +57,7 @@ class BackendSpec:
     platforms: tuple[str, ...] = ()  # sys.platform values it installs on; empty means all
     platform_note: str = ""  # why it installs only there
     instead: str = ""  # what to use where it is unavailable (a hint naming the flags)
+    constrains: bool = False  # its runtime has a grammar engine: it honours GenerationSettings.constraint
     origin: str = field(default="", compare=False)  # the entry point that registered it
 
     def missing(self) -> str | None:

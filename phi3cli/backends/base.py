@@ -8,6 +8,7 @@ is measured by the same code.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -29,6 +30,23 @@ if TYPE_CHECKING:
 DEVICES = ("cpu", "gpu", "npu")
 
 
+@dataclass(frozen=True)
+class OutputConstraint:
+    """The reply must be JSON valid against json_schema, enforced token by token by the runtime's grammar engine.
+
+    Never by retrying or repairing text: a backend that cannot enforce it says so in constraint_refusal().
+    """
+
+    json_schema: dict[str, Any]
+    # No whitespace but one space after each , and : (as models trained for tool calls write JSON), so a model
+    # cannot wander off into endless indentation; where False the grammar engine's default is kept.
+    compact: bool = False
+
+    @property
+    def schema_text(self) -> str:
+        return json.dumps(self.json_schema, ensure_ascii=False)
+
+
 @dataclass
 class GenerationSettings:
     """How to generate: greedy when temperature is 0."""
@@ -40,6 +58,7 @@ class GenerationSettings:
     seed: int | None = None
     ignore_eos: bool = False
     stop: Sequence[str] = ()
+    constraint: OutputConstraint | None = None  # what the reply must be, enforced by the runtime's grammar engine
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +114,14 @@ class LoadedModel(ABC):
 
     # Why this model generates one request at a time, for `phi3 serve` (its /health and start-up line).
     serial_reason: str = "this runtime generates one request at a time"
+
+    def constraint_refusal(self) -> str | None:
+        """Why generate() cannot honour settings.constraint on this model, or None when it can.
+
+        A backend whose runtime has a grammar engine overrides this; generate() raises ConstraintError when the
+        engine refuses a particular constraint.
+        """
+        return f"the {self.backend} backend has no grammar engine to constrain its output"
 
     def batch_engine(self) -> BatchEngine | None:
         """The engine that runs many requests at once on this model, or None (then serve queues them).

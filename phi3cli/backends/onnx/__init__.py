@@ -68,4 +68,5 @@ SPEC = BackendSpec(
         "onnx",
         "transformers",
     ),
+    constrains=True,  # llguidance, through GeneratorParams.set_guidance
 )

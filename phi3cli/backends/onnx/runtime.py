@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest, RawToken
+from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest, OutputConstraint, RawToken
 from phi3cli.backends.onnx.folder import read_genai_config
 from phi3cli.backends.onnx.providers import (
     EXECUTED,
@@ -20,10 +20,32 @@ from phi3cli.backends.onnx.providers import (
     choose_providers,
     configured_providers,
 )
-from phi3cli.errors import ContextOverflowError, UnsupportedModelError
+from phi3cli.errors import ConstraintError, ContextOverflowError, UnsupportedModelError
 from phi3cli.progress import Progress
 from phi3cli.templates import load_chat_template
 from phi3cli.util import first_line
+
+
+def closed_objects(schema):
+    """The schema with additionalProperties false wherever an object leaves it out (as OpenAI's strict mode and
+    XGrammar read it; llguidance would otherwise let the model add keys without end)."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
+    if "properties" in schema and isinstance(schema["properties"], dict):
+        out["properties"] = {k: closed_objects(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def guidance_schema(constraint: OutputConstraint) -> str:
+    """The schema as llguidance is given it: objects closed, and compact separators where the constraint asks."""
+    schema = closed_objects(constraint.json_schema)
+    if constraint.compact:
+        schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    return json.dumps(schema, ensure_ascii=False)
 
 
 class OnnxModel(LoadedModel):
@@ -54,11 +76,24 @@ class OnnxModel(LoadedModel):
             if settings.ignore_eos:
                 options["min_length"] = max_length
         params.set_search_options(**options)
+        if settings is not None and settings.constraint is not None:
+            try:
+                params.set_guidance("json_schema", guidance_schema(settings.constraint))
+            except RuntimeError as exc:
+                raise ConstraintError(f"ONNX Runtime GenAI's grammar engine (llguidance) refused the schema: {first_line(exc)}") from exc
         return params
+
+    def constraint_refusal(self) -> str | None:
+        return None
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         params = self._params(len(prompt_ids) + settings.max_new_tokens, settings)
-        generator = og.Generator(self.model, params)
+        try:
+            generator = og.Generator(self.model, params)
+        except RuntimeError as exc:
+            if settings.constraint is None:
+                raise
+            raise ConstraintError(f"ONNX Runtime GenAI's grammar engine (llguidance) refused the schema: {first_line(exc)}") from exc
         stream = self.tokenizer.create_stream()
         try:
             generator.append_tokens(prompt_ids)  # the prefill: inside the iterator, so it counts in TTFT

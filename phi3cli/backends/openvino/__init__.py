@@ -47,4 +47,5 @@ SPEC = BackendSpec(
         "nncf",
         "transformers",
     ),
+    constrains=True,  # XGrammar, through GenerationConfig.structured_output_config
 )

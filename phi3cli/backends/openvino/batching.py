@@ -35,6 +35,7 @@ from phi3cli.backends.base import (
     LoadRequest,
     RawToken,
 )
+from phi3cli.backends.openvino.grammar import GrammarCheck
 from phi3cli.backends.openvino.ir import context_length
 from phi3cli.backends.openvino.runtime import (
     OpenVINOModel,
@@ -132,8 +133,11 @@ class _Sequence:
 class ContinuousBatchingEngine(BatchEngine):
     """Every running request advances one token per step() of one ContinuousBatchingPipeline."""
 
-    def __init__(self, model: OpenVINOBatchedModel, pipe, pool: PoolSize, options: BatchingOptions, notes: dict):
+    def __init__(
+        self, model: OpenVINOBatchedModel, pipe, pool: PoolSize, options: BatchingOptions, notes: dict, grammar=None
+    ):
         self._model, self._pipe, self.pool = model, pipe, pool
+        self.grammar: GrammarCheck | None = grammar  # compiles new schemas off the batch (see grammar.py)
         self.max_sequences = options.max_sequences
         self.prefix_caching = options.prefix_caching
         self.notes = notes  # what /health says about how it runs (threads, greedy invariance)
@@ -172,6 +176,8 @@ class ContinuousBatchingEngine(BatchEngine):
         room = self.room(len(prompt_ids))
         if settings.max_new_tokens > room:  # as stream_reply fits a reply to the context, fit it to the pool
             settings = GenerationSettings(**{**settings.__dict__, "max_new_tokens": room})
+        if self.grammar is not None:
+            self.grammar.check(settings)
         config = generation_config(self._pipe.get_config(), settings)
         return self._stream(prompt_ids, config, cancelled)
 
@@ -270,6 +276,7 @@ class ContinuousBatchingEngine(BatchEngine):
             "kv_cache_usage": round(float(metrics.cache_usage), 1),
             "prefix_caching": self.prefix_caching,
             "steps": self.steps,
+            "schemas_checked": self.grammar.checked if self.grammar else 0,
             **self.notes,
         }
 
@@ -279,6 +286,8 @@ class ContinuousBatchingEngine(BatchEngine):
             self._cond.notify_all()
         self._thread.join(10)
         self._finish_all(None)
+        if self.grammar is not None:
+            self.grammar.close()
 
 
 class OpenVINOBatchedModel(OpenVINOModel):
@@ -344,5 +353,6 @@ def load_batched(folder: Path, fmt: str, request: LoadRequest, progress: Progres
         ) from exc
     executed = execution_devices(compile_lines) or device
     model = OpenVINOBatchedModel(folder, pipe, fmt, request.device, executed, context, None)
-    model.engine = ContinuousBatchingEngine(model, pipe, pool, options, notes)
+    grammar = GrammarCheck(folder, {k: v for k, v in properties.items() if k == "CACHE_DIR"})
+    model.engine = ContinuousBatchingEngine(model, pipe, pool, options, notes, grammar)
     return model

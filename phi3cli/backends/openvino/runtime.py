@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from phi3cli.backends.base import (
     pull_from_push,
 )
 from phi3cli.backends.openvino.ir import context_length
-from phi3cli.errors import DeviceUnavailableError, Phi3Error
+from phi3cli.errors import ConstraintError, DeviceUnavailableError, Phi3Error
 from phi3cli.progress import Progress
 from phi3cli.templates import ChatTemplate, load_chat_template
 from phi3cli.util import first_line
@@ -166,8 +167,13 @@ class _TokenStreamer(ov_genai.StreamerBase):
 
 
 def generation_config(config, settings: GenerationSettings):
-    """One request's settings on the pipeline's GenerationConfig (LLMPipeline and continuous batching share it)."""
+    """One request's settings on the pipeline's GenerationConfig (LLMPipeline and continuous batching share it).
+
+    A constraint becomes the request's StructuredOutputConfig (XGrammar), so each request of a batch has its own.
+    """
     config.max_new_tokens = settings.max_new_tokens
+    if settings.constraint is not None:
+        config.structured_output_config = ov_genai.StructuredOutputConfig(json_schema=settings.constraint.schema_text)
     config.apply_chat_template = False
     config.ignore_eos = settings.ignore_eos
     config.do_sample = not settings.greedy
@@ -178,6 +184,24 @@ def generation_config(config, settings: GenerationSettings):
             config.top_k = settings.top_k
         config.rng_seed = settings.seed if settings.seed is not None else random.getrandbits(31)
     return config
+
+
+@contextlib.contextmanager
+def grammar_errors(settings: GenerationSettings) -> Iterator[None]:
+    """A constrained generation that OpenVINO GenAI refuses: a ConstraintError quoting XGrammar's reason."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if settings.constraint is None:
+            raise
+        raise ConstraintError(f"OpenVINO GenAI's grammar engine (XGrammar) refused the schema: {engine_reason(exc)}") from exc
+
+
+def engine_reason(exc: BaseException) -> str:
+    """The grammar engine's own words from a runtime error (OpenVINO adds its source location before them)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", text)  # "[11:46:51] /path/json_schema_converter.cc:898: "
+    return re.sub(r"^Check failed: \(.*?\) is false:\s*", "", text)[:500]
 
 
 class OpenVINOModel(LoadedModel):
@@ -208,13 +232,19 @@ class OpenVINOModel(LoadedModel):
     def generation_config(self, settings: GenerationSettings):
         return generation_config(self.pipe.get_generation_config(), settings)
 
+    def constraint_refusal(self) -> str | None:
+        if self.device == "npu":
+            return "structured output has not been tried on OpenVINO GenAI's NPU pipeline by phi3; use --device cpu"
+        return None
+
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         config = self.generation_config(settings)
         inputs = ov.Tensor(np.array([prompt_ids], dtype=np.int64))
         decoder = IncrementalDecoder(self.decode, self.decode_pair)
 
         def produce(emit: Callable[[RawToken], bool]) -> None:
-            result = self.pipe.generate(inputs, config, _TokenStreamer(decoder, emit))
+            with grammar_errors(settings):
+                result = self.pipe.generate(inputs, config, _TokenStreamer(decoder, emit))
             self.last_perf = result.perf_metrics
 
         return pull_from_push(produce)
