@@ -17,11 +17,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from phi3cli.backends.base import LoadedModel
-from phi3cli.errors import ContextOverflowError
+from phi3cli.errors import ConstraintError, ContextOverflowError
 from phi3cli.generation import ReplyStats, TokenEvent, prompt_budget
 from phi3cli.serve import protocol
 from phi3cli.serve.protocol import ApiError, GenerationRequest
 from phi3cli.serve.queue import FINISHED, GenerationQueue, Job, Started
+from phi3cli.serve.structured import check_structured, parse_structured, reply_calls, supports
+from phi3cli.structured import tool_format
 
 log = logging.getLogger("phi3.serve")
 
@@ -117,6 +119,8 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
     """The server for one loaded model, served under the id `name`."""
     jobs = GenerationQueue(model)
     created = int(time.time())
+    tools_format = tool_format(model.chat_template)
+    support = supports(model, tools_format)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -139,6 +143,7 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
                 "executed_device": model.executed_device,
                 "context_length": model.context_length,
                 "max_prompt_tokens": prompt_budget(model),
+                "supports": support,
             },
         }
 
@@ -155,6 +160,7 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
                 "waiting": jobs.waiting,
                 "served": jobs.served,
                 "batching": jobs.describe(),
+                "supports": support,
             }
         )
 
@@ -179,10 +185,16 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             protocol.check_model(body, name)
             parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
             parsed = parse(body, model.context_length)
+            if kind == "chat":
+                parse_structured(body, parsed)
         except ApiError as error:
             return _fail(request, error)
         if parsed.ignored:
             request.scope.setdefault("phi3.log", {})["ignored"] = parsed.ignored
+        try:
+            check_structured(parsed, model, tools_format)
+        except ApiError as error:
+            return _fail(request, error)
         job = jobs.submit(_preparer(parsed), parsed.settings)
         try:
             first = await _next(job, request)
@@ -208,15 +220,21 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             job.cancel()
         extra = protocol.timing(stats, model.format, first.queue_s, parsed.ignored)
         _note(request, _stats_note(stats, first.queue_s))
-        return JSONResponse(protocol.completion_body(parsed, rid, name, stats, extra))
+        calls = reply_calls(parsed, stats, tools_format)
+        return JSONResponse(protocol.completion_body(parsed, rid, name, stats, extra, calls))
 
     def _preparer(parsed: GenerationRequest):
         def prepare(loaded: LoadedModel) -> list[int]:
             if parsed.kind == "chat":
+                messages = parsed.messages
+                if tools_format is not None:
+                    messages = tools_format.messages_with_tools(messages, parsed.tools)
                 try:
-                    text = loaded.chat_template.render(parsed.messages)
+                    text = loaded.chat_template.render(messages)
                 except Exception as exc:  # the model's template refused the conversation (a role order, say)
                     raise ApiError(f"The chat template rejected the messages: {exc}", param="messages") from None
+                if parsed.calls_forced:  # the reply starts inside the call: the constraint writes its JSON
+                    text += tools_format.call_open
             else:
                 text = parsed.prompt
             ids = loaded.encode(text)
@@ -263,11 +281,17 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             first = protocol.chunk_body(parsed, rid, name, created_at, text="")
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             yield protocol.sse(first)
+        held = bool(parsed.tools) and parsed.tool_choice != "none"  # a reply that may be calls is sent whole
         while (item := await job.next()) is not FINISHED:
             if isinstance(item, TokenEvent):
-                yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=item.text))
+                if not held:
+                    yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, text=item.text))
             elif isinstance(item, ReplyStats):
-                for chunk in _closing_chunks(parsed, rid, created_at, item, started):
+                calls = reply_calls(parsed, item, tools_format)
+                if held:
+                    whole = {"tool_calls": calls} if calls else {"text": item.text}
+                    yield protocol.sse(protocol.chunk_body(parsed, rid, name, created_at, **whole))
+                for chunk in _closing_chunks(parsed, rid, created_at, item, started, calls):
                     yield protocol.sse(chunk)
                 _note(request, _stats_note(item, started.queue_s) + " · streamed")
                 complete = True
@@ -282,8 +306,11 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
                 yield protocol.sse(shutting_down().body())
         yield protocol.sse("[DONE]")
 
-    def _closing_chunks(parsed: GenerationRequest, rid: str, created_at: int, stats: ReplyStats, started: Started):
-        closing = protocol.chunk_body(parsed, rid, name, created_at, finish=stats.finish_reason)
+    def _closing_chunks(
+        parsed: GenerationRequest, rid: str, created_at: int, stats: ReplyStats, started: Started, calls: list | None
+    ):
+        finish = "tool_calls" if calls else stats.finish_reason
+        closing = protocol.chunk_body(parsed, rid, name, created_at, finish=finish)
         extra = protocol.timing(stats, model.format, started.queue_s, parsed.ignored)
         if parsed.include_usage:
             # OpenAI's form: the usage comes in one more chunk, with no choices.
@@ -310,6 +337,8 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             return exc
         if isinstance(exc, ContextOverflowError):
             return ApiError(exc.message, code="context_length_exceeded")
+        if isinstance(exc, ConstraintError):
+            return ApiError(exc.message, param="response_format", code="unsupported_schema")
         log.error("generation failed", exc_info=exc)
         return ApiError(
             f"The generation failed: {exc.__class__.__name__}: {exc}", status=500, code=None, type="server_error"

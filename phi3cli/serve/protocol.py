@@ -17,12 +17,13 @@ from phi3cli.backends.base import GenerationSettings
 from phi3cli.generation import ReplyStats
 
 # Fields we read; any other field with a value is accepted, ignored and logged (as llama.cpp's server
-# and Ollama do), so applications that send tools, logit_bias or response_format keep working.
+# and Ollama do), so applications that send logit_bias or user keep working.
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream"}
 COMMON_FIELDS |= {"stream_options", "n", "ignore_eos"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice"}
+CHAT_FIELDS |= {"parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_SEED = 2**63
 
 
@@ -54,9 +55,23 @@ class GenerationRequest:
     max_tokens: int | None  # what the client asked for; None means "until the context is full"
     stream: bool = False
     include_usage: bool = False
-    messages: list[dict[str, str]] = field(default_factory=list)  # chat
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat
     prompt: str = ""  # completion
     ignored: list[str] = field(default_factory=list)  # fields accepted but not acted on
+    response_format: str = "text"  # text | json_object | json_schema (its schema is settings.constraint)
+    tools: list[dict] = field(default_factory=list)  # OpenAI function tools, checked
+    tool_choice: str = "auto"  # none | auto | required | function (then tool_name)
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+
+    @property
+    def calls_forced(self) -> bool:
+        """The reply must be tool calls (tool_choice required or a named function)."""
+        return bool(self.tools) and self.tool_choice in ("required", "function")
+
+    @property
+    def needs_constraint(self) -> bool:
+        return self.settings.constraint is not None or self.calls_forced
 
 
 def parse_body(raw: bytes) -> dict:
@@ -119,7 +134,7 @@ def parse_completion(body: dict, context_length: int) -> GenerationRequest:
     return request
 
 
-def _message(message: Any, index: int) -> dict[str, str]:
+def _message(message: Any, index: int) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise ApiError(f"{where} must be an object with 'role' and 'content'.", param=where)
@@ -131,6 +146,19 @@ def _message(message: Any, index: int) -> dict[str, str]:
     content = message.get("content")
     if content is None and role == "assistant":
         content = ""
+    extra: dict[str, Any] = {}
+    if role == "assistant" and message.get("tool_calls"):
+        calls = message["tool_calls"]
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            for c in calls
+        ):
+            raise ApiError(f"{where}.tool_calls must be a list of {{function: {{name, arguments}}}}.", param=where)
+        extra["tool_calls"] = calls
+    if role == "tool":
+        if not isinstance(message.get("tool_call_id"), str):
+            raise ApiError(f"{where} is a tool message without a 'tool_call_id'.", param=f"{where}.tool_call_id")
+        extra["tool_call_id"] = message["tool_call_id"]
     if isinstance(content, list):  # content parts: only text ones (Phi-3-mini reads no images or audio)
         texts = []
         for part in content:
@@ -143,7 +171,7 @@ def _message(message: Any, index: int) -> dict[str, str]:
         content = "".join(texts)
     if not isinstance(content, str):
         raise ApiError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
-    return {"role": CHAT_ROLES[role], "content": content}
+    return {"role": CHAT_ROLES[role], "content": content, **extra}
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], context_length: int, default: int | None = None) -> int | None:
@@ -279,15 +307,22 @@ def fingerprint(backend: str, fmt: str) -> str:
     return f"phi3-{__version__}-{backend}-{fmt}"
 
 
-def completion_body(request: GenerationRequest, rid: str, model: str, stats: ReplyStats, extra: dict) -> dict:
-    """The whole (non-streamed) answer."""
+def completion_body(
+    request: GenerationRequest, rid: str, model: str, stats: ReplyStats, extra: dict, tool_calls: list | None = None
+) -> dict:
+    """The whole (non-streamed) answer; with tool_calls, the calls in place of the text."""
+    finish = stats.finish_reason
     if request.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": stats.text}}
+        message: dict[str, Any] = {"role": "assistant", "content": stats.text}
+        if tool_calls:
+            message.update(content=None, tool_calls=tool_calls)
+            finish = "tool_calls"
+        choice = {"index": 0, "message": message}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": stats.text}
         obj = "text_completion"
-    choice.update(logprobs=None, finish_reason=stats.finish_reason)
+    choice.update(logprobs=None, finish_reason=finish)
     return {
         "id": rid,
         "object": obj,
@@ -308,10 +343,13 @@ def chunk_body(
     *,
     text: str | None = None,
     finish: str | None = None,
+    tool_calls: list | None = None,
 ) -> dict:
-    """One streamed chunk: a piece of text, or the closing chunk with the finish reason."""
+    """One streamed chunk: a piece of text, tool calls, or the closing chunk with the finish reason."""
     if request.kind == "chat":
-        delta: dict[str, str] = {} if text is None else {"content": text}
+        delta: dict[str, Any] = {} if text is None else {"content": text}
+        if tool_calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
         choice: dict[str, Any] = {"index": 0, "delta": delta}
         obj = "chat.completion.chunk"
     else:

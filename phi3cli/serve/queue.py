@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import queue
 import threading
@@ -171,7 +172,7 @@ class GenerationQueue:
 
     def _generate(self, job: Job) -> None:
         ids = job.prepare(self.model)
-        job.deliver(Started(len(ids), time.perf_counter() - job.submitted))
+        started = Started(len(ids), time.perf_counter() - job.submitted)
         settings, generate = job.settings, None
         if self.engine:
             generate = partial(self.engine.generate, cancelled=job.cancelled)
@@ -180,7 +181,13 @@ class GenerationQueue:
                 settings = GenerationSettings(**{**settings.__dict__, "max_new_tokens": room})
         events = stream_reply(self.model, ids, settings, generate)
         try:
-            for event in events:
+            items = iter(events)
+            if settings.constraint is not None:
+                # The grammar engine compiles the constraint before the first token: read that token first, so a
+                # refusal is answered as an HTTP error rather than in the middle of a stream.
+                items = itertools.chain([next(events)], events)
+            job.deliver(started)
+            for event in items:
                 if job.cancelled.is_set():
                     break
                 if isinstance(event, TokenEvent):
