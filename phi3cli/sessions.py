@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from phi3cli.backends.base import DEVICES, GenerationSettings
+from phi3cli.backends.base import DEVICES, GenerationSettings, OutputConstraint
 from phi3cli.chat import ChatSession
 from phi3cli.errors import SessionFileError
 from phi3cli.util import write_atomically
@@ -72,7 +72,7 @@ def snapshot(session: ChatSession, *, model: str, device: str) -> SavedSession:
         format=loaded.format,
         messages=[dict(m) for m in session.messages],
         system=session.system,
-        settings=GenerationSettings(**asdict(session.settings)),
+        settings=replace(session.settings),
         saved_at=time.time(),
     )
 
@@ -134,6 +134,8 @@ def load_session(path: Path | str) -> SavedSession:
         known = {f.name for f in fields(GenerationSettings)}
         settings = {k: v for k, v in (data.get("settings") or {}).items() if k in known}
         settings["stop"] = tuple(settings.get("stop") or ())
+        if isinstance(settings.get("constraint"), dict):
+            settings["constraint"] = OutputConstraint(**settings["constraint"])
         return SavedSession(
             model=str(data["model"]),
             backend=str(data["backend"]),
@@ -154,7 +156,7 @@ def restore(session: ChatSession, saved: SavedSession) -> None:
     """Put a saved conversation (history, system prompt, settings) into a running session."""
     session.messages[:] = [dict(m) for m in saved.messages]
     session.system = saved.system
-    session.settings = GenerationSettings(**asdict(saved.settings))
+    session.settings = replace(saved.settings)
     session.last_stats = None
 
 

@@ -121,6 +121,21 @@ def chat(
             "settings (options given here override them). With a PROMPT, answers it as the next turn.",
         ),
     ] = None,
+    json_schema: Annotated[
+        Path | None,
+        typer.Option(
+            "--json-schema",
+            help="Answer with JSON valid against the JSON schema in this file, enforced while generating (the "
+            "runtime's grammar engine, on backends that have one). The one-shot answer on stdout pipes into jq.",
+            rich_help_panel="Structured output",
+        ),
+    ] = None,
+    json_object: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Answer with a JSON object (any), enforced while generating.", rich_help_panel="Structured output"
+        ),
+    ] = False,
     save: Annotated[
         Path | None,
         typer.Option(
@@ -139,11 +154,13 @@ def chat(
     from phi3cli.chat import ChatSession
     from phi3cli.generation import open_model
     from phi3cli.sessions import check_saveable, load_session, restore, resume_choice
+    from phi3cli.structured import constraining_hint, output_constraint
 
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise typer.BadParameter("stdin was empty; give a prompt.", param_hint="PROMPT")
+    constraint = output_constraint(json_schema, json_object)
     saved = load_session(resume) if resume else None
     if save:
         check_saveable(save)
@@ -195,6 +212,11 @@ def chat(
         err_console.print(f"[dim]{escape(_resumed_line(resume, saved, loaded))}[/]", soft_wrap=True)
     if system is not None:
         session.system = system
+    if constraint is not None:
+        if why := loaded.constraint_refusal():
+            loaded.close()
+            raise Phi3Error(f"Cannot constrain the answer to JSON: {why}.", hint=constraining_hint())
+        session.settings.constraint = constraint
     try:
         if prompt is not None:
             _answer_once(state, prompt)
@@ -373,3 +395,4 @@ def _command(state: _ChatState, text: str, console: Console) -> bool:
     else:
         console.print(f"[yellow]Unknown command {name}.[/] [dim]/help lists them.[/]")
     return False
+
