@@ -49,9 +49,9 @@ class Server:
         self.base = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, *extra: str, backend: str = "torch") -> None:
+    def start(self, *extra: str, backend: str = "torch", model: str = "demo") -> None:
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        args = ["serve", "--model", "demo", "--backend", backend, "--port", str(self.port), *extra]
+        args = ["serve", "--model", model, "--backend", backend, "--port", str(self.port), *extra]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "phi3cli", *args], stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy()
         )
@@ -277,15 +277,22 @@ def test_the_client_library_raises_its_own_errors(server):
 
 
 def test_unsupported_fields_are_ignored_and_logged(server):
-    answer = server.client().chat.completions.create(
-        **GOOD,
-        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-        logit_bias={"1": 5},
-        response_format={"type": "json_object"},
-    )
+    answer = server.client().chat.completions.create(**GOOD, logit_bias={"1": 5}, user="someone")
     assert answer.choices[0].message.content
-    assert answer.model_extra["phi3"]["ignored_fields"] == ["logit_bias", "response_format", "tools"]
-    server.wait_for_log("ignored unsupported fields: logit_bias, response_format, tools")
+    assert answer.model_extra["phi3"]["ignored_fields"] == ["logit_bias", "user"]
+    server.wait_for_log("ignored unsupported fields: logit_bias, user")
+
+
+def test_json_output_and_tools_are_400s_naming_why(server):
+    """The torch backend has no grammar engine, and the demo's template reads no tools: never silently ignored."""
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match=r"torch backend has no grammar engine.*onnx, openvino"):
+        client.chat.completions.create(**GOOD, response_format={"type": "json_object"})
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError, match="no tool support"):
+        client.chat.completions.create(**GOOD, tools=tools)
+    supports = server.raw("GET", "/health")[1]["supports"]
+    assert supports["response_format"] == ["text"] and supports["tools"] is False
 
 
 def test_a_client_that_disconnects_stops_its_generation(server, references):
