@@ -8,13 +8,15 @@ here: its words are noise, so only the constraint can make its calls valid.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
-from tests.conftest import run_phi3
+from tests.conftest import TEST_HOME, run_phi3
 from tests.test_serve import KEY, Server, free_port
 
 PERSON = {
@@ -133,6 +135,22 @@ def test_tools_on_a_model_without_tool_support_are_a_400(server):
     assert supports["tools"] is False and "json_schema" in supports["response_format"]
 
 
+BAD_BODIES = {
+    "unknown response_format": {"response_format": {"type": "xml"}},
+    "json_schema without a schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+    "required without tools": {"tool_choice": "required"},
+    "a tool without a name": {"tools": [{"type": "function", "function": {"parameters": {}}}]},
+    "a tool message without its call id": {"messages": [{"role": "tool", "content": "18 degrees"}]},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_malformed_structured_requests_are_400s(server, case):
+    body = {"model": "demo", "messages": ASK_PERSON, "max_tokens": 4, **BAD_BODIES[case]}
+    status, answer = server.raw("POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and answer["error"]["message"], answer
+
+
 def test_chat_json_schema_prints_json_that_validates(demo_source, tmp_path):
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
@@ -182,7 +200,13 @@ def write_tiny_phi4_mini(demo: Path, out: Path) -> Path:
 def tiny(demo_source, tmp_path_factory):
     """`phi3 serve` (onnx) on the tiny random-weight Phi-4-mini, and its model id."""
     pytest.importorskip("onnxruntime_genai")
-    folder = write_tiny_phi4_mini(demo_source.path, tmp_path_factory.mktemp("tiny-phi4-mini") / "model")
+    folder = TEST_HOME / "fixtures" / "tiny-phi4-mini"  # one path, so the store converts it once
+    if not (folder / "model.safetensors").is_file():
+        staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        write_tiny_phi4_mini(demo_source.path, staging)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
     srv = Server(free_port(), tmp_path_factory.mktemp("structured-tools") / "server.log")
     srv.start("--api-key", KEY, backend="onnx", model=str(folder))
     try:
