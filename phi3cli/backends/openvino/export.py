@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import shutil
 import warnings
@@ -17,6 +18,7 @@ from typing import Any
 import openvino as ov
 
 from phi3cli.backends.openvino.ir import TOKENIZER_FILES
+from phi3cli.backends.openvino.longrope import longrope_in_graph
 from phi3cli.backends.openvino.recipe import describe_recipe
 from phi3cli.errors import ConversionError
 from phi3cli.progress import Progress
@@ -131,7 +133,7 @@ def export_ir(hf_dir: Path, out: Path, progress: Progress) -> None:
 
     progress.phase(f"Exporting {hf_dir.name} to OpenVINO IR with optimum-intel")
     try:
-        with _quiet_converters():
+        with _quiet_converters(), longrope_in_graph(json.loads((hf_dir / "config.json").read_text())):
             main_export(
                 str(hf_dir),
                 output=out,

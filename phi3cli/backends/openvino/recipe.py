@@ -14,8 +14,9 @@ from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress
 
 FORMATS = SPEC.formats
-# Bump when a default below changes: it is part of the store key, so stored variants are rebuilt.
-RECIPE_VERSION = "2"
+# Bump when a default below or what export writes changes: it is part of the store key, so stored variants are
+# rebuilt (3: LongRoPE's switch to the long factors traced into the IR).
+RECIPE_VERSION = "3"
 # The seed's int4 recipe, and the one OpenVINO's NPU guide asks for (symmetric, channel-wise, all layers int4).
 INT4_RECIPE = {"group_size": 128, "ratio": 0.6, "sym": True}
 NPU_INT4_RECIPE = {"group_size": -1, "ratio": 1.0, "sym": True}
