@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
+from phi3cli.context import full_context_kv_bytes
 from phi3cli.errors import Phi3Error
 from phi3cli.generation import ReplyStats, generate_text, load_model
 from phi3cli.progress import SilentProgress
@@ -145,6 +146,7 @@ def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options
             path=str(model.path),
             size_bytes=dir_size(model.path),
             context_length=model.context_length,
+            kv_cache_bytes=full_context_kv_bytes(model.path, model.context_length),
         )
         result["runs"] = _measure_speed(model, job, report) if job.measure_speed else []
         result["peak_rss_bytes"] = peak_rss_bytes()  # before quality: scoring a text is not inference

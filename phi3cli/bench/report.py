@@ -16,6 +16,9 @@ Layout of a report (every key always present; figures are null where not measure
         executed_device             what the runtime reports it ran on
         threads                     --threads (null: the runtime's default)
         path, size_bytes            the model folder loaded and its size on disk
+        context_length              the context window the loaded model accepts, in tokens
+        kv_cache_bytes              what an fp16 KV cache of that whole window takes (null if the folder
+                                    does not say its attention shape)
         peak_rss_bytes              peak resident memory of the subprocess that ran it (before quality scoring)
         load_cold_s, load_warm_s    first load in a fresh process, compiled-model cache empty; second load,
                                     cache filled
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 
 from phi3cli import __version__
+from phi3cli.context import LONG_CONTEXT, fmt_memory
 from phi3cli.errors import Phi3Error
 from phi3cli.sources import ModelSource
 from phi3cli.util import package_versions
@@ -71,6 +75,8 @@ RESULT_KEYS = (
     "threads",
     "path",
     "size_bytes",
+    "context_length",
+    "kv_cache_bytes",
     "peak_rss_bytes",
     "load_cold_s",
     "load_warm_s",
@@ -209,6 +215,8 @@ CSV_COLUMNS = (
     "load_warm_s",
     "peak_rss_bytes",
     "size_bytes",
+    "context_length",
+    "kv_cache_bytes",
     "agreement",
     "perplexity",
     "threads",
@@ -240,6 +248,8 @@ def to_csv(report: dict) -> str:
             load_warm_s=row["load_warm_s"],
             peak_rss_bytes=row["peak_rss_bytes"],
             size_bytes=row["size_bytes"],
+            context_length=row.get("context_length"),
+            kv_cache_bytes=row.get("kv_cache_bytes"),
             agreement=row["quality"]["agreement"],
             perplexity=row["quality"]["perplexity"],
             threads=settings["threads"] or "auto",
@@ -278,6 +288,14 @@ def fmt_bytes(value: int | None) -> str:
     return f"{value / 1e6:.0f} MB" if value else ""
 
 
+def fmt_context(row: dict, separator: str = " ") -> str:
+    """The context window in tokens, and for a long one the fp16 KV cache that fills it."""
+    context, kv = row.get("context_length"), row.get("kv_cache_bytes")
+    if not context:
+        return ""
+    return f"{context}{separator}(KV {fmt_memory(kv)})" if kv and context > LONG_CONTEXT else str(context)
+
+
 def fmt_agreement(quality: dict) -> str:
     return f"{100 * quality['agreement']:.1f}" if quality.get("agreement") is not None else "n/a"
 
@@ -301,8 +319,8 @@ def to_markdown(report: dict) -> str:
         f"{s['reference']}. Figures are mean ± standard deviation.",
         "",
         "| device | backend | format | test | TTFT ms | prefill tok/s | TPOT ms | decode tok/s | e2e tok/s "
-        "| load cold/warm s | peak RSS | size | agreement % | perplexity | note |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| load cold/warm s | peak RSS | size | context | agreement % | perplexity | note |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in report["results"]:
         quality = row["quality"]
@@ -325,11 +343,12 @@ def to_markdown(report: dict) -> str:
                     load,
                     fmt_bytes(row["peak_rss_bytes"]),
                     fmt_bytes(row["size_bytes"]),
+                    fmt_context(row),
                     fmt_agreement(quality),
                     fmt_perplexity(quality),
                 ]
             else:
-                cells += [""] * 10
+                cells += [""] * 11
             lines.append("| " + " | ".join(cells + [note]) + " |")
     lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)

@@ -128,7 +128,8 @@ def _row_from(config: Configuration, result: dict, settings: BenchSettings) -> d
     if not result.get("ok"):
         row.update(status="failed", reason=result.get("error", "failed"))
         return row
-    for key in ("executed_device", "path", "size_bytes", "peak_rss_bytes", "load_cold_s", "load_warm_s", "versions"):
+    measured = ("executed_device", "path", "size_bytes", "context_length", "kv_cache_bytes", "peak_rss_bytes")
+    for key in (*measured, "load_cold_s", "load_warm_s", "versions"):
         row[key] = result.get(key)
     for run in result.get("runs", []):
         reps = run["reps"]

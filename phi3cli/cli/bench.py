@@ -246,7 +246,7 @@ def _sorted_rows(report: dict) -> list[tuple[dict, dict | None]]:
 
 def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
     """The results table, grouped by device and sorted by decode speed, best per column starred."""
-    from phi3cli.bench.report import fmt_agreement, fmt_perplexity, run_label
+    from phi3cli.bench.report import fmt_agreement, fmt_context, fmt_perplexity, run_label
 
     s, m = report["settings"], report["machine"]
     console.print(
@@ -260,7 +260,7 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
     best = _best_per_column(ok)
 
     columns = ["backend", "format", "test", "TTFT\nms", "prefill\ntok/s", "TPOT\nms", "decode\ntok/s", "e2e\ntok/s"]
-    columns += ["load s\ncold/warm", "peak\nRSS MB", "size\nMB"]
+    columns += ["load s\ncold/warm", "peak\nRSS MB", "size\nMB", "context\ntokens"]
     columns += ["agree\n%", "PPL"] if s["quality"] else []
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for i, name in enumerate(columns):
@@ -296,10 +296,10 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
             test.append(" " + footnote(row["reason"]), style="dim")
         # A failure may still carry figures (too few tokens generated): shown, never starred.
         figures = [_cell(run[k], _DIGITS[k], marks[k]) if run else Text("") for k in _MARKED]
-        extra = ["", "", ""]
+        extra = ["", "", "", ""]
         if measured:
             load = f"{row['load_cold_s']:.2f}\n{row['load_warm_s']:.2f}" if row["load_warm_s"] is not None else ""
-            extra = [load, _mb(row["peak_rss_bytes"]), _mb(row["size_bytes"])]
+            extra = [load, _mb(row["peak_rss_bytes"]), _mb(row["size_bytes"]), fmt_context(row, "\n")]
         if s["quality"]:
             quality = [fmt_agreement(row["quality"]), fmt_perplexity(row["quality"])] if measured else ["", ""]
             if measured and row["quality"]["notes"]:

@@ -345,6 +345,7 @@ def _stream(session: ChatSession, text: str, console: Console) -> None:
 
 def _command(state: _ChatState, text: str, console: Console) -> bool:
     """Run a slash command; True means leave."""
+    from phi3cli.context import describe_context
     from phi3cli.generation import prompt_budget
     from phi3cli.sessions import load_session, restore
 
@@ -364,7 +365,8 @@ def _command(state: _ChatState, text: str, console: Console) -> bool:
     elif name == "/model":
         console.print(
             f"[dim]{escape(state.model_spec)} ({escape(str(model.path))}) · {model.backend} · {model.format} · "
-            f"asked {model.device}, running on {model.executed_device} · context {model.context_length} tokens, "
+            f"asked {model.device}, running on {model.executed_device} · "
+            f"{describe_context(model.context_length, model.path)}, "
             f"prompt up to {prompt_budget(model)} · {len(session.messages)} messages[/]"
         )
     elif name == "/save":
