@@ -22,6 +22,28 @@ SUPPORTED_HELP = (
     "phi3 runs the Phi-3 architecture (config model_type 'phi3', Phi3ForCausalLM): Phi-3-mini/medium, "
     "Phi-3.5-mini and Phi-4-mini, or `demo`"
 )
+# Phi relatives that are not Phi3ForCausalLM, by config model_type: (what they are, why phi3 does not run them).
+OTHER_PHI_MODELS = {
+    "phi3small": (
+        "Phi-3-small (Phi3SmallForCausalLM)",
+        "it needs the modelling code it ships (block-sparse attention, a tiktoken tokenizer), not transformers' "
+        "built-in Phi3ForCausalLM",
+    ),
+    "phi3_v": (
+        "Phi-3-vision / Phi-3.5-vision (Phi3VForCausalLM)",
+        "it is a vision-language model that needs the modelling code it ships (an image encoder before the "
+        "language model), not transformers' built-in Phi3ForCausalLM",
+    ),
+    "phi4mm": (
+        "Phi-4-multimodal (Phi4MMForCausalLM)",
+        "it is a vision and speech model that needs the modelling code it ships, not transformers' built-in "
+        "Phi3ForCausalLM",
+    ),
+    "phimoe": (
+        "Phi-3.5-MoE (PhiMoEForCausalLM)",
+        "it is a mixture of experts, not Phi3ForCausalLM, and ONNX Runtime GenAI's builder makes it for CUDA only",
+    ),
+}
 # Kinds of source that are Hugging Face models (any other kind is the name of the backend whose folder it is).
 HF_KINDS = ("demo", "hub", "folder", "gguf")
 
@@ -61,12 +83,20 @@ def check_architecture(config_path: Path, spec: str) -> dict:
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"{config_path} cannot be read as a model config: {exc}") from exc
     model_type = config.get("model_type")
+    refuse_other_phi(model_type, spec)
     if model_type not in SUPPORTED_MODEL_TYPES:
         archs = ", ".join(config.get("architectures") or []) or "unknown"
         raise UnsupportedModelError(
             f"{spec} is a '{model_type}' model ({archs}), not Phi-3.", hint=SUPPORTED_HELP + "."
         )
     return config
+
+
+def refuse_other_phi(model_type: str | None, spec: str) -> None:
+    """Refuse a Phi model that is not Phi3ForCausalLM by name, saying why."""
+    if model_type in OTHER_PHI_MODELS:
+        name, why = OTHER_PHI_MODELS[model_type]
+        raise UnsupportedModelError(f"{spec} is {name}: {why}.", hint=SUPPORTED_HELP + ".")
 
 
 def folder_kind(path: Path) -> str | None:
