@@ -314,3 +314,22 @@ def test_an_error_inside_the_worker_becomes_a_failure_row():
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED [1]" in done.stdout and "exceed this model's context of 8192" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_timing_only_model_is_labelled_so(demo_source, tmp_path):
+    # scripts/make_shaped_model.py marks its random-weight models in config.json; bench says so on every output.
+    folder = tmp_path / "shaped"
+    folder.mkdir()
+    for item in demo_source.path.iterdir():
+        (folder / item.name).symlink_to(item)
+    config = json.loads((demo_source.path / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**config, "phi3_timing_only": "random weights"}))
+    args = ["--model", str(folder), "-b", "torch", "-f", "fp32", "-p", "8", "-n", "2", "-r", "1", "--warmup", "0"]
+    files = ["--json", str(tmp_path / "run.json"), "--markdown", str(tmp_path / "run.md")]
+    done = run_phi3("bench", *args, *files, "--no-quality", "--no-chart", env={"COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "timing only: random weights" in done.stdout
+    assert json.loads((tmp_path / "run.json").read_text())["model"]["timing_only"] == "random weights"
+    assert "Timing only: random weights" in (tmp_path / "run.md").read_text()
+    assert schema.timing_only(demo_source.path) is None

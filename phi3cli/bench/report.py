@@ -4,7 +4,8 @@ Layout of a report (every key always present; figures are null where not measure
 
     schema        "phi3.bench/1"
     created       ISO 8601 time of the run
-    model         {spec, kind, slug, fingerprint}: fingerprint hashes config.json, so baselines match models
+    model         {spec, kind, slug, fingerprint, timing_only}: fingerprint hashes config.json, so baselines
+                  match models; timing_only (null for real models) says why answers and quality mean nothing
     machine       {cpu, cores_logical, cores_physical, memory_bytes, os, python}
     versions      {package: version} of phi3cli and every runtime library installed
     settings      {prompt_tokens, gen_tokens, warmup, repetitions, threads, timeout_s, quality,
@@ -50,7 +51,7 @@ from phi3cli.util import package_versions
 
 SCHEMA = "phi3.bench/1"
 REPORT_KEYS = ("schema", "created", "model", "machine", "versions", "settings", "results")
-MODEL_KEYS = ("spec", "kind", "slug", "fingerprint")
+MODEL_KEYS = ("spec", "kind", "slug", "fingerprint", "timing_only")
 MACHINE_KEYS = ("cpu", "cores_logical", "cores_physical", "memory_bytes", "os", "python")
 SETTINGS_KEYS = (
     "prompt_tokens",
@@ -142,6 +143,15 @@ def model_fingerprint(folder: Path) -> str | None:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def timing_only(folder: Path) -> str | None:
+    """Why the model is for timing only (scripts/make_shaped_model.py marks its random-weight models), else None."""
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("phi3_timing_only")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
 def build_report(source: ModelSource, settings, rows: list[dict]) -> dict:
     return {
         "schema": SCHEMA,
@@ -151,6 +161,7 @@ def build_report(source: ModelSource, settings, rows: list[dict]) -> dict:
             "kind": source.kind,
             "slug": source.slug,
             "fingerprint": model_fingerprint(source.path),
+            "timing_only": timing_only(source.path),
         },
         "machine": machine_info(),
         "versions": library_versions(),
@@ -310,6 +321,11 @@ def to_markdown(report: dict) -> str:
     lines = [
         f"# phi3 bench: {report['model']['spec']}",
         "",
+        *(
+            [f"**Timing only: {report['model']['timing_only']}** (answers and quality mean nothing).", ""]
+            if report["model"].get("timing_only")
+            else []
+        ),
         f"{report['created']} · {m['cpu']}, {m['cores_physical']} physical / {m['cores_logical']} logical cores, "
         f"{(m['memory_bytes'] or 0) / 2**30:.0f} GiB, {m['os']}, Python {m['python']}",
         "",

@@ -255,6 +255,10 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
         f"threads {s['threads'] or 'runtime default'} · greedy, end of text ignored · mean ± std",
         soft_wrap=True,
     )
+    if report["model"].get("timing_only"):
+        console.print(
+            f"[yellow]timing only: {escape(report['model']['timing_only'])}[/] (answers and quality mean nothing)"
+        )
     rows = _sorted_rows(report)
     ok = [(r, run) for r, run in rows if r["status"] == "ok" and run]
     best = _best_per_column(ok)
