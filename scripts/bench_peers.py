@@ -1,203 +1,371 @@
 #!/usr/bin/env python
-"""phi3 against llama.cpp on the same weights: the demo model's .gguf and our best CPU configuration.
+"""phi3's int4 against llama.cpp on the same weights, side by side in one interleaved run.
 
-Not part of phi3 and not one of its dependencies. llama.cpp runs through llama-cpp-python, which
-compiles llama.cpp when installed (several minutes):
+Not part of phi3 and not one of its dependencies. llama.cpp runs through llama-cpp-python (imported only
+in the workers), which compiles llama.cpp when installed (several minutes):
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python
 
-Both sides run in fresh subprocesses, one after the other, with the same prompt length, output length,
-thread count, warm-up and repetitions; prompts are shuffled English text that differs every run, and
-generation ignores the end of text, as in `phi3 bench`. Our side measures the int4 CPU configurations
-of every installed converting backend with `phi3 bench`'s own runner and takes the fastest. It prints
-both and the ratio ours / llama.cpp for decode tokens/s (above 1: we are faster) and time to first token.
+For each model (a Hugging Face folder, or `demo`; several in one run) it builds every configuration asked
+(see scripts/peer_builds.py): by default llama.cpp's Q4_K_M and Q4_0 quantized by llama.cpp from an f16 .gguf of
+the same weights, and phi3's default int4 of every converting backend (`phi3:openvino`, `phi3:onnx`: built by
+phi3's converter into its store and run through phi3's own load and timing path). Each configuration runs in its
+own process (scripts/peer_workers.py), in an order that rotates each round: warm-up first, a different prompt per
+repetition, greedy, end of text ignored, the given thread count. Memory bandwidth is measured before and after
+(numpy sums in N processes at once). Printed per model, as markdown: prefill and decode tokens/s (medians over
+every run) and their ratios to llama.cpp Q4_K_M (the median of the per-round ratios), size on disk, bytes read per
+decoded token (every weight but the embedding table, at its stored precision, plus the KV cache at the mean
+context), the share of the measured bandwidth that decode reaches, and, for models with real weights, quality
+under teacher forcing on phi3's shipped text against transformers in fp32: perplexity, mean KL divergence and
+top-1 agreement (phi3cli.bench.quality). Models marked timing-only (scripts/make_shaped_model.py) get no quality.
 
-    python scripts/bench_peers.py [--prompt-tokens 512] [--gen-tokens 128] [--threads N] [--json FILE]
+    python scripts/bench_peers.py MODEL [MODEL ...] [--config SPEC ...] [--rounds 2] [--reps 3]
+        [--prompt-tokens 512] [--gen-tokens 64] [--threads 2] [--work DIR] [--markdown FILE] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(ROOT))
+
+import peer_builds as pb  # noqa: E402
+
+BASELINE = "llama:Q4_K_M"
+DEFAULT_CONFIGS = (BASELINE, "llama:Q4_0", "phi3:openvino", "phi3:onnx")
+TEXT = ROOT / "phi3cli" / "bench" / "data" / "perplexity.txt"
 
 
-def llama_worker(args: argparse.Namespace) -> None:
-    """Runs in its own process: llama.cpp on the .gguf, printing one JSON line of per-run figures."""
-    from llama_cpp import Llama
+# ------------------------------------------------------------------------------------------ bandwidth
 
-    from phi3cli.bench.quality import perplexity_text
 
-    n_ctx = args.prompt_tokens + args.gen_tokens + 8
+def _sum_worker(gib: float, repeats: int, barrier, queue) -> None:
+    import numpy as np
+
+    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    a.sum()  # touch every page first
+    barrier.wait()
     start = time.perf_counter()
-    llm = Llama(
-        model_path=args.gguf,
-        n_ctx=n_ctx,
-        n_batch=min(512, n_ctx),
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        verbose=False,
-    )
-    load_s = time.perf_counter() - start
-    words = perplexity_text().split()
-    seen_first: set[int] = set()
-    runs = []
-    for i in range(args.warmup + args.repetitions):
-        for attempt in range(50):  # a different prompt every run, starting with a different token
-            rng = random.Random(f"llama-{args.prompt_tokens}-{i}-{attempt}")
-            ids: list[int] = []
-            while len(ids) < args.prompt_tokens:
-                rng.shuffle(words)
-                ids += llm.tokenize((" ".join(words) + "\n").encode(), add_bos=False, special=False)
-            if ids[0] not in seen_first:
-                break
-        seen_first.add(ids[0])
-        prompt = ids[: args.prompt_tokens]
-        times = []
-        start = time.perf_counter()
-        # generate() samples after evaluating the prompt and never stops at end of text by itself.
-        for n, _token in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), 1):
-            times.append(time.perf_counter() - start)
-            if n >= args.gen_tokens:
-                break
-        total = time.perf_counter() - start
-        if i >= args.warmup:
-            decode_s = times[-1] - times[0]
-            runs.append(
-                {
-                    "ttft_ms": times[0] * 1000,
-                    "decode_tps": (len(times) - 1) / decode_s if decode_s > 0 else 0.0,
-                    "e2e_tps": len(times) / total,
-                    "tokens": len(times),
-                }
-            )
-    import llama_cpp
-
-    print(json.dumps({"load_s": load_s, "runs": runs, "version": llama_cpp.__version__}))
+    for _ in range(repeats):
+        a.sum()
+    queue.put((a.nbytes * repeats, time.perf_counter() - start))
 
 
-def run_llama(args: argparse.Namespace, gguf: Path) -> dict:
-    cmd = [sys.executable, __file__, "--llama-worker", "--gguf", str(gguf)]
-    for flag in ("prompt_tokens", "gen_tokens", "threads", "warmup", "repetitions"):
-        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"llama.cpp run failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def measure_bandwidth(processes: int, gib: float = 1.0, repeats: int = 8) -> float:
+    """Bytes per second that `processes` numpy sums read together (each its own array, started together)."""
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(processes), ctx.Queue()
+    workers = [ctx.Process(target=_sum_worker, args=(gib, repeats, barrier, queue)) for _ in range(processes)]
+    for w in workers:
+        w.start()
+    results = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    return sum(b for b, _ in results) / max(t for _, t in results)
 
 
-def demo_gguf() -> Path:
-    """The very .gguf the demo model is built from, kept in the model store's cache after the first fetch."""
-    from phi3cli.demo import DEMO_GGUF, fetch_demo_gguf
-    from phi3cli.progress import SilentProgress
-    from phi3cli.store import ModelStore
+# ------------------------------------------------------------------------------------------ prompts
 
-    cached = ModelStore().cache_dir("bench-peers") / DEMO_GGUF
-    if cached.is_file() and not os.environ.get("PHI3_DEMO_GGUF"):
-        os.environ["PHI3_DEMO_GGUF"] = str(cached)
-        return fetch_demo_gguf(cached.parent, SilentProgress())  # checks the sha256
+
+def make_prompts(tokenizer_json: Path, count: int, length: int, seed: str) -> list[list[int]]:
+    """Shuffled English text, exactly `length` tokens each, every prompt starting with a different token."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    words = TEXT.read_text().split()
+    prompts: list[list[int]] = []
+    firsts: set[int] = set()
+    rng = random.Random(seed)
+    while len(prompts) < count:
+        ids: list[int] = []
+        while len(ids) < length:
+            rng.shuffle(words)
+            ids += tok.encode(" ".join(words) + "\n", add_special_tokens=False).ids
+        if ids[0] not in firsts:
+            firsts.add(ids[0])
+            prompts.append(ids[:length])
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run_job(job: dict) -> dict:
+    """One worker process (scripts/peer_workers.py) on one job; its RESULT line, or {"error": ...}."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(HERE / "peer_workers.py"), f.name], capture_output=True, text=True, timeout=1800
+        )
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit {done.returncode}: {tail}"}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def speed_job(config: pb.Config, path: Path, model: str, prompts: list[list[int]], args) -> dict:
+    return {
+        "runtime": config.runtime,
+        "phi3_backend": config.recipe if config.runtime == "phi3" else None,
+        "model": model,
+        "path": str(path),
+        "knobs": config.knobs,
+        "threads": args.threads,
+        "prompts": prompts,
+        "gen": args.gen_tokens,
+    }
+
+
+def quality(configs, paths, hf_dir: Path, work: Path, args) -> dict[str, dict]:
+    """Perplexity, KL divergence and top-1 of each configuration against transformers fp32, teacher-forced."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from phi3cli.bench.quality import kl_per_position, next_token_divergence, perplexity_text
+    from phi3cli.util import log_softmax
+
+    ids = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(perplexity_text(), add_special_tokens=False).ids
+    targets = np.asarray(ids[1:])
+
+    def logprobs(backend: str, path: Path, knobs: dict, out: Path) -> np.ndarray | str:
+        if not out.is_file():
+            job = {"mode": "logits", "backend": backend, "path": str(path), "knobs": knobs, "ids": ids}
+            done = run_job({**job, "threads": args.threads, "chunk": args.quality_chunk, "out": str(out)})
+            if "error" in done:
+                return done["error"]
+        return log_softmax(np.load(out)[: len(ids) - 1])
+
+    print(f"Quality: {len(ids)} tokens of phi3's perplexity text, against transformers fp32...", file=sys.stderr)
+    ref = logprobs("reference", hf_dir, {}, work / "reference-fp32-logits.npy")
+    if isinstance(ref, str):
+        sys.exit(f"The fp32 reference failed: {ref}")
+    out: dict[str, dict] = {"reference": {"ppl": float(np.exp(-ref[np.arange(len(targets)), targets].mean()))}}
     with tempfile.TemporaryDirectory() as tmp:
-        path = fetch_demo_gguf(Path(tmp), SilentProgress())
-        if path != cached:
-            tmp_copy = cached.with_suffix(".partial")
-            tmp_copy.write_bytes(path.read_bytes())
-            tmp_copy.replace(cached)
-    return cached
-
-
-def run_ours(args: argparse.Namespace) -> dict:
-    """Every installed converting backend's int4 on the CPU, measured by phi3 bench's runner; the report."""
-    from phi3cli.bench import BenchSettings, plan_configurations, run_bench
-    from phi3cli.devices import probe
-    from phi3cli.progress import SilentProgress
-
-    class Say(SilentProgress):
-        def phase(self, description: str, total=None) -> None:
-            print(f"  {description}", file=sys.stderr, flush=True)
-
-    backends = [b for b in ("openvino", "onnx") if b in probe().present]
-    planned = plan_configurations(probe(), backends=backends, devices=["cpu"], formats=["int4"])
-    settings = BenchSettings(
-        prompt_tokens=[args.prompt_tokens],
-        gen_tokens=args.gen_tokens,
-        warmup=args.warmup,
-        repetitions=args.repetitions,
-        threads=args.threads,
-        quality=False,
-    )
-    return run_bench("demo", planned, settings, progress=Say())
+        for c in configs:
+            cand = logprobs(c.backend, paths[c.artifact], c.knobs, Path(tmp) / "logits.npy")
+            Path(tmp, "logits.npy").unlink(missing_ok=True)
+            if isinstance(cand, str):
+                out[c.name] = {"error": cand}
+                continue
+            width = min(ref.shape[1], cand.shape[1])
+            cand = log_softmax(cand[:, :width]) if cand.shape[1] != width else cand
+            kld, top1 = next_token_divergence(ref, cand)
+            out[c.name] = {
+                "ppl": float(np.exp(-cand[np.arange(len(targets)), targets].mean())),
+                "kld": kld,
+                "kld_p99": float(np.percentile(kl_per_position(ref, cand), 99)),
+                "top1": top1,
+            }
+            print(f"  {c.name}: PPL {out[c.name]['ppl']:.2f}, KLD {kld:.4f}, top-1 {100 * top1:.1f} %", file=sys.stderr)
+    return out
 
 
 def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+    return statistics.fmean(values) if values else float("nan")
+
+
+def summarise(config, path, hf_config, args, rounds: list[dict], base_rounds: list[dict]) -> dict:
+    runs = [r for rnd in rounds for r in rnd.get("runs", [])]
+    row: dict = {"config": config.name, "errors": [rnd["error"] for rnd in rounds if "error" in rnd]}
+    row["size_mb"] = pb.disk_bytes(path) / 1e6
+    if not runs:
+        return row
+    properties = next((rnd.get("properties") for rnd in rounds if "properties" in rnd), {})
+    total, embed, per_type = pb.weight_bytes(config, path)
+    context = args.prompt_tokens + args.gen_tokens / 2
+    kv = pb.kv_bytes_per_token(config, hf_config, context, path, properties)
+    per_token = total - embed + kv
+    # medians: on a shared machine one round can be slowed by someone else's job
+    decode = statistics.median([r["decode_tps"] for r in runs])
+    prefill = statistics.median([r["prefill_tps"] for r in runs])
+    ratios_d, ratios_p = [], []
+    for own, base in zip(rounds, base_rounds, strict=False):
+        if own.get("runs") and base.get("runs"):
+            for key, ratios in (("decode_tps", ratios_d), ("prefill_tps", ratios_p)):
+                ratios.append(mean([r[key] for r in own["runs"]]) / mean([r[key] for r in base["runs"]]))
+    row.update(
+        prefill_tps=prefill,
+        decode_tps=decode,
+        decode_sd=statistics.pstdev([r["decode_tps"] for r in runs]),
+        decode_ratio=statistics.median(ratios_d) if ratios_d else float("nan"),
+        prefill_ratio=statistics.median(ratios_p) if ratios_p else float("nan"),
+        weights_mb=(total - embed) / 1e6,
+        kv_mb=kv / 1e6,
+        bytes_per_token=per_token,
+        gbps=per_token * decode / 1e9,
+        load_s=mean([rnd["load_s"] for rnd in rounds if "load_s" in rnd]),
+        per_type_mb={k: round(v / 1e6, 1) for k, v in per_type.items()},
+        properties=properties,
+        path=str(path),
+        runs=runs,
+    )
+    return row
+
+
+def table(rows: list[dict], bandwidth: float, scores: dict | None) -> str:
+    cols = ["configuration", "size MB"]
+    if scores:
+        cols += ["PPL", "vs fp32", "mean KLD", "top-1"]
+    cols += ["prefill tok/s", "decode tok/s", "prefill ×", "decode ×", "MB read/token", "% of bandwidth"]
+    lines = ["| " + " | ".join(cols) + " |", "| --- |" + " --: |" * (len(cols) - 1)]
+    ref_ppl = scores["reference"]["ppl"] if scores else None
+    if scores:
+        cells = ["transformers fp32 (reference)", "", f"{ref_ppl:.2f}", "—", "0", "100 %"] + [""] * 6
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        cells = [r["config"], f"{r['size_mb']:.0f}" if "size_mb" in r else ""]
+        if scores:
+            q = scores.get(r["config"], {})
+            if "ppl" in q:
+                cells += [f"{q['ppl']:.2f}", f"{100 * (q['ppl'] / ref_ppl - 1):+.1f} %", f"{q['kld']:.4f}"]
+                cells += [f"{100 * q['top1']:.1f} %"]
+            else:
+                cells += [f"failed: {q.get('error', '?')[:60]}", "", "", ""]
+        if "decode_tps" not in r:
+            cells += [f"failed: {'; '.join(r['errors'])[:120]}"] + [""] * 5
+        else:
+            cells += [
+                f"{r['prefill_tps']:.0f}",
+                f"{r['decode_tps']:.1f}",
+                f"{r['prefill_ratio']:.2f}",
+                f"{r['decode_ratio']:.2f}",
+                f"{r['bytes_per_token'] / 1e6:.0f}",
+                f"{100 * r['gbps'] * 1e9 / bandwidth:.0f} %",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def resolve_model(spec: str) -> tuple[str, Path]:
+    """(what phi3 is given, the Hugging Face folder) for demo or a folder."""
+    if spec == "demo":
+        from phi3cli.demo import ensure_demo
+        from phi3cli.store import ModelStore
+
+        return spec, ensure_demo(ModelStore())
+    path = Path(spec).expanduser().absolute()
+    if not (path / "config.json").is_file():
+        sys.exit(f"{spec} is not a Hugging Face model folder (no config.json).")
+    return str(path), path
+
+
+def measure_model(spec: str, configs: list, args) -> dict:
+    model, hf_dir = resolve_model(spec)
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    work = (args.work / hf_dir.name).absolute()
+    paths = {}
+    for c in configs:
+        if c.artifact not in paths:
+            paths[c.artifact] = pb.ensure(c, hf_dir, work, model)
+    timing_only = hf_config.get("phi3_timing_only")
+    scores = None if timing_only or args.no_quality else quality(configs, paths, hf_dir, work, args)
+    results: dict[str, list[dict]] = {c.name: [] for c in configs}
+    for rnd in range(args.rounds):
+        prompts = make_prompts(hf_dir / "tokenizer.json", args.reps + 1, args.prompt_tokens, f"round-{rnd}")
+        order = configs[rnd % len(configs) :] + configs[: rnd % len(configs)]
+        for c in order:
+            start = time.perf_counter()
+            out = run_job(speed_job(c, paths[c.artifact], model, prompts, args))
+            results[c.name].append(out)
+            if "error" in out:
+                print(f"{hf_dir.name} round {rnd + 1}: {c.name}: {out['error']}", file=sys.stderr)
+            else:
+                d = mean([r["decode_tps"] for r in out["runs"]])
+                p = mean([r["prefill_tps"] for r in out["runs"]])
+                print(
+                    f"{hf_dir.name} round {rnd + 1}: {c.name}: prefill {p:.0f} tok/s, decode {d:.1f} tok/s "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                )
+    rows = [summarise(c, paths[c.artifact], hf_config, args, results[c.name], results[args.baseline]) for c in configs]
+    return {"model": str(hf_dir), "hf_config": hf_config, "timing_only": timing_only, "rows": rows, "quality": scores}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="Hugging Face folders, or demo")
+    parser.add_argument("--config", action="append", help=f"a configuration (repeatable); default {DEFAULT_CONFIGS}")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each config once per round)")
+    parser.add_argument("--reps", type=int, default=3, help="timed generates per config and round, after 1 warm-up")
     parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--gen-tokens", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="default: the physical cores")
-    parser.add_argument("--json", type=Path, help="write both sides' figures here")
-    parser.add_argument("--llama-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--gguf", help=argparse.SUPPRESS)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", default=BASELINE, help="what the ratio columns divide by (default %(default)s)")
+    parser.add_argument("--work", type=Path, default=Path(".bench-peers"), help="where built artifacts are cached")
+    parser.add_argument("--no-quality", action="store_true", help="speed only")
+    parser.add_argument("--quality-chunk", type=int, help="feed the text N tokens at a time (KV-cache precision)")
+    parser.add_argument("--markdown", type=Path, help="append the tables here")
+    parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
-    if args.threads is None:
-        import psutil
 
-        args.threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    if args.llama_worker:
-        llama_worker(args)
-        return
+    specs = list(args.config or DEFAULT_CONFIGS)
+    if args.baseline not in specs:
+        specs.insert(0, args.baseline)
     try:
-        import llama_cpp  # noqa: F401
+        configs = [pb.parse_config(s) for s in specs]
+    except ValueError as exc:
+        sys.exit(str(exc))
+    try:
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode()
+        simd = [f for f in ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16") if f"{f} = 1" in info]
+        peer = f"llama-cpp-python {llama_cpp.__version__} ({', '.join(simd) or 'no AVX2'})"
     except ImportError:
-        sys.exit('llama-cpp-python is not installed: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python')
+        if any(c.runtime == "llama" for c in configs):
+            sys.exit(
+                'llama-cpp-python is not installed (it is no phi3 dependency): CMAKE_ARGS="-DGGML_NATIVE=ON" '
+                "pip install llama-cpp-python"
+            )
+        peer = "no llama.cpp"
+    load_before = os.getloadavg()[0]
+    print(f"Measuring memory bandwidth (numpy sums, 1 and {args.threads} processes)...", file=sys.stderr)
+    bw_before = {1: measure_bandwidth(1), args.threads: measure_bandwidth(args.threads)}
+    measured = [measure_model(spec, configs, args) for spec in args.models]
+    bw_after = {1: measure_bandwidth(1), args.threads: measure_bandwidth(args.threads)}
+    load_after = os.getloadavg()[0]
+    bandwidth = max(bw_before[args.threads], bw_after[args.threads])
 
-    gguf = demo_gguf()
-    print(
-        f"pp{args.prompt_tokens}+tg{args.gen_tokens}, {args.threads} threads, "
-        f"{args.warmup} warm-up + {args.repetitions} runs, greedy, end of text ignored",
-        file=sys.stderr,
-    )
-    print("phi3 (int4 CPU configurations):", file=sys.stderr)
-    report = run_ours(args)
-    ok = [(r, r["runs"][0]) for r in report["results"] if r["status"] == "ok" and r["runs"]]
-    for r in report["results"]:
-        if r["status"] != "ok":
-            print(f"  {r['backend']}/{r['device']}/{r['format']}: {r['status']}: {r['reason']}", file=sys.stderr)
-    if not ok:
-        sys.exit("No phi3 CPU configuration ran.")
-    best_row, best = max(ok, key=lambda pair: pair[1]["decode_tps"]["mean"])
-    print(f"llama.cpp on {gguf.name}:", file=sys.stderr)
-    peer = run_llama(args, gguf)
-    peer_decode = mean([r["decode_tps"] for r in peer["runs"]])
-    peer_ttft = mean([r["ttft_ms"] for r in peer["runs"]])
-    assert all(r["tokens"] == args.gen_tokens for r in peer["runs"])
-
-    width = max(len(f"phi3 {r['backend']} {r['format']} cpu") for r, _ in ok)
-    print(f"{'':{width}}  decode tok/s   TTFT ms")
-    for r, run in sorted(ok, key=lambda pair: -pair[1]["decode_tps"]["mean"]):
-        name = f"phi3 {r['backend']} {r['format']} cpu"
-        print(f"{name:{width}}  {run['decode_tps']['mean']:12.1f}  {run['ttft_ms']['mean']:8.1f}")
-    print(f"{'llama.cpp ' + peer['version'] + ' Q4_1':{width}}  {peer_decode:12.1f}  {peer_ttft:8.1f}")
-    ratio = best["decode_tps"]["mean"] / peer_decode
-    print(
-        f"ratio ours/llama.cpp ({best_row['backend']} {best_row['format']}): decode {ratio:.2f}x, "
-        f"time to first token {best['ttft_ms']['mean'] / peer_ttft:.2f}x (below 1 is faster)"
-    )
+    texts = [
+        f"pp{args.prompt_tokens} + tg{args.gen_tokens}, {args.threads} threads, {args.rounds} interleaved rounds × "
+        f"(1 warm-up + {args.reps}); {peer}; ratios against {args.baseline}; bandwidth (numpy sum) 1 thread "
+        f"{bw_before[1] / 1e9:.1f}/{bw_after[1] / 1e9:.1f} GB/s, {args.threads} threads "
+        f"{bw_before[args.threads] / 1e9:.1f}/{bw_after[args.threads] / 1e9:.1f} GB/s (before/after): shares are "
+        f"of {bandwidth / 1e9:.1f} GB/s; load average {load_before:.1f} before, {load_after:.1f} after"
+    ]
+    for m in measured:
+        c = m["hf_config"]
+        what = f"timing only: {m['timing_only']}" if m["timing_only"] else "quality against transformers fp32"
+        texts.append(
+            f"**{Path(m['model']).name}** ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+            f"intermediate {c['intermediate_size']}, vocab {c['vocab_size']}; {what})\n\n"
+            + table(m["rows"], bandwidth, m["quality"])
+        )
+    text = "\n\n".join(texts) + "\n"
+    print(text)
+    if args.markdown:
+        with args.markdown.open("a") as f:
+            f.write(f"\n{text}\n`{' '.join(sys.argv)}`\n")
     if args.json:
-        args.json.write_text(json.dumps({"ours": report, "llama_cpp": peer, "decode_ratio": ratio}, indent=2))
+        bw = {"before": bw_before, "after": bw_after}
+        args.json.write_text(json.dumps({"bandwidth": bw, "models": measured}, indent=1, default=str))
 
 
 if __name__ == "__main__":

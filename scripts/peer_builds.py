@@ -1,0 +1,389 @@
+"""Builds the artifacts scripts/bench_peers.py times, from one Hugging Face folder, and what each reads per token.
+
+A configuration is named `runtime:recipe[@knob=value,...]`:
+
+- `llama:Q4_K_M`, `llama:Q4_0`, ... : llama.cpp's own quantization of an f16 .gguf of the same weights.
+- `phi3:openvino`, `phi3:onnx` : phi3's own default int4 of that backend, built by phi3's converter into its model
+  store (as `phi3 convert MODEL --to BACKEND --format int4` does) and run through phi3's own load and timing path
+  (`generation.open_model` + `stream_reply`), with the runtime settings phi3 compiles it with.
+- `ov:phi3`, `ort:phi3` : the same folders, run by the bare runtime loops with the knobs given (to try settings).
+- `ov:sym-g128-r0.6` : an OpenVINO IR exported by optimum-intel (fp16), weights compressed by NNCF.
+  Tokens: `sym`/`asym`, `g<N>` (group size, `g-1` channel-wise), `r<ratio>` (the rest in the backup precision),
+  `lm4` (all layers int4: embedding and lm_head too; NNCF's default keeps both int8), `b8s` (backup int8
+  symmetric instead of asymmetric).
+- `ort:b32-sym-acc4` : ONNX Runtime GenAI's model builder (int4 MatMulNBits, round to nearest).
+  Tokens: `b<N>` (block size), `sym`/`asym`, `acc<N>` (MatMulNBits accuracy_level: 4 = int8 activations,
+  0 = fp32), `emb4` (the embedding Gather int4 too), `lm8` (lm_head int8: the builder's rtn_last).
+
+Knobs (after @) are runtime settings, read by the worker; they do not change the artifact.
+Everything is cached under a work folder, keyed by the recipe, written beside and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LLAMA_TYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS")
+
+
+@dataclass
+class Config:
+    name: str  # as given
+    runtime: str  # llama | ov | ort
+    recipe: str
+    knobs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def artifact(self) -> str:
+        if self.recipe == "phi3" or self.runtime == "phi3":
+            return f"phi3-{self.backend}"
+        return f"{self.runtime}-{self.recipe}"
+
+    @property
+    def backend(self) -> str:
+        """The runtime family the artifact belongs to: llama, ov or ort."""
+        if self.runtime == "phi3":
+            return PHI3_BACKENDS[self.recipe]
+        return self.runtime
+
+
+PHI3_BACKENDS = {"openvino": "ov", "onnx": "ort"}  # phi3's backend name -> the bare runtime loop that runs it
+
+
+def parse_config(spec: str) -> Config:
+    head, _, tail = spec.partition("@")
+    runtime, _, recipe = head.partition(":")
+    if runtime not in ("llama", "ov", "ort", "phi3") or not recipe:
+        raise ValueError(f"{spec!r}: expected llama:TYPE, phi3:BACKEND, ov:RECIPE or ort:RECIPE")
+    knobs = dict(kv.split("=", 1) for kv in tail.split(",") if kv) if tail else {}
+    if runtime == "llama" and recipe not in LLAMA_TYPES:
+        raise ValueError(f"{spec!r}: llama.cpp types here are {', '.join(LLAMA_TYPES)}")
+    if runtime == "phi3" and recipe not in PHI3_BACKENDS:
+        raise ValueError(f"{spec!r}: phi3's converting backends here are {', '.join(PHI3_BACKENDS)}")
+    if runtime == "phi3" and set(knobs) - {"threads"}:
+        raise ValueError(f"{spec!r}: phi3 configurations take threads=N only (they run with phi3's own settings)")
+    if runtime == "ov" and recipe != "phi3":
+        ov_settings(recipe)
+    if runtime == "ort" and recipe != "phi3":
+        ort_settings(recipe)
+    return Config(spec, runtime, recipe, knobs)
+
+
+def ov_settings(recipe: str) -> dict:
+    out = {"sym": True, "group_size": 128, "ratio": 1.0, "all_layers": False, "backup": "int8_asym"}
+    for token in recipe.split("-") if "g-1" not in recipe else recipe.replace("g-1", "gcw").split("-"):
+        if token in ("sym", "asym"):
+            out["sym"] = token == "sym"
+        elif token == "gcw":
+            out["group_size"] = -1
+        elif m := re.fullmatch(r"g(\d+)", token):
+            out["group_size"] = int(m[1])
+        elif m := re.fullmatch(r"r([\d.]+)", token):
+            out["ratio"] = float(m[1])
+        elif token == "lm4":
+            out["all_layers"] = True
+        elif token == "b8s":
+            out["backup"] = "int8_sym"
+        else:
+            raise ValueError(f"ov recipe {recipe!r}: unknown token {token!r}")
+    return out
+
+
+def ort_settings(recipe: str) -> dict:
+    out = {"block": 32, "sym": True, "acc": 4, "emb4": False, "lm8": False}
+    for token in recipe.split("-"):
+        if token in ("sym", "asym"):
+            out["sym"] = token == "sym"
+        elif m := re.fullmatch(r"b(\d+)", token):
+            out["block"] = int(m[1])
+        elif m := re.fullmatch(r"acc(\d)", token):
+            out["acc"] = int(m[1])
+        elif token in ("emb4", "lm8"):
+            out[token] = True
+        else:
+            raise ValueError(f"ort recipe {recipe!r}: unknown token {token!r}")
+    return out
+
+
+@contextlib.contextmanager
+def staged(final: Path):
+    """A folder beside final, renamed to it only when the block completes."""
+    partial = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        partial.rename(final)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def say(text: str) -> None:
+    print(f"  build: {text}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp
+
+
+def f16_gguf(hf_dir: Path, work: Path) -> Path:
+    """An f16 phi3-architecture .gguf of the folder (written by scripts/peer_gguf.py)."""
+    final = work / "gguf" / "f16.gguf"
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    from peer_gguf import write_phi3_gguf  # scripts/ is on sys.path (bench_peers.py puts it there)
+
+    say(f"f16 .gguf of {hf_dir.name}")
+    return write_phi3_gguf(hf_dir, final)
+
+
+def llama_gguf(hf_dir: Path, work: Path, ftype: str) -> Path:
+    final = work / "gguf" / f"{ftype}.gguf"
+    if final.is_file():
+        return final
+    from peer_gguf import quantize_gguf
+
+    source = f16_gguf(hf_dir, work)
+    say(f"llama.cpp quantizes to {ftype}")
+    return quantize_gguf(source, final, ftype, threads=2)
+
+
+# ------------------------------------------------------------------------------------------ OpenVINO
+
+
+def ov_fp16(hf_dir: Path, work: Path) -> Path:
+    final = work / "ov" / "fp16"
+    if (final / "openvino_model.xml").is_file():
+        return final
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+
+    say(f"optimum-intel exports {hf_dir.name} to an fp16 IR")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with staged(final) as out:
+        main_export(
+            str(hf_dir),
+            output=out,
+            task="text-generation-with-past",
+            ov_config=OVConfig(dtype="fp16"),
+            convert_tokenizer=True,
+            library_name="transformers",
+            local_files_only=True,
+        )
+    return final
+
+
+def ov_ir(hf_dir: Path, work: Path, recipe: str) -> Path:
+    final = work / "ov" / recipe
+    if (final / "openvino_model.xml").is_file():
+        return final
+    import nncf
+    import openvino as ov
+
+    src = ov_fp16(hf_dir, work)
+    s = ov_settings(recipe)
+    say(f"NNCF compresses the IR ({recipe}: {s})")
+    model = ov.Core().read_model(str(src / "openvino_model.xml"))
+    mode = nncf.CompressWeightsMode.INT4_SYM if s["sym"] else nncf.CompressWeightsMode.INT4_ASYM
+    backup = nncf.BackupMode.INT8_SYM if s["backup"] == "int8_sym" else nncf.BackupMode.INT8_ASYM
+    model = nncf.compress_weights(
+        model,
+        mode=mode,
+        group_size=s["group_size"],
+        ratio=s["ratio"],
+        all_layers=s["all_layers"],
+        backup_mode=backup,
+    )
+    with staged(final) as out:
+        ov.save_model(model, str(out / "openvino_model.xml"), compress_to_fp16=False)
+        for item in src.iterdir():
+            if not item.name.startswith("openvino_model."):
+                shutil.copy2(item, out / item.name)
+    return final
+
+
+def ov_weight_bytes(folder: Path) -> tuple[int, int, dict[str, int]]:
+    """(bytes of all constants, bytes of the embedding table not read per token, bytes per element type), from the XML."""
+    root = ET.parse(folder / "openvino_model.xml").getroot()
+    total = embed = 0
+    tied = True
+    per_type: dict[str, int] = {}
+    for layer in root.iter("layer"):
+        if layer.get("type") != "Const":
+            continue
+        data = layer.find("data")
+        size = int(data.get("size", 0))
+        total += size
+        per_type[data.get("element_type")] = per_type.get(data.get("element_type"), 0) + size
+        if "embed_tokens" in (layer.get("name") or ""):
+            embed += size
+        tied = tied and "lm_head" not in (layer.get("name") or "")
+    # a tied lm_head multiplies by the embedding's own constant, which every decoded token then reads whole
+    return total, 0 if tied else embed, per_type
+
+
+# ------------------------------------------------------------------------------------------ ONNX Runtime
+
+
+def ort_model(hf_dir: Path, work: Path, recipe: str) -> Path:
+    """The builder's model for the recipe; accuracy levels share one build (only a node attribute differs)."""
+    s = ort_settings(recipe)
+    final = work / "ort" / recipe
+    if (final / "genai_config.json").is_file():
+        return final
+    base_recipe = "-".join(
+        [f"b{s['block']}", "sym" if s["sym"] else "asym", "acc4"] + [t for t in ("emb4", "lm8") if s[t]]
+    )
+    base = work / "ort" / base_recipe
+    if not (base / "genai_config.json").is_file():
+        from onnxruntime_genai.models.builder import create_model
+
+        say(f"ONNX Runtime GenAI's builder ({base_recipe})")
+        options = {
+            "hf_token": "false",
+            "hf_remote": False,
+            "int4_block_size": s["block"],
+            "int4_is_symmetric": s["sym"],
+            "int4_accuracy_level": 4,
+        }
+        if s["emb4"]:
+            options["int4_op_types_to_quantize"] = ("MatMul", "Gather")
+        if s["lm8"]:
+            options["int4_algo_config"] = "rtn_last"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        cache = work / "ort" / ".builder-cache"
+        with staged(base) as out:
+            create_model(None, str(hf_dir), str(out), "int4", "cpu", str(cache), **options)
+        shutil.rmtree(cache, ignore_errors=True)
+    if s["acc"] == 4:
+        return base
+    import onnx
+
+    say(f"accuracy_level {s['acc']} on the MatMulNBits of {base_recipe}")
+    with staged(final) as out:
+        for item in base.iterdir():
+            if item.name != "model.onnx":
+                os.link(item, out / item.name)  # the weights file is shared, not copied
+        proto = onnx.load(str(base / "model.onnx"), load_external_data=False)
+        for node in proto.graph.node:
+            if node.op_type == "MatMulNBits":
+                for attr in node.attribute:
+                    if attr.name == "accuracy_level":
+                        attr.i = s["acc"]
+        onnx.save(proto, str(out / "model.onnx"))
+    return final
+
+
+def ort_weight_bytes(folder: Path) -> tuple[int, int, dict[str, int]]:
+    import onnx
+
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    total = embed = 0
+    per_type: dict[str, int] = {}
+    for init in proto.graph.initializer:
+        ext = {e.key: e.value for e in init.external_data}
+        size = int(ext["length"]) if "length" in ext else len(init.raw_data)
+        total += size
+        kind = onnx.TensorProto.DataType.Name(init.data_type).lower()
+        per_type[kind] = per_type.get(kind, 0) + size
+        if "embed_tokens" in init.name:
+            embed += size
+    return total, embed, per_type
+
+
+def gguf_weight_bytes(path: Path) -> tuple[int, int, dict[str, int]]:
+    from gguf import GGUFReader
+
+    total = embed = 0
+    per_type: dict[str, int] = {}
+    for t in GGUFReader(str(path)).tensors:
+        size = int(t.n_bytes)
+        total += size
+        per_type[t.tensor_type.name] = per_type.get(t.tensor_type.name, 0) + size
+        if t.name == "token_embd.weight":
+            embed += size
+    return total, embed, per_type
+
+
+# ------------------------------------------------------------------------------------------ all
+
+
+def phi3_variant(model: str, backend: str) -> Path:
+    """phi3's default int4 variant of the model for the CPU, from its store (built there on first use)."""
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import LoadRequest
+    from phi3cli.convert import runtime_folder
+    from phi3cli.progress import SilentProgress
+    from phi3cli.sources import resolve_source
+    from phi3cli.store import ModelStore
+
+    class Say(SilentProgress):
+        def phase(self, description: str, total=None) -> None:
+            say(description)
+
+    store = ModelStore()
+    source = resolve_source(model, store)
+    request = LoadRequest(source=source, device="cpu", format="int4")
+    folder, _ = runtime_folder(get_backend(backend), request, store, Say())
+    return folder
+
+
+def ensure(config: Config, hf_dir: Path, work: Path, model: str) -> Path:
+    if config.runtime == "phi3" or config.recipe == "phi3":
+        name = config.recipe if config.runtime == "phi3" else {v: k for k, v in PHI3_BACKENDS.items()}[config.runtime]
+        return phi3_variant(model, name)
+    if config.runtime == "llama":
+        return llama_gguf(hf_dir, work, config.recipe)
+    if config.runtime == "ov":
+        return ov_ir(hf_dir, work, config.recipe)
+    return ort_model(hf_dir, work, config.recipe)
+
+
+def disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "tokenizer" not in p.name)
+
+
+def kv_bytes_per_token(config: Config, hf_config: dict, context: float, path: Path, properties: dict) -> float:
+    """Bytes of KV cache one decode step reads at the given context length, from the properties the run used."""
+    layers = hf_config["num_hidden_layers"]
+    kv_heads = hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    bits = {"u8": 8, "i8": 8, "u4": 4, "f16": 16, "bf16": 16, "f32": 32}
+    if config.backend == "ov":
+        both = str(properties.get("KV_CACHE_PRECISION", "u8")).lower()  # u8 is OpenVINO's default on x86-64
+        per_elem = 0.0
+        for part in ("KEY", "VALUE"):
+            b = bits.get(str(properties.get(f"{part}_CACHE_PRECISION", both)).lower(), 8)
+            # u8/u4 keep an f32 scale and zero point per token, head and group (the group: a whole head here)
+            per_elem += (b / 8 + (8 / head_dim if b < 16 else 0)) / 2
+    elif config.backend == "ort":
+        per_elem = 4 if _ort_io_float32(path) else 2
+    else:
+        per_elem = {"f16": 2, "q8_0": 34 / 32, "f32": 4}.get(config.knobs.get("kv", "f16"), 2)
+    return 2 * layers * kv_heads * head_dim * context * per_elem
+
+
+def _ort_io_float32(path: Path) -> bool:
+    import onnx
+
+    proto = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    for value in proto.graph.input:
+        if value.name.startswith("past_key_values"):
+            return value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    return True
+
+
+def weight_bytes(config: Config, path: Path) -> tuple[int, int, dict[str, int]]:
+    if config.backend == "llama":
+        return gguf_weight_bytes(path)
+    if config.backend == "ov":
+        return ov_weight_bytes(path)
+    return ort_weight_bytes(path)

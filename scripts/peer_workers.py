@@ -1,0 +1,408 @@
+"""Bare runtime loops for scripts/bench_peers.py: one process per configuration and round, JSON on stdout.
+
+Each worker loads its artifact, runs one warm-up generate on its own prompt, then one generate per given prompt
+(every prompt different, so OpenVINO cannot reuse a KV cache and llama-cpp-python cannot reuse a prefix), greedy,
+end of text ignored, and reports wall-clock figures: prefill tokens/s = prompt tokens / time to the first
+token, decode tokens/s = (tokens - 1) / (time of the last token - time of the first).
+
+A phi3 configuration runs through phi3's own path instead: `generation.open_model` (the settings phi3 compiles
+the model with) and `stream_reply` (the timing every phi3 command reports).
+
+A logits job (quality) writes the logits of every position of one token sequence to a .npy file: transformers in
+fp32 for the reference, the IR compiled on the CPU, ONNX Runtime GenAI's "logits" output, llama.cpp's scores.
+
+Knobs (the part of a configuration after @):
+- ov (defaults: the settings phi3 compiled with before KV_CACHE_PRECISION f16 was adopted, which phi3:openvino
+  now adds): kv=u8|f16|bf16|u4|k8v4 (KV_CACHE_PRECISION; u4 sets KEY/VALUE_CACHE_PRECISION), dq=N
+  (DYNAMIC_QUANTIZATION_GROUP_SIZE), prec=f32|bf16|auto (INFERENCE_PRECISION_HINT, default f32 as phi3 sets),
+  attn=sdpa|pa|auto (ATTENTION_BACKEND, default sdpa as phi3 sets), threads=N (INFERENCE_NUM_THREADS, default
+  --threads, 0 = unset), hint=latency|throughput (PERFORMANCE_HINT), pin=0|1 (ENABLE_CPU_PINNING),
+  stream=ids|text|none (a token-id StreamerBase, a text callback, or no streamer: figures from PerfMetrics),
+  raw=1 (no properties at all: OpenVINO's own defaults), kvgs=N (KEY/VALUE_CACHE_GROUP_SIZE),
+  tbb=static|auto (TBB_PARTITIONER), denorm=0|1 (CPU_DENORMALS_OPTIMIZATION), core=any|pcore|ecore
+  (SCHEDULING_CORE_TYPE: matters only on hybrid CPUs).
+- ort: threads=N (intra_op_num_threads, default --threads), spin=0|1 (session.intra_op.allow_spinning),
+  inter=N (inter_op_num_threads).
+- llama: flash=0|1 (flash attention; llama-cpp-python turns it off unless asked, llama.cpp's own tools
+  default to auto), kv=f16|q8_0 (K and V cache type), batch=N (n_batch), threads=N, repack=0 (no weight
+  repacking).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # phi3cli, for the phi3 configurations
+
+
+def _figures(prompt_len: int, start: float, stamps: list[float], extra: dict | None = None) -> dict:
+    first, last = stamps[0] - start, stamps[-1] - start
+    decode = (len(stamps) - 1) / (last - first) if last > first else 0.0
+    steps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return {
+        "ttft_s": first,
+        "prefill_tps": prompt_len / first,
+        "decode_tps": decode,
+        "step_median_ms": 1000 * steps[len(steps) // 2] if steps else 0.0,
+        "tokens": len(stamps),
+        **(extra or {}),
+    }
+
+
+# ------------------------------------------------------------------------------------------ OpenVINO
+
+
+def ov_properties(knobs: dict, threads: int) -> dict:
+    if knobs.get("raw") == "1":
+        return {}
+    props: dict = {}
+    n = int(knobs.get("threads", threads))
+    if n:
+        props["INFERENCE_NUM_THREADS"] = n
+    prec = knobs.get("prec", "f32")
+    if prec != "auto":
+        props["INFERENCE_PRECISION_HINT"] = prec
+    attn = knobs.get("attn", "sdpa")
+    if attn != "auto":
+        props["ATTENTION_BACKEND"] = attn.upper()
+    kv = knobs.get("kv")
+    if kv == "u4":
+        props["KEY_CACHE_PRECISION"] = "u4"
+        props["VALUE_CACHE_PRECISION"] = "u4"
+    elif kv == "k8v4":
+        props["KEY_CACHE_PRECISION"] = "u8"
+        props["VALUE_CACHE_PRECISION"] = "u4"
+    elif kv:
+        props["KV_CACHE_PRECISION"] = kv
+    if "kvgs" in knobs:
+        props["KEY_CACHE_GROUP_SIZE"] = int(knobs["kvgs"])
+        props["VALUE_CACHE_GROUP_SIZE"] = int(knobs["kvgs"])
+    if "dq" in knobs:
+        props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(knobs["dq"])
+    if "hint" in knobs:
+        props["PERFORMANCE_HINT"] = knobs["hint"].upper()
+    if "pin" in knobs:
+        props["ENABLE_CPU_PINNING"] = knobs["pin"] == "1"
+    if "tbb" in knobs:
+        props["TBB_PARTITIONER"] = knobs["tbb"].upper()
+    if "core" in knobs:
+        props["SCHEDULING_CORE_TYPE"] = {"any": "ANY_CORE", "pcore": "PCORE_ONLY", "ecore": "ECORE_ONLY"}[knobs["core"]]
+    if "denorm" in knobs:
+        props["CPU_DENORMALS_OPTIMIZATION"] = knobs["denorm"] == "1"
+    return props
+
+
+def run_ov(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int) -> dict:
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    props = ov_properties(knobs, threads)
+    props["CACHE_DIR"] = str(path.parent / ".ov-cache")
+    start = time.perf_counter()
+    pipe = ov_genai.LLMPipeline(str(path), "CPU", **props)
+    load_s = time.perf_counter() - start
+    config = pipe.get_generation_config()
+    config.max_new_tokens = gen
+    config.min_new_tokens = gen
+    config.ignore_eos = True
+    config.do_sample = False
+    config.apply_chat_template = False
+    mode = knobs.get("stream", "ids")
+    tokenizer = pipe.get_tokenizer()
+
+    class Stamps(ov_genai.StreamerBase):
+        def __init__(self):
+            super().__init__()
+            self.times: list[float] = []
+
+        def write(self, token):
+            now = time.perf_counter()
+            self.times.extend([now] * (1 if isinstance(token, int) else len(token)))
+            return ov_genai.StreamingStatus.RUNNING
+
+        def end(self):
+            pass
+
+    runs = []
+    for i, ids in enumerate(prompts):
+        inputs = ov.Tensor(np.array([ids], dtype=np.int64))
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        if mode == "ids":
+            streamer = Stamps()
+            result = pipe.generate(inputs, config, streamer)
+            stamps = streamer.times
+        elif mode == "text":
+
+            def on_text(text: str, stamps: list[float] = stamps) -> ov_genai.StreamingStatus:
+                stamps.append(time.perf_counter())
+                return ov_genai.StreamingStatus.RUNNING
+
+            result = pipe.generate(inputs, config, on_text)
+        else:
+            result = pipe.generate(inputs, config)
+        total = time.perf_counter() - t0
+        pm = result.perf_metrics
+        perf = {
+            "pm_ttft_s": pm.get_ttft().mean / 1000,
+            "pm_tpot_ms": pm.get_tpot().mean,
+            "pm_tokens": int(pm.get_num_generated_tokens()),
+            "wall_s": total,
+        }
+        if mode == "none" or len(stamps) < 2:
+            n = perf["pm_tokens"]
+            ttft = perf["pm_ttft_s"]
+            fig = {
+                "ttft_s": ttft,
+                "prefill_tps": len(ids) / ttft,
+                "decode_tps": (n - 1) / (total - ttft) if total > ttft else 0.0,
+                "tokens": n,
+                **perf,
+            }
+        else:
+            fig = _figures(len(ids), t0, stamps, perf)
+        if i:  # the first prompt is the warm-up
+            runs.append(fig)
+    del tokenizer
+    return {"load_s": load_s, "runs": runs, "properties": {k: str(v) for k, v in props.items() if k != "CACHE_DIR"}}
+
+
+# ------------------------------------------------------------------------------------------ ONNX Runtime
+
+
+def run_ort(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int) -> dict:
+    import onnxruntime_genai as og
+
+    session: dict = {"intra_op_num_threads": int(knobs.get("threads", threads))}
+    if "inter" in knobs:
+        session["inter_op_num_threads"] = int(knobs["inter"])
+    if "spin" in knobs:
+        session["config_entries"] = {"session.intra_op.allow_spinning": knobs["spin"]}
+    start = time.perf_counter()
+    config = og.Config(str(path))
+    config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    model = og.Model(config)
+    load_s = time.perf_counter() - start
+    runs = []
+    for i, ids in enumerate(prompts):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + gen, min_length=len(ids) + gen, do_sample=False, batch_size=1)
+        generator = og.Generator(model, params)
+        stamps = []
+        t0 = time.perf_counter()
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            generator.get_next_tokens()
+            stamps.append(time.perf_counter())
+        del generator
+        if i:
+            runs.append(_figures(len(ids), t0, stamps))
+    return {"load_s": load_s, "runs": runs, "properties": session}
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp
+
+
+def run_llama(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int) -> dict:
+    import llama_cpp
+
+    n_ctx = max(len(p) for p in prompts) + gen + 8
+    kwargs: dict = {}
+    if "flash" in knobs:
+        kwargs["flash_attn"] = knobs["flash"] == "1"
+    if "kv" in knobs:
+        kind = getattr(llama_cpp, f"GGML_TYPE_{knobs['kv'].upper()}")
+        kwargs.update(type_k=kind, type_v=kind)
+    if knobs.get("repack") == "0":  # no weight repacking (use_extra_bufts), which Llama() does not expose
+        import llama_cpp.llama_cpp as low  # the module Llama() calls
+
+        default_params = low.llama_model_default_params
+
+        def model_params():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        low.llama_model_default_params = model_params
+    threads = int(knobs.get("threads", threads))
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=int(knobs.get("batch", 512)),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+        **kwargs,
+    )
+    load_s = time.perf_counter() - start
+    runs = []
+    for i, ids in enumerate(prompts):
+        stamps = []
+        t0 = time.perf_counter()
+        # generate() evaluates the prompt, then yields one greedy token per step; it never stops by itself
+        for n, _token in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), 1):
+            stamps.append(time.perf_counter())
+            if n >= gen:
+                break
+        if i:
+            runs.append(_figures(len(ids), t0, stamps))
+    return {
+        "load_s": load_s,
+        "runs": runs,
+        "properties": {"n_threads": threads, **{k: str(v) for k, v in kwargs.items()}},
+    }
+
+
+# ------------------------------------------------------------------------------------------ phi3
+
+
+def run_phi3(job: dict) -> dict:
+    """phi3's default int4 through phi3's own load and timing path, as `phi3 chat`/`phi3 bench` run it."""
+    from phi3cli.backends.base import GenerationSettings
+    from phi3cli.generation import ReplyStats, open_model, stream_reply
+
+    threads = int(job["knobs"].get("threads", job["threads"]))
+    start = time.perf_counter()
+    model, _route = open_model(job["model"], backend=job["phi3_backend"], device="cpu", format="int4", threads=threads)
+    load_s = time.perf_counter() - start
+    if str(model.path) != job["path"]:
+        raise SystemExit(f"phi3 loaded {model.path}, not the variant measured for size ({job['path']})")
+    settings = GenerationSettings(max_new_tokens=job["gen"], ignore_eos=True)
+    runs = []
+    for i, ids in enumerate(job["prompts"]):
+        stats = [e for e in stream_reply(model, ids, settings) if isinstance(e, ReplyStats)][0]
+        if i:
+            runs.append(_figures(len(ids), 0.0, stats.token_times))
+    return {"load_s": load_s, "runs": runs, "properties": phi3_properties(job, threads)}
+
+
+def phi3_properties(job: dict, threads: int) -> dict:
+    """The runtime settings phi3 loads the model with (what the bytes-per-token figure needs to know)."""
+    if job["phi3_backend"] != "openvino":
+        return {"intra_op_num_threads": threads}
+    from phi3cli.backends.base import LoadRequest
+    from phi3cli.backends.openvino.runtime import attention_properties, compile_properties, decode_properties
+    from phi3cli.sources import resolve_source
+
+    request = LoadRequest(source=resolve_source(job["model"]), device="cpu", format="int4", threads=threads)
+    props = {**compile_properties(request), **attention_properties("cpu", {}), **decode_properties("cpu")}
+    props.pop("CACHE_DIR", None)
+    return {k: str(v) for k, v in props.items()}
+
+
+# ------------------------------------------------------------------------------------------ logits
+
+
+def logits_ov(path: Path, ids: list[int], props: dict, chunk: int):
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path / "openvino_model.xml")), "CPU", props)
+    names = {p.get_any_name() for p in compiled.inputs}
+    request = compiled.create_infer_request()
+    request.reset_state()
+    out = []
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        end = start + len(part)
+        inputs = {
+            "input_ids": np.array([part], dtype=np.int64),
+            "attention_mask": np.ones((1, end), dtype=np.int64),
+            "position_ids": np.arange(start, end, dtype=np.int64)[None, :],
+            "beam_idx": np.zeros(1, dtype=np.int32),
+        }
+        out.append(np.array(request.infer({k: v for k, v in inputs.items() if k in names})["logits"][0], np.float32))
+    return np.concatenate(out)
+
+
+def logits_ort(path: Path, ids: list[int], threads: int, chunk: int):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(str(path))
+    config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1, do_sample=False, batch_size=1)
+    generator = og.Generator(model, params)
+    out = []
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        generator.append_tokens(part)
+        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
+        out.append(logits.reshape(-1, logits.shape[-1])[-len(part) :])
+    return np.concatenate(out)
+
+
+def logits_llama(path: Path, ids: list[int], threads: int, chunk: int):
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=len(ids) + 16,
+        n_batch=chunk,
+        n_ubatch=chunk,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,
+        verbose=False,
+    )
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def logits_reference(path: Path, ids: list[int], threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def run_logits(job: dict) -> dict:
+    import numpy as np
+
+    path, ids, threads = Path(job["path"]), job["ids"], job["threads"]
+    chunk = int(job.get("chunk") or len(ids))
+    backend = job["backend"]
+    if backend == "reference":
+        logits = logits_reference(path, ids, threads)
+    elif backend == "ov":
+        props = {k: v for k, v in ov_properties(job["knobs"], threads).items() if k != "ATTENTION_BACKEND"}
+        logits = logits_ov(path, ids, props, chunk)
+    elif backend == "ort":
+        logits = logits_ort(path, ids, threads, chunk)
+    else:
+        logits = logits_llama(path, ids, threads, chunk)
+    np.save(job["out"], logits)
+    return {"shape": list(logits.shape)}
+
+
+RUNNERS = {"ov": run_ov, "ort": run_ort, "llama": run_llama}
+
+
+def main(job_file: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    if job.get("mode") == "logits":
+        result = run_logits(job)
+    elif job["runtime"] == "phi3":
+        result = run_phi3(job)
+    else:
+        result = RUNNERS[job["runtime"]](Path(job["path"]), job["knobs"], job["threads"], job["prompts"], job["gen"])
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
