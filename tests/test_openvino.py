@@ -327,6 +327,8 @@ def test_device_names_and_npu_properties():
         ov_runtime.precision_properties("gpu", {}) == {}
         and ov_runtime.precision_properties("cpu", {"inference_precision": "auto"}) == {}
     )
+    assert ov_runtime.decode_properties("cpu") == {"KV_CACHE_PRECISION": "f16"}
+    assert ov_runtime.decode_properties("gpu") == ov_runtime.decode_properties("npu") == {}
 
 
 def test_execution_devices_are_read_from_the_compile_log():
