@@ -353,6 +353,7 @@ def main() -> None:
     for m in measured:
         c = m["hf_config"]
         what = f"timing only: {m['timing_only']}" if m["timing_only"] else "quality against transformers fp32"
+        what = what if m["timing_only"] or m["quality"] else "quality not measured"
         texts.append(
             f"**{Path(m['model']).name}** ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
             f"intermediate {c['intermediate_size']}, vocab {c['vocab_size']}; {what})\n\n"
