@@ -48,6 +48,15 @@ def package_versions(distributions: Iterable[str]) -> dict[str, str]:
     return {name: v for name in distributions if (v := package_version(name))}
 
 
+def log_softmax(logits):
+    """Log-probabilities (float32) of each row of logits (positions x vocabulary), computed in float64."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    return (logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
 def short_hash(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
 

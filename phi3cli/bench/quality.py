@@ -1,4 +1,7 @@
-"""Quality beside speed: agreement with the reference's greedy tokens, and perplexity of a fixed text.
+"""Quality beside speed: perplexity, KL divergence and top-1 agreement on a fixed text, and free-running agreement.
+
+Under teacher forcing every configuration scores the same token ids of the shipped text, so its next-token
+distributions can be compared position by position with the reference's (as quantizers compare them).
 
 The prompts and the text ship inside the package (phi3cli/bench/data/), so every install measures the same thing.
 """
@@ -10,6 +13,8 @@ import math
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+
+from phi3cli.util import log_softmax
 
 DATA = Path(__file__).with_name("data")
 
@@ -46,3 +51,36 @@ def agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[i
 def perplexity(logprobs: Sequence[float]) -> float:
     """exp of the mean negative log-likelihood per token."""
     return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def kl_per_position(ref_logprobs, logprobs):
+    """KL(reference || candidate) of the next-token distribution at each position (nats), as a float64 array.
+
+    Both are (positions x vocabulary) log-probabilities over the same token ids. A vocabulary wider on one side
+    (a runtime's padded rows) is cut to the narrower one and both are renormalised over it.
+    """
+    import numpy as np
+
+    ref, cand = np.asarray(ref_logprobs), np.asarray(logprobs)
+    if ref.ndim != 2 or cand.ndim != 2 or ref.shape[0] != cand.shape[0]:
+        raise ValueError(f"log-probabilities of shapes {ref.shape} and {cand.shape} do not cover the same positions")
+    if ref.shape[1] != cand.shape[1]:
+        width = min(ref.shape[1], cand.shape[1])
+        ref, cand = log_softmax(ref[:, :width]), log_softmax(cand[:, :width])
+    ref64 = ref.astype(np.float64)
+    return np.maximum((np.exp(ref64) * (ref64 - cand.astype(np.float64))).sum(axis=-1), 0.0)
+
+
+def next_token_divergence(ref_logprobs, logprobs) -> tuple[float, float]:
+    """(mean KL divergence, top-1 agreement) of a candidate's next-token distributions against the reference's.
+
+    Teacher forcing: both scored the same token ids, row i being the distribution of the token after ids[i].
+    Mean KL(reference || candidate) in nats, and the share of positions where both put the same token first;
+    what llama.cpp's perplexity tool reports with --kl-divergence. A model against itself gives (0.0, 1.0).
+    """
+    import numpy as np
+
+    kld = kl_per_position(ref_logprobs, logprobs)
+    width = min(np.shape(ref_logprobs)[1], np.shape(logprobs)[1])
+    top1 = np.asarray(ref_logprobs)[:, :width].argmax(axis=-1) == np.asarray(logprobs)[:, :width].argmax(axis=-1)
+    return float(kld.mean()), float(top1.mean())
