@@ -249,6 +249,13 @@ class Backend(ABC):
         return f"{versions}; recipe {self.recipe_version}"
 
 
+# Named int4 recipes every converting backend knows, beside its default; `--recipe NAME` picks one.
+RECIPE_NAMES = {
+    "cookbook": "the Phi-3 Cookbook's: OpenVINO --group-size 128 --ratio 0.6 --sym; ONNX Runtime GenAI's builder "
+    "defaults (symmetric, block 32, int4 lm_head)",
+}
+
+
 @dataclass(frozen=True)
 class ConvertRecipe:
     """How to build a variant: weight format, target device, and the compression knobs."""
@@ -260,10 +267,12 @@ class ConvertRecipe:
     sym: bool | None = None
     awq: bool = False
     dataset: str | None = None
+    preset: str | None = None  # a named recipe (RECIPE_NAMES) the fields above override; None: the defaults
 
     def canonical(self) -> str:
-        """A stable text of every field, for store keys."""
-        return ";".join(f"{k}={v}" for k, v in sorted(self.__dict__.items()))
+        """A stable text of every field, for store keys (no preset: the keys variants had before presets)."""
+        fields = {k: v for k, v in self.__dict__.items() if not (k == "preset" and v is None)}
+        return ";".join(f"{k}={v}" for k, v in sorted(fields.items()))
 
 
 class IncrementalDecoder:
