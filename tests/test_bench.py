@@ -117,8 +117,15 @@ def test_quality_against_the_torch_reference(bench_run):
         assert 0.0 <= quality["agreement"] <= 1.0, key
         assert quality["agreement_tokens"] == 16 and quality["agreement_prompts"] == len(agreement_prompts())
         assert quality["perplexity"] is None or quality["perplexity"] > 1.0
-    # torch implements token_logprobs: the reference's perplexity of plain English is finite and modest.
+    # torch implements next_token_logprobs: the reference's perplexity of plain English is finite and modest.
     assert 1.0 < rows[("torch", "cpu", "fp32")]["quality"]["perplexity"] < 1000
+    # Teacher-forced against the reference: itself exactly, fp32 ONNX almost, int4 measurably off.
+    reference = rows[("torch", "cpu", "fp32")]["quality"]
+    assert (reference["kl_divergence"], reference["top1"]) == (0.0, 1.0)
+    assert rows[("onnx", "cpu", "fp32")]["quality"]["kl_divergence"] < 1e-3
+    for key in (("openvino", "cpu", "int4"), ("onnx", "cpu", "int4")):
+        quality = rows[key]["quality"]
+        assert 0.0 < quality["kl_divergence"] < 1.0 and 0.5 < quality["top1"] < 1.0, (key, quality)
 
 
 def test_skipped_and_failed_rows_carry_their_reason(bench_run):
@@ -171,6 +178,13 @@ def test_compare_fails_on_a_doctored_baseline(bench_run, tmp_path):
     (tmp_path / "wiser.json").write_text(json.dumps(wiser))
     done = run_phi3("bench", "--load", str(out / "run.json"), "--compare", str(tmp_path / "wiser.json"))
     assert done.returncode == 3 and "agreement" in done.stdout, done.stdout + done.stderr
+
+    closer = json.loads(json.dumps(report))
+    row = next(r for r in closer["results"] if r["status"] == "ok" and (r["quality"]["kl_divergence"] or 0) > 0.01)
+    row["quality"]["kl_divergence"] /= 2  # the baseline diverged half as much from the reference
+    (tmp_path / "closer.json").write_text(json.dumps(closer))
+    done = run_phi3("bench", "--load", str(out / "run.json"), "--compare", str(tmp_path / "closer.json"))
+    assert done.returncode == 3 and "kl_divergence" in done.stdout, done.stdout + done.stderr
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ from phi3cli.templates import ChatTemplate
 from phi3cli.util import package_versions
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from phi3cli.backends import BackendSpec
     from phi3cli.sources import ModelSource
 
@@ -108,9 +110,19 @@ class LoadedModel(ABC):
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         """Generate after the prompt, one RawToken per new token; closing the iterator stops the runtime."""
 
+    def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
+        """Log-probabilities of every next token after each of ids[:-1], teacher-forced: (len(ids) - 1, vocabulary).
+
+        What perplexity, KL divergence and top-1 agreement with the reference are computed from.
+        """
+        raise NotImplementedError(f"{self.backend} cannot score tokens")
+
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """Log-probability of each of ids[1:] given the tokens before it (for perplexity)."""
-        raise NotImplementedError(f"{self.backend} cannot score tokens")
+        import numpy as np
+
+        logprobs = self.next_token_logprobs(ids)
+        return logprobs[np.arange(len(ids) - 1), ids[1:]].astype(float).tolist()
 
     # Why this model generates one request at a time, for `phi3 serve` (its /health and start-up line).
     serial_reason: str = "this runtime generates one request at a time"
@@ -237,6 +249,13 @@ class Backend(ABC):
         return f"{versions}; recipe {self.recipe_version}"
 
 
+# Named int4 recipes every converting backend knows, beside its default; `--recipe NAME` picks one.
+RECIPE_NAMES = {
+    "cookbook": "the Phi-3 Cookbook's: OpenVINO --group-size 128 --ratio 0.6 --sym; ONNX Runtime GenAI's builder "
+    "defaults (symmetric, block 32, int4 lm_head)",
+}
+
+
 @dataclass(frozen=True)
 class ConvertRecipe:
     """How to build a variant: weight format, target device, and the compression knobs."""
@@ -248,10 +267,12 @@ class ConvertRecipe:
     sym: bool | None = None
     awq: bool = False
     dataset: str | None = None
+    preset: str | None = None  # a named recipe (RECIPE_NAMES) the fields above override; None: the defaults
 
     def canonical(self) -> str:
-        """A stable text of every field, for store keys."""
-        return ";".join(f"{k}={v}" for k, v in sorted(self.__dict__.items()))
+        """A stable text of every field, for store keys (no preset: the keys variants had before presets)."""
+        fields = {k: v for k, v in self.__dict__.items() if not (k == "preset" and v is None)}
+        return ";".join(f"{k}={v}" for k, v in sorted(fields.items()))
 
 
 class IncrementalDecoder:

@@ -1,8 +1,9 @@
 """Comparing a run with a baseline report: what CI smoke jobs fail on.
 
 A configuration regresses when its decode tokens/s falls, or its time to first token rises, by more
-than the margin, when its agreement with the reference drops, or when it ran in the baseline and
-fails now. Baselines of another model or another report schema are refused.
+than the margin, when its KL divergence from the reference grows by more than the margin, when its
+top-1 or free-running agreement with the reference drops, or when it ran in the baseline and fails
+now. Baselines of another model or another report schema are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from phi3cli.errors import Phi3Error
 from .report import SCHEMA, measured_rows, run_label
 
 AGREEMENT_SLACK = 1e-9  # agreement is a share of equal tokens: any real drop counts
+TOP1_SLACK = 0.005  # top-1 agreement may move by one position in a few hundred between runs of a runtime
+KLD_FLOOR = 1e-4  # nats: below this a KL divergence is noise, whatever the relative change
 
 
 @dataclass
@@ -23,10 +26,10 @@ class Finding:
 
     config: str  # backend/device/format
     test: str  # pp512+tg128
-    figure: str  # decode_tps | ttft_ms | agreement | status
+    figure: str  # decode_tps | ttft_ms | kl_divergence | top1 | agreement | status
     baseline: float | str | None
     current: float | str | None
-    change: float | None  # now / baseline - 1 (agreement: now - baseline)
+    change: float | None  # now / baseline - 1 (top1 and agreement: now - baseline)
     regressed: bool
 
 
@@ -74,7 +77,7 @@ def compare(current: dict, baseline: dict, margin: float, baseline_name: str = "
     }
     status_now = {(r["backend"], r["device"], r["format"]): r for r in current["results"]}
     findings: list[Finding] = []
-    agreement_checked: set[str] = set()
+    quality_checked: set[str] = set()
     for row, run in measured_rows(baseline):
         if row["status"] != "ok":
             continue
@@ -100,9 +103,21 @@ def compare(current: dict, baseline: dict, margin: float, baseline_name: str = "
             findings.append(
                 Finding(label, test, "ttft_ms", base_ttft, cur_ttft, change, cur_ttft > base_ttft * (1 + margin))
             )
-        base_agree, cur_agree = row["quality"].get("agreement"), cur_row["quality"].get("agreement")
-        if base_agree is not None and cur_agree is not None and label not in agreement_checked:
-            agreement_checked.add(label)
-            dropped = cur_agree < base_agree - AGREEMENT_SLACK
-            findings.append(Finding(label, test, "agreement", base_agree, cur_agree, cur_agree - base_agree, dropped))
+        if label not in quality_checked:  # quality is one figure per configuration, whatever the test
+            quality_checked.add(label)
+            findings += _quality_findings(label, test, row["quality"], cur_row["quality"], margin)
+    return findings
+
+
+def _quality_findings(label: str, test: str, base: dict, cur: dict, margin: float) -> list[Finding]:
+    findings = []
+    base_kld, cur_kld = base.get("kl_divergence"), cur.get("kl_divergence")
+    if base_kld is not None and cur_kld is not None:
+        change = cur_kld / base_kld - 1 if base_kld else None
+        grew = cur_kld > base_kld * (1 + margin) and cur_kld - base_kld > KLD_FLOOR
+        findings.append(Finding(label, test, "kl_divergence", base_kld, cur_kld, change, grew))
+    for figure, slack in (("top1", TOP1_SLACK), ("agreement", AGREEMENT_SLACK)):
+        was, now = base.get(figure), cur.get(figure)
+        if was is not None and now is not None:
+            findings.append(Finding(label, test, figure, was, now, now - was, now < was - slack))
     return findings

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
@@ -25,7 +26,15 @@ from phi3cli.sources import resolve_source
 from phi3cli.store import ModelStore
 from phi3cli.util import dir_size
 
-from .quality import agreement_prompts, perplexity, perplexity_text
+from .quality import (
+    agreement_prompts,
+    load_reference,
+    next_token_divergence,
+    perplexity,
+    perplexity_text,
+    reference_path,
+    save_reference,
+)
 
 
 @dataclass
@@ -44,6 +53,7 @@ class Job:
     measure_speed: bool = True
     quality: bool = True
     quality_tokens: int = 64
+    reference: bool = False  # this is the reference: its log-probabilities are cached for the others
     options: dict = field(default_factory=dict)
 
 
@@ -150,7 +160,10 @@ def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options
         )
         result["runs"] = _measure_speed(model, job, report) if job.measure_speed else []
         result["peak_rss_bytes"] = peak_rss_bytes()  # before quality: scoring a text is not inference
-        result["quality"] = _measure_quality(model, job, report) if job.quality else None
+        if job.quality:
+            result["quality"] = _measure_quality(model, job, report, store.cache_dir("reference"), source.path)
+        else:
+            result["quality"] = None
     finally:
         model.close()
     return result
@@ -183,7 +196,9 @@ def _measure_speed(model: LoadedModel, job: Job, report: Callable[[str], None]) 
     return runs
 
 
-def _measure_quality(model: LoadedModel, job: Job, report: Callable[[str], None]) -> dict:
+def _measure_quality(
+    model: LoadedModel, job: Job, report: Callable[[str], None], cache: Path, source_path: Path
+) -> dict:
     # The answers as users get them: greedy, ending at the end of text (its token included).
     settings = GenerationSettings(max_new_tokens=job.quality_tokens, temperature=0.0)
     tokens: list[list[int]] = []
@@ -198,21 +213,36 @@ def _measure_quality(model: LoadedModel, job: Job, report: Callable[[str], None]
             break
         tokens.append(stats.token_ids)
 
-    report("perplexity")
+    report("perplexity and divergence from the reference")
+    return {"tokens": tokens, "notes": notes, **_teacher_forced(model, job, cache, source_path, notes)}
+
+
+def _teacher_forced(model: LoadedModel, job: Job, cache: Path, source_path: Path, notes: list[str]) -> dict:
+    """Perplexity of the shipped text, and KL divergence and top-1 agreement with the reference on its ids.
+
+    The reference's log-probabilities are computed once per model and text and kept in the store's cache;
+    the others read them there (so the reference runs first).
+    """
+    import numpy as np
+
     ids = model.encode(perplexity_text())[: model.context_length]
-    ppl = None
+    figures: dict = {"perplexity_tokens": len(ids), "perplexity": None, "kl_divergence": None, "top1": None}
+    path = reference_path(cache, source_path, ids)
+    cached = load_reference(path) if job.reference else None
     try:
         start = time.perf_counter()
-        logprobs = model.token_logprobs(ids)
-        scoring_s = time.perf_counter() - start
-        ppl = perplexity(logprobs)
+        logprobs = cached if cached is not None else model.next_token_logprobs(ids)
+        figures["scoring_s"] = time.perf_counter() - start
     except NotImplementedError as exc:
-        scoring_s = None
         notes.append(f"perplexity n/a: {exc}")
-    return {
-        "tokens": tokens,
-        "perplexity": ppl,
-        "perplexity_tokens": len(ids),
-        "scoring_s": scoring_s,
-        "notes": notes,
-    }
+        return figures
+    figures["perplexity"] = perplexity(logprobs[np.arange(len(ids) - 1), ids[1:]].tolist())
+    if job.reference:
+        if cached is None:
+            save_reference(path, logprobs)
+        reference = logprobs
+    else:
+        reference = load_reference(path)
+    if reference is not None:  # else the runner says why
+        figures["kl_divergence"], figures["top1"] = next_token_divergence(reference, logprobs)
+    return figures

@@ -8,13 +8,15 @@ The prompts and the text ship inside the package (phi3cli/bench/data/), so every
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
-from phi3cli.util import log_softmax
+from phi3cli.util import log_softmax, write_atomically
 
 DATA = Path(__file__).with_name("data")
 
@@ -84,3 +86,36 @@ def next_token_divergence(ref_logprobs, logprobs) -> tuple[float, float]:
     width = min(np.shape(ref_logprobs)[1], np.shape(logprobs)[1])
     top1 = np.asarray(ref_logprobs)[:, :width].argmax(axis=-1) == np.asarray(logprobs)[:, :width].argmax(axis=-1)
     return float(kld.mean()), float(top1.mean())
+
+
+def reference_path(cache: Path, model: Path, ids: Sequence[int]) -> Path:
+    """Where the reference's next-token log-probabilities of these token ids of this model are kept (.npy).
+
+    Keyed by the model's files (names, sizes, modification times) and the ids, so another model, a rebuilt
+    one or another text gets its own entry.
+    """
+    digest = hashlib.sha256(",".join(map(str, ids)).encode())
+    files = [model] if model.is_file() else sorted(f for f in model.iterdir() if f.is_file())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"\0{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache / f"{model.name}-{digest.hexdigest()[:20]}.npy"
+
+
+def save_reference(path: Path, logprobs) -> None:
+    """Keep the reference's log-probabilities (written beside their place and renamed, never half-written)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(logprobs, dtype=np.float32))
+    write_atomically(path, buffer.getvalue())
+
+
+def load_reference(path: Path):
+    """The cached reference log-probabilities, or None when there are none for this model and text."""
+    import numpy as np
+
+    try:
+        return np.load(path)
+    except (OSError, ValueError):
+        return None

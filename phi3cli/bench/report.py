@@ -28,8 +28,14 @@ Layout of a report (every key always present; figures are null where not measure
         runs                        one per --prompt-tokens value:
             prompt_tokens, gen_tokens, tokens_counted (per repetition),
             ttft_ms, prefill_tps, tpot_ms, decode_tps, e2e_tps: {mean, std, min, max, n, values}
-        quality                     {agreement, agreement_tokens, agreement_prompts, perplexity,
-                                     perplexity_tokens, notes}
+        quality                     {perplexity, perplexity_tokens, kl_divergence, top1, agreement,
+                                     agreement_tokens, agreement_prompts, notes}:
+            perplexity              of the shipped text (perplexity_tokens ids), teacher-forced
+            kl_divergence, top1     on the same ids against the reference: mean KL(reference || this) of the
+                                    next-token distributions (nats) and the share of positions with the same
+                                    top token (phi3cli.bench.quality.next_token_divergence)
+            agreement               free-running: the share of greedy answer tokens equal to the reference's
+                                    (a weak signal: one early difference shifts every later token)
 """
 
 from __future__ import annotations
@@ -97,7 +103,16 @@ RUN_KEYS = (
     "e2e_tps",
 )
 FIGURE_KEYS = ("mean", "std", "min", "max", "n", "values")
-QUALITY_KEYS = ("agreement", "agreement_tokens", "agreement_prompts", "perplexity", "perplexity_tokens", "notes")
+QUALITY_KEYS = (
+    "perplexity",
+    "perplexity_tokens",
+    "kl_divergence",
+    "top1",
+    "agreement",
+    "agreement_tokens",
+    "agreement_prompts",
+    "notes",
+)
 
 def empty_row(config) -> dict:
     """A result row with every key present and nothing measured."""
@@ -228,8 +243,10 @@ CSV_COLUMNS = (
     "size_bytes",
     "context_length",
     "kv_cache_bytes",
-    "agreement",
     "perplexity",
+    "kl_divergence",
+    "top1",
+    "agreement",
     "threads",
     "repetitions",
     "warmup",
@@ -261,8 +278,10 @@ def to_csv(report: dict) -> str:
             size_bytes=row["size_bytes"],
             context_length=row.get("context_length"),
             kv_cache_bytes=row.get("kv_cache_bytes"),
-            agreement=row["quality"]["agreement"],
             perplexity=row["quality"]["perplexity"],
+            kl_divergence=row["quality"].get("kl_divergence"),
+            top1=row["quality"].get("top1"),
+            agreement=row["quality"]["agreement"],
             threads=settings["threads"] or "auto",
             repetitions=settings["repetitions"],
             warmup=settings["warmup"],
@@ -315,6 +334,14 @@ def fmt_perplexity(quality: dict) -> str:
     return f"{quality['perplexity']:.2f}" if quality.get("perplexity") is not None else "n/a"
 
 
+def fmt_divergence(quality: dict) -> str:
+    return f"{quality['kl_divergence']:.4f}" if quality.get("kl_divergence") is not None else "n/a"
+
+
+def fmt_top1(quality: dict) -> str:
+    return f"{100 * quality['top1']:.1f}" if quality.get("top1") is not None else "n/a"
+
+
 def to_markdown(report: dict) -> str:
     """A self-contained Markdown page: the table, the machine, the versions and the exact settings."""
     s, m = report["settings"], report["machine"]
@@ -331,12 +358,14 @@ def to_markdown(report: dict) -> str:
         "",
         f"Settings: prompt tokens {', '.join(map(str, s['prompt_tokens']))}; {s['gen_tokens']} generated tokens "
         f"(eos ignored, greedy); {s['warmup']} warm-up + {s['repetitions']} repetitions; threads "
-        f"{s['threads'] or 'runtime default'}; agreement over the first {s['quality_tokens']} tokens against "
-        f"{s['reference']}. Figures are mean ± standard deviation.",
+        f"{s['threads'] or 'runtime default'}. Quality against {s['reference']}, teacher-forced on a fixed text: "
+        "perplexity, mean KL divergence of the next-token distributions (nats) and top-1 agreement; free-running "
+        f"agreement over the first {s['quality_tokens']} greedy tokens of fixed prompts (a weaker signal). "
+        "Figures are mean ± standard deviation.",
         "",
         "| device | backend | format | test | TTFT ms | prefill tok/s | TPOT ms | decode tok/s | e2e tok/s "
-        "| load cold/warm s | peak RSS | size | context | agreement % | perplexity | note |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| load cold/warm s | peak RSS | size | context | perplexity | KL divergence | top-1 % | free-run agreement % | note |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in report["results"]:
         quality = row["quality"]
@@ -360,11 +389,13 @@ def to_markdown(report: dict) -> str:
                     fmt_bytes(row["peak_rss_bytes"]),
                     fmt_bytes(row["size_bytes"]),
                     fmt_context(row),
-                    fmt_agreement(quality),
                     fmt_perplexity(quality),
+                    fmt_divergence(quality),
+                    fmt_top1(quality),
+                    fmt_agreement(quality),
                 ]
             else:
-                cells += [""] * 11
+                cells += [""] * 13
             lines.append("| " + " | ".join(cells + [note]) + " |")
     lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)

@@ -118,6 +118,7 @@ def _job(model: str, config: Configuration, settings: BenchSettings, *, measure_
         measure_speed=measure_speed,
         quality=settings.quality,
         quality_tokens=settings.quality_tokens,
+        reference=config.is_reference,
     )
 
 
@@ -152,7 +153,7 @@ def _row_from(config: Configuration, result: dict, settings: BenchSettings) -> d
     else:
         row["status"] = "ok"
     quality = result.get("quality") or {}
-    row["quality"].update(perplexity=quality.get("perplexity"), perplexity_tokens=quality.get("perplexity_tokens"))
+    row["quality"].update({k: quality.get(k) for k in ("perplexity", "perplexity_tokens", "kl_divergence", "top1")})
     row["quality"]["notes"] = list(quality.get("notes", []))
     row["_tokens"] = quality.get("tokens") or []
     return row
@@ -236,6 +237,10 @@ def run_bench(
             quality["notes"].append("agreement n/a: no token ids from this backend")
         else:
             quality["agreement"] = agreement(reference_tokens, tokens, settings.quality_tokens)
+        if quality["perplexity"] is not None and quality["kl_divergence"] is None and not reference_note:
+            quality["notes"].append(
+                "KL divergence n/a: no reference log-probabilities for the text as this backend tokenizes it"
+            )
 
     ordered = [rows[c] for c in sorted(rows, key=sort_key)]
     return build_report(source, settings, ordered)

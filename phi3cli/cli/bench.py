@@ -97,14 +97,17 @@ def bench(
         bool | None,
         typer.Option(
             "--quality/--no-quality",
-            help="Also measure agreement with torch fp32 and perplexity of a fixed text.",
+            help="Also measure quality against torch fp32: perplexity, KL divergence and top-1 agreement on a "
+            "fixed text (teacher-forced), and free-running agreement of greedy answers.",
             show_default="quality",
         ),
     ] = None,
     agreement_tokens: Annotated[
         int | None,
         typer.Option(
-            "--agreement-tokens", help="Greedy tokens per prompt compared with torch fp32.", show_default="64"
+            "--agreement-tokens",
+            help="Greedy tokens per prompt compared with torch fp32 (free-running agreement).",
+            show_default="64",
         ),
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report (for --compare).")] = None,
@@ -246,7 +249,7 @@ def _sorted_rows(report: dict) -> list[tuple[dict, dict | None]]:
 
 def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
     """The results table, grouped by device and sorted by decode speed, best per column starred."""
-    from phi3cli.bench.report import fmt_agreement, fmt_context, fmt_perplexity, run_label
+    from phi3cli.bench.report import fmt_agreement, fmt_context, fmt_divergence, fmt_perplexity, fmt_top1, run_label
 
     s, m = report["settings"], report["machine"]
     console.print(
@@ -265,7 +268,7 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
 
     columns = ["backend", "format", "test", "TTFT\nms", "prefill\ntok/s", "TPOT\nms", "decode\ntok/s", "e2e\ntok/s"]
     columns += ["load s\ncold/warm", "peak\nRSS MB", "size\nMB", "context\ntokens"]
-    columns += ["agree\n%", "PPL"] if s["quality"] else []
+    columns += ["PPL", "KLD", "top-1\n%", "free-run\nagree %"] if s["quality"] else []
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for i, name in enumerate(columns):
         table.add_column(name, justify="left" if i < 3 else "right", no_wrap=True)
@@ -305,7 +308,8 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
             load = f"{row['load_cold_s']:.2f}\n{row['load_warm_s']:.2f}" if row["load_warm_s"] is not None else ""
             extra = [load, _mb(row["peak_rss_bytes"]), _mb(row["size_bytes"]), fmt_context(row, "\n")]
         if s["quality"]:
-            quality = [fmt_agreement(row["quality"]), fmt_perplexity(row["quality"])] if measured else ["", ""]
+            q = row["quality"]
+            quality = [fmt_perplexity(q), fmt_divergence(q), fmt_top1(q), fmt_agreement(q)] if measured else [""] * 4
             if measured and row["quality"]["notes"]:
                 quality[-1] += " " + "".join(footnote(n) for n in row["quality"]["notes"])
             extra += quality
@@ -316,8 +320,10 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
     legend = "★ best in its column among the configurations measured on the same test."
     if s["quality"]:
         legend += (
-            f" agree: share of the first {s['quality_tokens']} greedy tokens equal to {s['reference']}'s over "
-            "fixed prompts. PPL: perplexity of a fixed English text."
+            f" On a fixed English text, teacher-forced: PPL its perplexity; KLD the mean KL divergence (nats) of "
+            f"the next-token distributions from {s['reference']}'s; top-1 the share of positions with the same most "
+            f"likely token. free-run agree: share of the first {s['quality_tokens']} greedy answer tokens equal to "
+            "the reference's over fixed prompts (one early difference shifts all later ones)."
         )
     console.print(f"[dim]{legend}[/]", soft_wrap=True)
     if chart and ok:
@@ -374,9 +380,12 @@ def show_comparison(findings, margin: float, console: Console) -> bool:
     for f in findings:
         if f.figure == "status":
             change, base, now = "", str(f.baseline), str(f.current)
-        elif f.figure == "agreement":
+        elif f.figure in ("agreement", "top1"):
             base, now = f"{100 * f.baseline:.1f} %", f"{100 * f.current:.1f} %"
             change = f"{100 * f.change:+.1f} pt"
+        elif f.figure == "kl_divergence":
+            base, now = f"{f.baseline:.4f}", f"{f.current:.4f}"
+            change = f"{100 * f.change:+.1f} %" if f.change is not None else ""
         else:
             base, now = f"{f.baseline:.1f}", f"{f.current:.1f}"
             change = f"{100 * f.change:+.1f} %"
@@ -386,7 +395,8 @@ def show_comparison(findings, margin: float, console: Console) -> bool:
     if regressed:
         console.print(
             f"[bold red]Regression:[/] {len(regressed)} figure(s) worse than the baseline by more than "
-            f"{100 * margin:g} % (or agreement lower, or a configuration failing)."
+            f"{100 * margin:g} % (or KL divergence higher by more than that, top-1 or agreement lower, or a "
+            "configuration failing)."
         )
         return True
     console.print(f"[green]No regression beyond {100 * margin:g} %.[/]")

@@ -40,15 +40,24 @@ def convert(
             "ONNX Runtime GenAI: cpu, dml (DirectML) or cuda; default dml on Windows with the DirectML package, else cpu.",
         ),
     ] = None,
+    recipe_name: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            help="A named int4 recipe instead of the default; the options below override it. cookbook: the Phi-3 "
+            "Cookbook's (OpenVINO --group-size 128 --ratio 0.6 --sym; ONNX Runtime GenAI: its builder's defaults).",
+            show_default=False,
+        ),
+    ] = None,
     group_size: Annotated[
         int | None,
-        typer.Option("--group-size", help="int4 group size (default 128; -1 is channel-wise)."),
+        typer.Option("--group-size", help="int4 group size (default: the backend's recipe; -1 is channel-wise)."),
     ] = None,
     ratio: Annotated[
         float | None,
-        typer.Option("--ratio", min=0.0, max=1.0, help="Share of layers in int4, the rest int8 (default 0.6)."),
+        typer.Option("--ratio", min=0.0, max=1.0, help="OpenVINO: share of layers in int4, the rest int8."),
     ] = None,
-    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric int4 (default: symmetric).")] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric int4 (default: the recipe's).")] = None,
     awq: Annotated[bool, typer.Option("--awq", help="Data-aware AWQ scaling (needs --dataset).")] = False,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Calibration data set for --awq.")] = None,
     output: Annotated[
@@ -89,6 +98,7 @@ def convert(
         sym=sym,
         awq=awq,
         dataset=dataset,
+        preset=recipe_name,
     )
     with RichProgress() as progress:
         source = resolve_source(model, progress=progress)

@@ -23,7 +23,7 @@ from phi3cli.backends.onnx.providers import (
 from phi3cli.errors import ConstraintError, ContextOverflowError, UnsupportedModelError
 from phi3cli.progress import Progress
 from phi3cli.templates import load_chat_template
-from phi3cli.util import first_line
+from phi3cli.util import first_line, log_softmax
 
 
 def closed_objects(schema):
@@ -104,7 +104,7 @@ class OnnxModel(LoadedModel):
         finally:
             del generator
 
-    def token_logprobs(self, ids: list[int]) -> list[float]:
+    def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         if len(ids) >= self.context_length:
             raise ContextOverflowError(f"{len(ids)} tokens do not fit the context of {self.context_length}.")
         generator = og.Generator(self.model, self._params(len(ids) + 1))
@@ -114,10 +114,7 @@ class OnnxModel(LoadedModel):
         del generator
         if logits.shape[0] != len(ids):
             raise NotImplementedError("this ONNX model returns logits for the last position only")
-        logits = logits[:-1]
-        peak = logits.max(axis=-1, keepdims=True)
-        norm = np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True)) + peak
-        return (logits - norm)[np.arange(len(ids) - 1), ids[1:]].astype(float).tolist()
+        return log_softmax(logits[:-1])
 
     def close(self) -> None:
         self.tokenizer = self.model = None

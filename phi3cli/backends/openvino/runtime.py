@@ -29,7 +29,7 @@ from phi3cli.backends.openvino.ir import context_length
 from phi3cli.errors import ConstraintError, DeviceUnavailableError, Phi3Error
 from phi3cli.progress import Progress
 from phi3cli.templates import ChatTemplate, load_chat_template
-from phi3cli.util import first_line
+from phi3cli.util import first_line, log_softmax
 
 OV_DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
 # NPU pipeline properties (static shapes), by the option names LoadRequest.options uses, with their defaults.
@@ -260,7 +260,7 @@ class OpenVINOModel(LoadedModel):
 
         return pull_from_push(produce)
 
-    def token_logprobs(self, ids: list[int]) -> list[float]:
+    def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         """One forward pass of the IR over ids with a fresh KV state (compiled on first use, on the CPU)."""
         if self._scorer is None:
             core = ov.Core()
@@ -276,10 +276,7 @@ class OpenVINOModel(LoadedModel):
             "beam_idx": np.zeros(1, dtype=np.int32),
         }
         names = {p.get_any_name() for p in self._scorer.inputs}
-        logits = request.infer({k: v for k, v in inputs.items() if k in names})["logits"][0, :-1].astype(np.float64)
-        top = logits.max(axis=-1, keepdims=True)
-        logsumexp = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
-        return (logits[np.arange(n - 1), ids[1:]] - logsumexp).tolist()
+        return log_softmax(request.infer({k: v for k, v in inputs.items() if k in names})["logits"][0, :-1])
 
     def close(self) -> None:
         self.pipe = None

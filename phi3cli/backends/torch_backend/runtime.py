@@ -86,12 +86,11 @@ def transformers_generate(
     return pull_from_push(produce)
 
 
-def transformers_logprobs(model, ids: list[int]) -> list[float]:
-    """Log-probability of each of ids[1:] given the tokens before it, from one forward pass."""
+def transformers_logprobs(model, ids: list[int]):
+    """Log-probabilities of every next token after each of ids[:-1], from one forward pass (a numpy array)."""
     with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+        return torch.log_softmax(logits, dim=-1).float().numpy()
 
 
 class TorchModel(LoadedModel):
@@ -113,7 +112,7 @@ class TorchModel(LoadedModel):
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         return transformers_generate(self.model, self.tokenizer, self.eos_ids, prompt_ids, settings)
 
-    def token_logprobs(self, ids: list[int]) -> list[float]:
+    def next_token_logprobs(self, ids: list[int]):
         return transformers_logprobs(self.model, ids)
 
     def close(self) -> None:
