@@ -1,4 +1,13 @@
-"""Running an IR: OpenVINO GenAI's LLMPipeline with phi3's own prompt ids, streaming one RawToken per token."""
+"""Running an IR: OpenVINO GenAI's LLMPipeline with phi3's own prompt ids, streaming one RawToken per token.
+
+Keeping the KV cache between generates: the stateful pipeline keeps its state only in its chat mode. Fed token ids
+there, it appends each input and each answer to a tokenized history of its own, and before each prefill it trims
+its KV state to the first difference between that history and what the state holds, so it prefills only the rest.
+phi3 still renders every prompt itself: it mirrors that history, passes only what the new prompt adds to it, and
+starts the chat afresh whenever the prompt does not extend it (a trimmed or reset history, another system prompt,
+an answer that tokenizes differently when read back). An answer cancelled by the streamer is dropped from the
+history by GenAI, so the next prompt is compared with the history before it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ import random
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +32,9 @@ from phi3cli.backends.base import (
     IncrementalDecoder,
     LoadedModel,
     LoadRequest,
+    PromptCache,
     RawToken,
+    common_prefix_length,
     pull_from_push,
 )
 from phi3cli.backends.openvino.ir import context_length
@@ -112,6 +124,32 @@ def compile_properties(request: LoadRequest) -> dict[str, Any]:
     return properties
 
 
+KV_PRECISIONS = ("u8", "u4", "f16", "bf16", "f32")
+
+
+def kv_cache_properties(options: dict[str, Any]) -> dict[str, Any]:
+    """KV_CACHE_PRECISION and DYNAMIC_QUANTIZATION_GROUP_SIZE where LoadRequest.options sets them (else OpenVINO's).
+
+    With OpenVINO's CPU defaults (a u8 KV cache; activations quantized per group across each prefill, so a token's
+    keys depend on the tokens read with it), a kept cache is close to, not equal to, what a prefill of the whole
+    conversation computes, and a greedy answer can differ at a near-tie. kv_cache_precision "f16" with
+    dynamic_quantization_group_size 0 makes them equal (to float rounding), at the price of slower decoding.
+    """
+    props: dict[str, Any] = {}
+    precision = options.get("kv_cache_precision")
+    if precision is not None:
+        precision = str(precision).lower()
+        if precision not in KV_PRECISIONS:
+            raise Phi3Error(f"Unknown KV cache precision {precision!r}.", hint=f"Use one of: {', '.join(KV_PRECISIONS)}.")
+        props["KV_CACHE_PRECISION"] = precision
+    group = options.get("dynamic_quantization_group_size")
+    if group is not None:
+        if int(group) < 0:
+            raise Phi3Error(f"dynamic_quantization_group_size must be 0 (off) or more, not {group}.")
+        props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(group)
+    return props
+
+
 @contextlib.contextmanager
 def _compile_log() -> Iterator[list[str]]:
     """Capture what OpenVINO GenAI prints about the models it compiles (it logs their EXECUTION_DEVICES)."""
@@ -154,12 +192,17 @@ class _TokenStreamer(ov_genai.StreamerBase):
     def __init__(self, decoder: IncrementalDecoder, emit: Callable[[RawToken], bool]):
         super().__init__()
         self._decoder, self._emit = decoder, emit
+        self.ids: list[int] = []  # every id GenAI wrote
+        self.cancelled = False  # whether we answered CANCEL (GenAI then drops the turn from its chat history)
 
     def write(self, token) -> ov_genai.StreamingStatus:
         status = ov_genai.StreamingStatus.RUNNING
         for token_id in [token] if isinstance(token, int) else token:
+            self.ids.append(token_id)
             if not self._emit(RawToken(self._decoder.push(token_id), token_id=token_id)):
                 status = ov_genai.StreamingStatus.CANCEL
+        if status == ov_genai.StreamingStatus.CANCEL:
+            self.cancelled = True
         return status
 
     def end(self) -> None:
@@ -207,7 +250,17 @@ def engine_reason(exc: BaseException) -> str:
 class OpenVINOModel(LoadedModel):
     backend = "openvino"
 
-    def __init__(self, path: Path, pipe, fmt: str, device: str, executed: str, context: int, prompt_limit: int | None):
+    def __init__(
+        self,
+        path: Path,
+        pipe,
+        fmt: str,
+        device: str,
+        executed: str,
+        context: int,
+        prompt_limit: int | None,
+        reuse: bool = False,
+    ):
         self.path, self.pipe, self.format, self.device = path, pipe, fmt, device
         self.executed_device = executed
         self.context_length = context
@@ -217,6 +270,10 @@ class OpenVINOModel(LoadedModel):
         self.last_perf = None  # openvino_genai.PerfMetrics of the last generate, for cross-checking our timings
         self.scorer_properties: dict[str, Any] = {}  # how token_logprobs compiles the IR (on the CPU)
         self._scorer = None
+        # What the KV state may hold (a superset: the last token written may be unread), and GenAI's tokenized
+        # chat history as phi3 mirrors it (None outside the chat mode).
+        self.prompt_cache = PromptCache(enabled=reuse and hasattr(pipe, "start_chat"))
+        self._history: list[int] | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0].tolist()
@@ -239,15 +296,56 @@ class OpenVINOModel(LoadedModel):
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         config = self.generation_config(settings)
-        inputs = ov.Tensor(np.array([prompt_ids], dtype=np.int64))
         decoder = IncrementalDecoder(self.decode, self.decode_pair)
 
         def produce(emit: Callable[[RawToken], bool]) -> None:
-            with grammar_errors(settings):
-                result = self.pipe.generate(inputs, config, _TokenStreamer(decoder, emit))
+            fed = self._chat_input(prompt_ids, settings)
+            streamer = _TokenStreamer(decoder, emit)
+            try:
+                with grammar_errors(settings):
+                    result = self.pipe.generate(ov.Tensor(np.array([fed], dtype=np.int64)), config, streamer)
+            except BaseException:
+                self._leave_chat()  # GenAI's state after a failure is unknown
+                raise
             self.last_perf = result.perf_metrics
+            if self._history is not None:
+                self._chat_turn_done(prompt_ids, list(result.tokens[0]), streamer)
 
         return pull_from_push(produce)
+
+    def _chat_input(self, prompt_ids: list[int], settings: GenerationSettings) -> list[int]:
+        """The ids to pass GenAI: all of them outside the chat mode, else what the prompt adds to its history."""
+        cache = self.prompt_cache
+        cache.reused = 0
+        if not cache.enabled or settings.constraint is not None:  # a constrained answer is read afresh
+            self._leave_chat()
+            return prompt_ids
+        history = self._history
+        extends = history is not None and len(prompt_ids) > len(history) and prompt_ids[: len(history)] == history
+        # GenAI needs at least one token to read: a prompt the state already holds whole is read afresh.
+        whole = common_prefix_length(cache.ids, prompt_ids) >= len(prompt_ids)
+        if not extends or whole or not cache.keep(prompt_ids):
+            self._leave_chat()
+            with warnings.catch_warnings():  # deprecated in 2026.4; the ChatHistory that replaces it takes text only
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.pipe.start_chat()
+            self._history = history = []
+        return prompt_ids[len(history) :]
+
+    def _chat_turn_done(self, prompt_ids: list[int], answer: list[int], streamer: _TokenStreamer) -> None:
+        self.prompt_cache.hold(prompt_ids + streamer.ids)
+        # What GenAI prefilled is the part of the prompt it did not find in its state.
+        self.prompt_cache.reused = len(prompt_ids) - int(self.last_perf.get_num_input_tokens())
+        if not streamer.cancelled:
+            self._history = prompt_ids + answer
+
+    def _leave_chat(self) -> None:
+        if self._history is not None and self.pipe is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.pipe.finish_chat()  # drops GenAI's history and KV state
+        self._history = None
+        self.prompt_cache.hold([])
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """One forward pass of the IR over ids with a fresh KV state (compiled on first use, on the CPU)."""
@@ -271,6 +369,7 @@ class OpenVINOModel(LoadedModel):
         return (logits[np.arange(n - 1), ids[1:]] - logsumexp).tolist()
 
     def close(self) -> None:
+        self._leave_chat()
         self.pipe = None
         self._scorer = None
 
@@ -291,6 +390,7 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
     device = ov_device_for(request.device, list(ov.Core().available_devices))
     properties = compile_properties(request)
     properties.update(attention_properties(request.device, request.options))
+    properties.update(kv_cache_properties(request.options))
     context = context_length(folder)
     prompt_limit = None
     ignored = [f"--{o.replace('_', '-')}" for o in NPU_OPTIONS if o in request.options and request.device != "npu"]
@@ -313,7 +413,10 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
             hint="Run again with --debug for OpenVINO's full message.",
         ) from exc
     executed = execution_devices(log) or device
-    model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit)
+    # Kept on the CPU's stateful pipeline only: the NPU's static shapes, the GPU and continuous batching
+    # (attention_backend "pa") have not been checked here; they read the whole conversation every turn.
+    reuse = request.cache_reuse and request.device == "cpu" and properties.get("ATTENTION_BACKEND") == "SDPA"
+    model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit, reuse=reuse)
     scorer = {"CACHE_DIR": properties["CACHE_DIR"]} if "CACHE_DIR" in properties else {}
     model.scorer_properties = {**scorer, **precision_properties("cpu", request.options)}
     return model
