@@ -112,6 +112,14 @@ def chat(
     min_response_len: MinResponseLenOpt = None,
     npu_hint: NpuHintOpt = None,
     inference_precision: InferencePrecisionOpt = None,
+    cache_reuse: Annotated[
+        bool,
+        typer.Option(
+            "--cache-reuse/--no-cache-reuse",
+            help="Keep the model's KV cache between turns where its runtime can, so each turn reads only what the "
+            "conversation gained. --no-cache-reuse reads the whole conversation every turn.",
+        ),
+    ] = True,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -189,6 +197,7 @@ def chat(
                 trust_remote_code=trust_remote_code,
                 allow_fallback=allow_fallback,
                 options=openvino_options(max_prompt_len, min_response_len, npu_hint, inference_precision),
+                cache_reuse=cache_reuse and prompt is None,  # one answer: no next turn to reuse it
                 progress=progress,
             )
     except (ModelNotFoundError, OfflineError, UnsupportedModelError) as exc:
@@ -271,7 +280,10 @@ def _trim_notice(event: HistoryTrimmed, session: ChatSession) -> str:
         if model.max_prompt_tokens and limit == model.max_prompt_tokens
         else f"the {model.context_length}-token context with room for the reply"
     )
-    return f"Dropped the {event.messages} oldest messages to fit {why}; the prompt is now {event.prompt_tokens} tokens."
+    notice = f"Dropped the {event.messages} oldest messages to fit {why}; the prompt is now {event.prompt_tokens} tokens"
+    if model.prompt_cache and model.prompt_cache.enabled:
+        notice += ", read again past the system prompt (the kept cache began with the dropped messages)"
+    return notice + "."
 
 
 def _read_message(console: Console) -> str:

@@ -80,5 +80,6 @@ def stats_line(stats: ReplyStats) -> str:
     return (
         f"{stats.backend} on {stats.executed_device} · TTFT {stats.ttft_s * 1000:.0f} ms · "
         f"{stats.decode_tps:.1f} tok/s · {stats.generated_tokens} tokens "
-        f"({stats.prompt_tokens} prompt) · {stats.finish_reason}"
+        f"({stats.prompt_tokens} prompt{f', {stats.cached_tokens} cached' if stats.cached_tokens else ''}) · "
+        f"{stats.finish_reason}"
     )
