@@ -8,7 +8,7 @@ Layout of a report (every key always present; figures are null where not measure
     machine       {cpu, cores_logical, cores_physical, memory_bytes, os, python}
     versions      {package: version} of phi3cli and every runtime library installed
     settings      {prompt_tokens, gen_tokens, warmup, repetitions, threads, timeout_s, quality,
-                   quality_tokens, greedy, ignore_eos, reference}
+                   quality_tokens, turns, cache_reuse, greedy, ignore_eos, reference}
     results       one row per configuration:
         backend, device, format     what was asked
         status                      ok | failed | skipped
@@ -27,6 +27,14 @@ Layout of a report (every key always present; figures are null where not measure
         runs                        one per --prompt-tokens value:
             prompt_tokens, gen_tokens, tokens_counted (per repetition),
             ttft_ms, prefill_tps, tpot_ms, decode_tps, e2e_tps: {mean, std, min, max, n, values}
+        multi_turn                  with --turns N, one per --prompt-tokens value: repetitions of a conversation of
+                                    N user messages of that length, each answered with gen_tokens tokens, through
+                                    the chat session `phi3 chat` runs (empty without --turns):
+            prompt_tokens, gen_tokens, turns,
+            turn_prompt_tokens          the whole prompt at each turn (history included), mean over repetitions
+            cached_tokens               of which the kept KV cache held, mean (0 with --no-cache-reuse)
+            ttft_ms                     per turn: {mean, std, min, max, n, values}
+            ttft_growth                 turn N's TTFT / turn 1's, per repetition: {mean, std, ...}
         quality                     {agreement, agreement_tokens, agreement_prompts, perplexity,
                                      perplexity_tokens, notes}
 """
@@ -48,6 +56,9 @@ from phi3cli.errors import Phi3Error
 from phi3cli.sources import ModelSource
 from phi3cli.util import package_versions
 
+from .stats import fmt_figure
+from .turns import multi_turn_label, multi_turn_markdown
+
 SCHEMA = "phi3.bench/1"
 REPORT_KEYS = ("schema", "created", "model", "machine", "versions", "settings", "results")
 MODEL_KEYS = ("spec", "kind", "slug", "fingerprint")
@@ -61,6 +72,8 @@ SETTINGS_KEYS = (
     "timeout_s",
     "quality",
     "quality_tokens",
+    "turns",
+    "cache_reuse",
     "greedy",
     "ignore_eos",
     "reference",
@@ -83,6 +96,7 @@ RESULT_KEYS = (
     "wall_s",
     "versions",
     "runs",
+    "multi_turn",
     "quality",
 )
 RUN_KEYS = (
@@ -95,13 +109,23 @@ RUN_KEYS = (
     "decode_tps",
     "e2e_tps",
 )
+MULTI_TURN_KEYS = (
+    "prompt_tokens",
+    "gen_tokens",
+    "turns",
+    "turn_prompt_tokens",
+    "cached_tokens",
+    "ttft_ms",
+    "ttft_growth",
+)
 FIGURE_KEYS = ("mean", "std", "min", "max", "n", "values")
 QUALITY_KEYS = ("agreement", "agreement_tokens", "agreement_prompts", "perplexity", "perplexity_tokens", "notes")
+
 
 def empty_row(config) -> dict:
     """A result row with every key present and nothing measured."""
     row = dict.fromkeys(RESULT_KEYS)
-    row.update(backend=config.backend, device=config.device, format=config.format, runs=[], versions={})
+    row.update(backend=config.backend, device=config.device, format=config.format, runs=[], multi_turn=[], versions={})
     row["quality"] = {**dict.fromkeys(QUALITY_KEYS), "notes": []}
     return row
 
@@ -179,6 +203,10 @@ def load_report(path: Path) -> dict:
     missing = [k for k in REPORT_KEYS if k not in data]
     if missing:
         raise Phi3Error(f"{path} lacks {', '.join(missing)}; it is not a complete bench report.")
+    # Written before the multi-turn test existed: none was run.
+    data["settings"].setdefault("turns", 0)
+    for row in data["results"]:
+        row.setdefault("multi_turn", [])
     return data
 
 
@@ -211,6 +239,9 @@ CSV_COLUMNS = (
     "gen_tokens",
     "tokens_counted",
     *(f"{name}_{part}" for name in RUN_KEYS[3:] for part in ("mean", "std")),
+    "turn_ttft_ms",
+    "ttft_growth_mean",
+    "ttft_growth_std",
     "load_cold_s",
     "load_warm_s",
     "peak_rss_bytes",
@@ -275,13 +306,18 @@ def to_csv(report: dict) -> str:
                 for name in RUN_KEYS[3:]:
                     line[f"{name}_mean"], line[f"{name}_std"] = run[name]["mean"], run[name]["std"]
             writer.writerow(line)
+        for test in row.get("multi_turn") or []:
+            line = dict(base)
+            line.update(
+                test=multi_turn_label(test),
+                prompt_tokens=test["prompt_tokens"],
+                gen_tokens=test["gen_tokens"],
+                turn_ttft_ms=" ".join(f"{t['mean']:.1f}" for t in test["ttft_ms"]),
+                ttft_growth_mean=test["ttft_growth"]["mean"],
+                ttft_growth_std=test["ttft_growth"]["std"],
+            )
+            writer.writerow(line)
     return out.getvalue()
-
-
-def fmt_figure(figure: dict | None, digits: int = 1) -> str:
-    if not figure or figure.get("mean") is None:
-        return ""
-    return f"{figure['mean']:.{digits}f} ± {figure['std']:.{digits}f}"
 
 
 def fmt_bytes(value: int | None) -> str:
@@ -350,5 +386,6 @@ def to_markdown(report: dict) -> str:
             else:
                 cells += [""] * 11
             lines.append("| " + " | ".join(cells + [note]) + " |")
+    lines += multi_turn_markdown(report)
     lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
