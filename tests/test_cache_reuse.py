@@ -18,7 +18,7 @@ from tests.conftest import run_phi3
 
 FORMATS = {"torch": "fp32", "openvino": "int4", "onnx": "int4"}
 # OpenVINO's CPU defaults quantize activations per prefill and keep the cache in u8, so a kept cache is only close to
-# a full prefill's (see openvino/runtime.py kv_cache_properties); these make it equal, so the bookkeeping is tested.
+# a full prefill's (see openvino/kvcache.py); these make it equal, so the bookkeeping is tested.
 OPTIONS = {"openvino": {"kv_cache_precision": "f16", "dynamic_quantization_group_size": 0}}
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "Name three colours.", "Which is the largest?"]
 SETTINGS = GenerationSettings(max_new_tokens=12)
@@ -153,7 +153,7 @@ def test_prompt_cache_keeps_the_common_prefix():
 
 
 def test_openvino_cache_properties_are_checked():
-    from phi3cli.backends.openvino.runtime import kv_cache_properties
+    from phi3cli.backends.openvino.kvcache import kv_cache_properties
     from phi3cli.errors import Phi3Error
 
     assert kv_cache_properties({}) == {}

@@ -38,6 +38,7 @@ from phi3cli.backends.base import (
     pull_from_push,
 )
 from phi3cli.backends.openvino.ir import context_length
+from phi3cli.backends.openvino.kvcache import kv_cache_properties
 from phi3cli.errors import ConstraintError, DeviceUnavailableError, Phi3Error
 from phi3cli.progress import Progress
 from phi3cli.templates import ChatTemplate, load_chat_template
@@ -122,32 +123,6 @@ def compile_properties(request: LoadRequest) -> dict[str, Any]:
         properties["INFERENCE_NUM_THREADS"] = int(request.threads)
     properties.update(precision_properties(request.device, request.options))
     return properties
-
-
-KV_PRECISIONS = ("u8", "u4", "f16", "bf16", "f32")
-
-
-def kv_cache_properties(options: dict[str, Any]) -> dict[str, Any]:
-    """KV_CACHE_PRECISION and DYNAMIC_QUANTIZATION_GROUP_SIZE where LoadRequest.options sets them (else OpenVINO's).
-
-    With OpenVINO's CPU defaults (a u8 KV cache; activations quantized per group across each prefill, so a token's
-    keys depend on the tokens read with it), a kept cache is close to, not equal to, what a prefill of the whole
-    conversation computes, and a greedy answer can differ at a near-tie. kv_cache_precision "f16" with
-    dynamic_quantization_group_size 0 makes them equal (to float rounding), at the price of slower decoding.
-    """
-    props: dict[str, Any] = {}
-    precision = options.get("kv_cache_precision")
-    if precision is not None:
-        precision = str(precision).lower()
-        if precision not in KV_PRECISIONS:
-            raise Phi3Error(f"Unknown KV cache precision {precision!r}.", hint=f"Use one of: {', '.join(KV_PRECISIONS)}.")
-        props["KV_CACHE_PRECISION"] = precision
-    group = options.get("dynamic_quantization_group_size")
-    if group is not None:
-        if int(group) < 0:
-            raise Phi3Error(f"dynamic_quantization_group_size must be 0 (off) or more, not {group}.")
-        props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(group)
-    return props
 
 
 @contextlib.contextmanager
@@ -237,7 +212,9 @@ def grammar_errors(settings: GenerationSettings) -> Iterator[None]:
     except RuntimeError as exc:
         if settings.constraint is None:
             raise
-        raise ConstraintError(f"OpenVINO GenAI's grammar engine (XGrammar) refused the schema: {engine_reason(exc)}") from exc
+        raise ConstraintError(
+            f"OpenVINO GenAI's grammar engine (XGrammar) refused the schema: {engine_reason(exc)}"
+        ) from exc
 
 
 def engine_reason(exc: BaseException) -> str:
