@@ -43,6 +43,7 @@ class ReplyStats:
     text: str
     token_times: list[float] = field(default_factory=list)  # seconds since request start, per token
     token_ids: list[int] = field(default_factory=list)  # the generated ids, where the backend reports them
+    cached_tokens: int = 0  # prompt tokens taken from the KV cache kept since the last reply (not prefilled)
 
     @property
     def decode_s(self) -> float:
@@ -151,6 +152,7 @@ def stream_reply(
     if rest := held.finish():  # text held back for a stop sequence that never came
         yield TokenEvent(rest, len(times), times[-1])
     text = held.final_text
+    cached = model.prompt_cache.reused if model.prompt_cache else 0
     yield ReplyStats(
         backend=model.backend,
         device=model.device,
@@ -163,6 +165,7 @@ def stream_reply(
         text=text,
         token_times=times,
         token_ids=token_ids,
+        cached_tokens=cached,
     )
 
 
@@ -232,6 +235,7 @@ def open_model(
     trust_remote_code: bool = False,
     options: dict | None = None,
     allow_fallback: bool = False,
+    cache_reuse: bool = False,
     store: ModelStore | None = None,
     progress: Progress | None = None,
 ):
@@ -256,6 +260,7 @@ def open_model(
         threads=threads,
         trust_remote_code=trust_remote_code,
         options=dict(options or {}),
+        cache_reuse=cache_reuse,
     )
     return load_model(request, route.backend, store, progress, allow_fallback=allow_fallback), route
 

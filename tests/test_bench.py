@@ -27,6 +27,7 @@ from tests.conftest import run_phi3
 PROMPTS = (8, 16)
 GEN = 4
 REPS = 2
+TURNS = 2
 MEASURED = {("torch", "cpu", "fp32"), ("openvino", "cpu", "int4"), ("onnx", "cpu", "int4"), ("onnx", "cpu", "fp32")}
 ARGS = [
     "bench",
@@ -36,7 +37,7 @@ ARGS = [
     *("-d", "cpu", "-d", "npu"),  # no NPU here: openvino npu must fail alone, the others still run
     *("-f", "fp32", "-f", "int4"),
     *("-p", ",".join(map(str, PROMPTS)), "-n", str(GEN), "-r", str(REPS), "--warmup", "0"),
-    *("--agreement-tokens", "16", "--threads", "2"),
+    *("--agreement-tokens", "16", "--threads", "2", "--turns", str(TURNS)),
 ]
 
 
@@ -69,8 +70,12 @@ def test_schema_keys_are_the_documented_ones(bench_run):
             assert tuple(run) == schema.RUN_KEYS
             for key in schema.RUN_KEYS[3:]:
                 assert tuple(run[key]) == schema.FIGURE_KEYS
+        for test in row["multi_turn"]:
+            assert tuple(test) == schema.MULTI_TURN_KEYS
+            assert all(tuple(figure) == schema.FIGURE_KEYS for figure in [*test["ttft_ms"], test["ttft_growth"]])
     # Every key the module docstring documents is in the report, and the other way round.
-    for key in (*schema.REPORT_KEYS, *schema.RESULT_KEYS, *schema.RUN_KEYS, *schema.QUALITY_KEYS):
+    keys = (*schema.REPORT_KEYS, *schema.SETTINGS_KEYS, *schema.RESULT_KEYS, *schema.RUN_KEYS, *schema.QUALITY_KEYS)
+    for key in (*keys, *schema.MULTI_TURN_KEYS):
         assert key in schema.__doc__, key
 
 
@@ -101,6 +106,19 @@ def test_every_backend_ran_and_counted_exactly_the_tokens_asked(bench_run):
             )
             tpot, decode = run["tpot_ms"]["values"], run["decode_tps"]["values"]
             assert all(abs(d * t / 1000 - 1) < 1e-6 for d, t in zip(decode, tpot, strict=True))
+        # The multi-turn test: TURNS turns per prompt length, each reading the whole conversation so far, of which
+        # the kept cache held at least the first turn's prompt.
+        assert [test["prompt_tokens"] for test in row["multi_turn"]] == list(PROMPTS)
+        for test in row["multi_turn"]:
+            assert test["turns"] == TURNS and len(test["ttft_ms"]) == TURNS
+            assert all(figure["n"] == REPS and figure["mean"] > 0 for figure in test["ttft_ms"])
+            first, second = test["turn_prompt_tokens"]
+            assert second > first + test["prompt_tokens"] and test["cached_tokens"][0] == 0
+            assert first <= test["cached_tokens"][1] < second, (key, test)
+            growth = test["ttft_growth"]
+            assert growth["n"] == REPS and growth["mean"] == pytest.approx(
+                sum(v2 / v1 for v1, v2 in zip(*(f["values"] for f in test["ttft_ms"]), strict=True)) / REPS
+            )
         assert row["peak_rss_bytes"] > 50e6 and row["size_bytes"] > 50e6
         assert row["load_cold_s"] > 0 and row["load_warm_s"] > 0
         assert row["versions"], key
@@ -145,11 +163,15 @@ def test_csv_markdown_and_plot_written(bench_run):
     _, report, out = bench_run
     lines = list(csv.DictReader(io.StringIO((out / "run.csv").read_text())))
     assert tuple(lines[0]) == schema.CSV_COLUMNS
-    measured = [line for line in lines if line["status"] == "ok"]
+    measured = [line for line in lines if line["status"] == "ok" and line["test"].startswith("pp")]
     assert len(measured) == len(MEASURED) * len(PROMPTS)
     assert all(float(line["decode_tps_mean"]) > 0 and line["cpu"] for line in measured)
+    chats = [line for line in lines if line["status"] == "ok" and line["test"].startswith("chat")]
+    assert len(chats) == len(MEASURED) * len(PROMPTS)
+    assert all(len(line["turn_ttft_ms"].split()) == TURNS and float(line["ttft_growth_mean"]) > 0 for line in chats)
     markdown = (out / "run.md").read_text()
     assert "| device | backend | format | test |" in markdown and "pp16+tg4" in markdown
+    assert f"chat{TURNS}-pp16+tg4" in markdown and "turn N / turn 1" in markdown
     assert report["machine"]["cpu"] in markdown and "Library versions" in markdown
     assert (out / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -186,6 +208,17 @@ def test_compare_fails_on_a_doctored_baseline(bench_run, tmp_path):
     done = run_phi3("bench", "--load", str(out / "run.json"), "--compare", str(tmp_path / "closer.json"))
     assert done.returncode == 3 and "kl_divergence" in done.stdout, done.stdout + done.stderr
 
+    flatter = json.loads(json.dumps(report))
+    for row in flatter["results"]:
+        for test in row["multi_turn"]:
+            test["ttft_growth"]["mean"] /= 2  # the baseline's last turn came twice as soon, relative to its first
+    (tmp_path / "flatter.json").write_text(json.dumps(flatter))
+    args = ["bench", "--load", str(out / "run.json"), "--compare", str(tmp_path / "flatter.json"), "--no-chart"]
+    done = run_phi3(*args, env={"COLUMNS": "200"})
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "ttft_growth" in done.stdout and f"chat{TURNS}-pp8+tg4" in done.stdout
+    assert "turn2_ttft_ms" in done.stdout  # compared too (unchanged here)
+
 
 @pytest.mark.parametrize(
     ("change", "message"),
@@ -213,6 +246,7 @@ def test_foreign_baseline_is_refused(bench_run, tmp_path, change, message):
         (["-p", "0"], "--prompt-tokens"),
         (["-p", "16,x"], "--prompt-tokens"),
         (["--warmup", "-1"], "--warmup"),
+        (["--turns", "-1"], "--turns"),
         (["--max-regression", "lots"], "--max-regression"),
     ],
 )

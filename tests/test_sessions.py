@@ -182,7 +182,7 @@ def test_resume_choice_takes_from_the_file_what_the_options_leave_unset():
 
 def test_history_trimming_respects_a_prompt_limit(torch_model, monkeypatch):
     """An NPU's static prompt length (max_prompt_tokens) trims history like the context does, with a notice."""
-    from phi3cli.cli.chat import _trim_notice
+    from phi3cli.cli.render import trim_notice as _trim_notice
 
     session = ChatSession(torch_model, GenerationSettings(max_new_tokens=8))
     for q in QUESTIONS[:2]:

@@ -76,6 +76,47 @@ class RawToken:
     token_id: int | None = None
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids a and b share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class PromptCache:
+    """The token ids whose keys and values a runtime's KV cache holds between generates.
+
+    The conversation stays the source of truth: each generate keeps the longest common prefix of what the cache
+    holds and the new prompt, rewinds the rest and prefills only the remainder. So a history trimmed or reset, a
+    new system prompt, a loaded session, an answer interrupted or cut at a stop string (whose tokens are not in
+    the next prompt) all come out right by construction, with no event to invalidate the cache.
+    """
+
+    enabled: bool = True  # may be turned off between generates (bench measures its one-prompt tests so)
+    min_prefill: int = 1  # prompt tokens always read anew: at least the last one, whose logits give the next token
+    min_reuse: int = 16  # a shorter common prefix (a chat template's opening) is read again rather than kept
+    ids: list[int] = field(default_factory=list)  # what the cache holds, in order
+    reused: int = 0  # prompt tokens the last generate took from the cache
+
+    def keep(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading prompt tokens to keep from the cache (0 when reuse is off); also sets reused."""
+        shared = common_prefix_length(self.ids, prompt_ids) if self.enabled else 0
+        shared = min(shared, len(prompt_ids) - self.min_prefill)
+        self.reused = shared if shared >= self.min_reuse else 0
+        return self.reused
+
+    def hold(self, ids: Sequence[int]) -> None:
+        """Record what the cache holds now."""
+        self.ids = list(ids)
+
+    def clear(self) -> None:
+        self.ids = []
+        self.reused = 0
+
+
 @dataclass
 class LoadRequest:
     """What to load: a source, on a device, at a weight format, with backend-specific options."""
@@ -87,6 +128,7 @@ class LoadRequest:
     trust_remote_code: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None  # the backend's runtime cache (compiled blobs); load_model sets it in the store
+    cache_reuse: bool = False  # keep the KV cache between generates, prefilling only what is new (PromptCache)
 
 
 class LoadedModel(ABC):
@@ -101,6 +143,7 @@ class LoadedModel(ABC):
     chat_template: ChatTemplate
     max_prompt_tokens: int | None = None  # a tighter prompt budget than the context (an NPU's static shape)
     load_seconds: float = 0.0  # stamped by phi3cli.generation.load_model
+    prompt_cache: PromptCache | None = None  # set by runtimes that keep their KV cache between generates
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:

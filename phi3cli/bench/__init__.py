@@ -17,7 +17,8 @@ from .config import (
     plan_configurations,
     settings_with_baseline,
 )
-from .report import SCHEMA, load_report, to_csv, to_json, to_markdown
+from .formats import to_csv, to_json, to_markdown
+from .report import SCHEMA, load_report
 from .runner import run_bench
 
 __all__ = [

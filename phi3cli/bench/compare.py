@@ -3,7 +3,9 @@
 A configuration regresses when its decode tokens/s falls, or its time to first token rises, by more
 than the margin, when its KL divergence from the reference grows by more than the margin, when its
 top-1 or free-running agreement with the reference drops, or when it ran in the baseline and fails
-now. Baselines of another model or another report schema are refused.
+now. In a multi-turn test (--turns), the last turn's time to first token and its growth over the
+first turn's regress when they rise by more than the margin. Baselines of another model or another
+report schema are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from phi3cli.errors import Phi3Error
 
 from .report import SCHEMA, measured_rows, run_label
+from .turns import multi_turn_label, multi_turn_rows
 
 AGREEMENT_SLACK = 1e-9  # agreement is a share of equal tokens: any real drop counts
 TOP1_SLACK = 0.005  # top-1 agreement may move by one position in a few hundred between runs of a runtime
@@ -25,8 +28,8 @@ class Finding:
     """One comparison of a figure with its baseline."""
 
     config: str  # backend/device/format
-    test: str  # pp512+tg128
-    figure: str  # decode_tps | ttft_ms | kl_divergence | top1 | agreement | status
+    test: str  # pp512+tg128, or chat6-pp170+tg16 for a multi-turn test
+    figure: str  # decode_tps | ttft_ms | kl_divergence | top1 | agreement | status | turnN_ttft_ms | ttft_growth
     baseline: float | str | None
     current: float | str | None
     change: float | None  # now / baseline - 1 (top1 and agreement: now - baseline)
@@ -106,6 +109,7 @@ def compare(current: dict, baseline: dict, margin: float, baseline_name: str = "
         if label not in quality_checked:  # quality is one figure per configuration, whatever the test
             quality_checked.add(label)
             findings += _quality_findings(label, test, row["quality"], cur_row["quality"], margin)
+    findings += _compare_multi_turn(current, baseline, margin)
     return findings
 
 
@@ -120,4 +124,28 @@ def _quality_findings(label: str, test: str, base: dict, cur: dict, margin: floa
         was, now = base.get(figure), cur.get(figure)
         if was is not None and now is not None:
             findings.append(Finding(label, test, figure, was, now, now - was, now < was - slack))
+    return findings
+
+
+def _compare_multi_turn(current: dict, baseline: dict, margin: float) -> list[Finding]:
+    """The last turn's TTFT and the growth over the first turn's, for each multi-turn test run in both."""
+    now = {
+        (r["backend"], r["device"], r["format"], t["prompt_tokens"], t["turns"]): t for r, t in multi_turn_rows(current)
+    }
+    findings = []
+    for row, test in multi_turn_rows(baseline):
+        cur = now.get((row["backend"], row["device"], row["format"], test["prompt_tokens"], test["turns"]))
+        if cur is None or not test["ttft_ms"] or not cur["ttft_ms"]:
+            continue
+        label = f"{row['backend']}/{row['device']}/{row['format']}"
+        pairs = (
+            (f"turn{test['turns']}_ttft_ms", test["ttft_ms"][-1]["mean"], cur["ttft_ms"][-1]["mean"]),
+            ("ttft_growth", test["ttft_growth"]["mean"], cur["ttft_growth"]["mean"]),
+        )
+        for figure, base, value in pairs:
+            if base and value is not None:
+                change = value / base - 1
+                findings.append(
+                    Finding(label, multi_turn_label(test), figure, base, value, change, value > base * (1 + margin))
+                )
     return findings

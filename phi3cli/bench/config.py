@@ -65,6 +65,8 @@ class BenchSettings:
     timeout_s: float = 900.0  # per configuration, loading and quality included
     quality: bool = True
     quality_tokens: int = QUALITY_TOKENS
+    turns: int = 0  # the multi-turn test: conversations of this many user messages of each prompt length (0: none)
+    cache_reuse: bool = True  # whether the multi-turn test keeps the KV cache between turns, as `phi3 chat` does
 
     def validate(self) -> None:
         """Refuse counts that cannot give a measurement, naming the flag to change."""
@@ -74,6 +76,7 @@ class BenchSettings:
             ("--repetitions", self.repetitions, 1),
             ("--warmup", self.warmup, 0),
             ("--threads", self.threads if self.threads is not None else 1, 1),
+            ("--turns", self.turns, 0),
         ]
         for flag, value, least in checks:
             if value < least:
@@ -143,7 +146,9 @@ def plan_configurations(
             held = get_backend(name).folder_format(source.path)
             if formats and held not in formats:
                 why = f"the model folder holds {held} weights"
-                planned += [PlannedConfiguration(Configuration(name, d, f), skip=why) for d in wanted_devices for f in formats]
+                planned += [
+                    PlannedConfiguration(Configuration(name, d, f), skip=why) for d in wanted_devices for f in formats
+                ]
                 continue
             wanted_formats = [held]
         seen = report.details.get(name, "")
@@ -184,6 +189,8 @@ def settings_with_baseline(
     quality: bool | None = None,
     quality_tokens: int | None = None,
     timeout_s: float | None = None,
+    turns: int | None = None,
+    cache_reuse: bool | None = None,
 ) -> BenchSettings:
     """Checked settings: the options given (not None), the --compare baseline's for those unset, else the defaults.
 
@@ -204,6 +211,8 @@ def settings_with_baseline(
         timeout_s=timeout_s if timeout_s is not None else default.timeout_s,
         quality=pick(quality, "quality"),
         quality_tokens=pick(quality_tokens, "quality_tokens"),
+        turns=pick(turns, "turns"),
+        cache_reuse=pick(cache_reuse, "cache_reuse"),
     )
     settings.validate()
     return settings

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
+from phi3cli.chat import ChatSession, HistoryTrimmed
 from phi3cli.context import full_context_kv_bytes
 from phi3cli.errors import Phi3Error
 from phi3cli.generation import ReplyStats, generate_text, load_model
@@ -54,12 +55,16 @@ class Job:
     quality: bool = True
     quality_tokens: int = 64
     reference: bool = False  # this is the reference: its log-probabilities are cached for the others
+    turns: int = 0  # the multi-turn test: conversations of this many user messages (0: none)
+    cache_reuse: bool = True
     options: dict = field(default_factory=dict)
 
 
 def step_count(job: Job) -> int:
     """How many progress reports measure_configuration makes for a job (for a progress bar)."""
     speed = 1 + len(job.prompt_tokens) * (job.warmup + job.repetitions) if job.measure_speed else 0
+    if job.measure_speed and job.turns:
+        speed += len(job.prompt_tokens) * (job.warmup + job.repetitions) * job.turns
     quality = len(agreement_prompts()) + 1 if job.quality else 0
     return 2 + speed + quality
 
@@ -104,6 +109,24 @@ def synthetic_prompt(model: LoadedModel, length: int, seed: int, avoid_first: se
     return ids[:length]
 
 
+def synthetic_message(model: LoadedModel, length: int, seed: int) -> str:
+    """Shuffled English words, different for each seed, as many as fit in `length` tokens: a user message."""
+    words = perplexity_text().split()
+    rng = random.Random(f"message-{length}-{seed}")
+    pool: list[str] = []
+    while len(pool) < length:  # every word is at least one token
+        rng.shuffle(words)
+        pool += words
+    low, high = 1, length  # the most words whose text fits: binary search on the token count
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(model.encode(" ".join(pool[:middle]))) <= length:
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(pool[:low])
+
+
 def _reply_figures(stats: ReplyStats) -> dict:
     return {
         "ttft_ms": stats.ttft_s * 1000,
@@ -135,7 +158,14 @@ def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options
     result: dict = {"threads": job.threads}
     report("resolving the model")
     source = resolve_source(job.model, store)
-    request = LoadRequest(source=source, device=job.device, format=job.format, threads=job.threads, options=options)
+    request = LoadRequest(
+        source=source,
+        device=job.device,
+        format=job.format,
+        threads=job.threads,
+        options=options,
+        cache_reuse=job.cache_reuse,
+    )
     get_backend(job.backend)  # import the runtime first: load times are loading, not importing
 
     report("loading (cold)")
@@ -158,7 +188,13 @@ def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options
             context_length=model.context_length,
             kv_cache_bytes=full_context_kv_bytes(model.path, model.context_length),
         )
+        # One-prompt tests read every prompt whole, as before the cache was kept; the multi-turn test keeps it.
+        kept = bool(model.prompt_cache and model.prompt_cache.enabled)
+        _keep_cache(model, False)
         result["runs"] = _measure_speed(model, job, report) if job.measure_speed else []
+        _keep_cache(model, kept)
+        result["multi_turn"] = _measure_turns(model, job, report) if job.measure_speed and job.turns else []
+        _keep_cache(model, False)
         result["peak_rss_bytes"] = peak_rss_bytes()  # before quality: scoring a text is not inference
         if job.quality:
             result["quality"] = _measure_quality(model, job, report, store.cache_dir("reference"), source.path)
@@ -194,6 +230,56 @@ def _measure_speed(model: LoadedModel, job: Job, report: Callable[[str], None]) 
                 reps.append(_reply_figures(stats))
         runs.append({"prompt_tokens": length, "gen_tokens": job.gen_tokens, "reps": reps})
     return runs
+
+
+def _keep_cache(model: LoadedModel, on: bool) -> None:
+    if model.prompt_cache:
+        model.prompt_cache.enabled = on
+        model.prompt_cache.clear()
+
+
+def _measure_turns(model: LoadedModel, job: Job, report: Callable[[str], None]) -> list[dict]:
+    """Conversations of job.turns user messages of each prompt length, through chat.ChatSession as `phi3 chat` runs
+    them: the time to first token of every turn (which grows with the conversation unless the KV cache is kept).
+    """
+    settings = GenerationSettings(max_new_tokens=job.gen_tokens, temperature=0.0, ignore_eos=True)
+    results = []
+    for length in job.prompt_tokens:
+        reps = []
+        total = job.warmup + job.repetitions
+        for i in range(total):
+            phase = f"warm-up {i + 1}/{job.warmup}" if i < job.warmup else f"run {i - job.warmup + 1}/{job.repetitions}"
+            session = ChatSession(model, settings)
+            if model.prompt_cache:  # each conversation starts from an empty cache, as a new chat does
+                model.prompt_cache.clear()
+            turns = []
+            for turn in range(job.turns):
+                report(f"{job.turns} turns of pp{length}+tg{job.gen_tokens} {phase}, turn {turn + 1}")
+                # A new text per message and per conversation: only what the conversation repeats can be reused.
+                text = synthetic_message(model, length, 1000 * i + turn)
+                stats = None
+                for event in session.ask(text):
+                    if isinstance(event, HistoryTrimmed):
+                        raise Phi3Error(
+                            f"{job.turns} turns of {length} + {job.gen_tokens} tokens outgrow this model's prompt "
+                            f"budget (turn {turn + 1} had to drop history).",
+                            hint="Lower --turns, --prompt-tokens or --gen-tokens.",
+                        )
+                    if isinstance(event, ReplyStats):
+                        stats = event
+                assert stats is not None
+                turns.append(
+                    {
+                        "ttft_ms": stats.ttft_s * 1000,
+                        "prompt_tokens": stats.prompt_tokens,
+                        "cached_tokens": stats.cached_tokens,
+                        "tokens": stats.generated_tokens,
+                    }
+                )
+            if i >= job.warmup:
+                reps.append(turns)
+        results.append({"prompt_tokens": length, "gen_tokens": job.gen_tokens, "turns": job.turns, "reps": reps})
+    return results
 
 
 def _measure_quality(

@@ -9,7 +9,7 @@ Layout of a report (every key always present; figures are null where not measure
     machine       {cpu, cores_logical, cores_physical, memory_bytes, os, python}
     versions      {package: version} of phi3cli and every runtime library installed
     settings      {prompt_tokens, gen_tokens, warmup, repetitions, threads, timeout_s, quality,
-                   quality_tokens, greedy, ignore_eos, reference}
+                   quality_tokens, turns, cache_reuse, greedy, ignore_eos, reference}
     results       one row per configuration:
         backend, device, format     what was asked
         status                      ok | failed | skipped
@@ -28,6 +28,14 @@ Layout of a report (every key always present; figures are null where not measure
         runs                        one per --prompt-tokens value:
             prompt_tokens, gen_tokens, tokens_counted (per repetition),
             ttft_ms, prefill_tps, tpot_ms, decode_tps, e2e_tps: {mean, std, min, max, n, values}
+        multi_turn                  with --turns N, one per --prompt-tokens value: repetitions of a conversation of
+                                    N user messages of that length, each answered with gen_tokens tokens, through
+                                    the chat session `phi3 chat` runs (empty without --turns):
+            prompt_tokens, gen_tokens, turns,
+            turn_prompt_tokens          the whole prompt at each turn (history included), mean over repetitions
+            cached_tokens               of which the kept KV cache held, mean (0 with --no-cache-reuse)
+            ttft_ms                     per turn: {mean, std, min, max, n, values}
+            ttft_growth                 turn N's TTFT / turn 1's, per repetition: {mean, std, ...}
         quality                     {perplexity, perplexity_tokens, kl_divergence, top1, agreement,
                                      agreement_tokens, agreement_prompts, notes}:
             perplexity              of the shipped text (perplexity_tokens ids), teacher-forced
@@ -40,9 +48,7 @@ Layout of a report (every key always present; figures are null where not measure
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import platform
@@ -50,7 +56,6 @@ import time
 from pathlib import Path
 
 from phi3cli import __version__
-from phi3cli.context import LONG_CONTEXT, fmt_memory
 from phi3cli.errors import Phi3Error
 from phi3cli.sources import ModelSource
 from phi3cli.util import package_versions
@@ -68,6 +73,8 @@ SETTINGS_KEYS = (
     "timeout_s",
     "quality",
     "quality_tokens",
+    "turns",
+    "cache_reuse",
     "greedy",
     "ignore_eos",
     "reference",
@@ -90,6 +97,7 @@ RESULT_KEYS = (
     "wall_s",
     "versions",
     "runs",
+    "multi_turn",
     "quality",
 )
 RUN_KEYS = (
@@ -101,6 +109,15 @@ RUN_KEYS = (
     "tpot_ms",
     "decode_tps",
     "e2e_tps",
+)
+MULTI_TURN_KEYS = (
+    "prompt_tokens",
+    "gen_tokens",
+    "turns",
+    "turn_prompt_tokens",
+    "cached_tokens",
+    "ttft_ms",
+    "ttft_growth",
 )
 FIGURE_KEYS = ("mean", "std", "min", "max", "n", "values")
 QUALITY_KEYS = (
@@ -114,10 +131,11 @@ QUALITY_KEYS = (
     "notes",
 )
 
+
 def empty_row(config) -> dict:
     """A result row with every key present and nothing measured."""
     row = dict.fromkeys(RESULT_KEYS)
-    row.update(backend=config.backend, device=config.device, format=config.format, runs=[], versions={})
+    row.update(backend=config.backend, device=config.device, format=config.format, runs=[], multi_turn=[], versions={})
     row["quality"] = {**dict.fromkeys(QUALITY_KEYS), "notes": []}
     return row
 
@@ -205,6 +223,10 @@ def load_report(path: Path) -> dict:
     missing = [k for k in REPORT_KEYS if k not in data]
     if missing:
         raise Phi3Error(f"{path} lacks {', '.join(missing)}; it is not a complete bench report.")
+    # Written before the multi-turn test existed: none was run.
+    data["settings"].setdefault("turns", 0)
+    for row in data["results"]:
+        row.setdefault("multi_turn", [])
     return data
 
 
@@ -219,183 +241,3 @@ def measured_rows(report: dict):
 def run_label(run: dict) -> str:
     """llama-bench's name for a measurement: prompt processing + token generation."""
     return f"pp{run['prompt_tokens']}+tg{run['gen_tokens']}"
-
-
-def to_json(report: dict) -> str:
-    return json.dumps(report, indent=2) + "\n"
-
-
-CSV_COLUMNS = (
-    "backend",
-    "device",
-    "format",
-    "status",
-    "reason",
-    "executed_device",
-    "test",
-    "prompt_tokens",
-    "gen_tokens",
-    "tokens_counted",
-    *(f"{name}_{part}" for name in RUN_KEYS[3:] for part in ("mean", "std")),
-    "load_cold_s",
-    "load_warm_s",
-    "peak_rss_bytes",
-    "size_bytes",
-    "context_length",
-    "kv_cache_bytes",
-    "perplexity",
-    "kl_divergence",
-    "top1",
-    "agreement",
-    "threads",
-    "repetitions",
-    "warmup",
-    "model",
-    "cpu",
-    "cores_physical",
-    "memory_bytes",
-    "os",
-    "runtime_versions",
-    "created",
-)
-
-
-def to_csv(report: dict) -> str:
-    """One line per configuration and prompt length (skipped and failed configurations included).
-
-    Machine, settings and versions repeat on each line, so the file stands alone.
-    """
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    machine, settings = report["machine"], report["settings"]
-    for row in report["results"]:
-        base = {k: row[k] for k in ("backend", "device", "format", "status", "reason", "executed_device")}
-        base.update(
-            load_cold_s=row["load_cold_s"],
-            load_warm_s=row["load_warm_s"],
-            peak_rss_bytes=row["peak_rss_bytes"],
-            size_bytes=row["size_bytes"],
-            context_length=row.get("context_length"),
-            kv_cache_bytes=row.get("kv_cache_bytes"),
-            perplexity=row["quality"]["perplexity"],
-            kl_divergence=row["quality"].get("kl_divergence"),
-            top1=row["quality"].get("top1"),
-            agreement=row["quality"]["agreement"],
-            threads=settings["threads"] or "auto",
-            repetitions=settings["repetitions"],
-            warmup=settings["warmup"],
-            model=report["model"]["spec"],
-            cpu=machine["cpu"],
-            cores_physical=machine["cores_physical"],
-            memory_bytes=machine["memory_bytes"],
-            os=machine["os"],
-            runtime_versions=" ".join(f"{k}={v}" for k, v in (row["versions"] or {}).items()),
-            created=report["created"],
-        )
-        for run in row["runs"] or [None]:
-            line = dict(base)
-            if run:
-                line.update(
-                    test=run_label(run),
-                    prompt_tokens=run["prompt_tokens"],
-                    gen_tokens=run["gen_tokens"],
-                    tokens_counted=" ".join(map(str, run["tokens_counted"])),
-                )
-                for name in RUN_KEYS[3:]:
-                    line[f"{name}_mean"], line[f"{name}_std"] = run[name]["mean"], run[name]["std"]
-            writer.writerow(line)
-    return out.getvalue()
-
-
-def fmt_figure(figure: dict | None, digits: int = 1) -> str:
-    if not figure or figure.get("mean") is None:
-        return ""
-    return f"{figure['mean']:.{digits}f} ± {figure['std']:.{digits}f}"
-
-
-def fmt_bytes(value: int | None) -> str:
-    return f"{value / 1e6:.0f} MB" if value else ""
-
-
-def fmt_context(row: dict, separator: str = " ") -> str:
-    """The context window in tokens, and for a long one the fp16 KV cache that fills it."""
-    context, kv = row.get("context_length"), row.get("kv_cache_bytes")
-    if not context:
-        return ""
-    return f"{context}{separator}(KV {fmt_memory(kv)})" if kv and context > LONG_CONTEXT else str(context)
-
-
-def fmt_agreement(quality: dict) -> str:
-    return f"{100 * quality['agreement']:.1f}" if quality.get("agreement") is not None else "n/a"
-
-
-def fmt_perplexity(quality: dict) -> str:
-    return f"{quality['perplexity']:.2f}" if quality.get("perplexity") is not None else "n/a"
-
-
-def fmt_divergence(quality: dict) -> str:
-    return f"{quality['kl_divergence']:.4f}" if quality.get("kl_divergence") is not None else "n/a"
-
-
-def fmt_top1(quality: dict) -> str:
-    return f"{100 * quality['top1']:.1f}" if quality.get("top1") is not None else "n/a"
-
-
-def to_markdown(report: dict) -> str:
-    """A self-contained Markdown page: the table, the machine, the versions and the exact settings."""
-    s, m = report["settings"], report["machine"]
-    lines = [
-        f"# phi3 bench: {report['model']['spec']}",
-        "",
-        *(
-            [f"**Timing only: {report['model']['timing_only']}** (answers and quality mean nothing).", ""]
-            if report["model"].get("timing_only")
-            else []
-        ),
-        f"{report['created']} · {m['cpu']}, {m['cores_physical']} physical / {m['cores_logical']} logical cores, "
-        f"{(m['memory_bytes'] or 0) / 2**30:.0f} GiB, {m['os']}, Python {m['python']}",
-        "",
-        f"Settings: prompt tokens {', '.join(map(str, s['prompt_tokens']))}; {s['gen_tokens']} generated tokens "
-        f"(eos ignored, greedy); {s['warmup']} warm-up + {s['repetitions']} repetitions; threads "
-        f"{s['threads'] or 'runtime default'}. Quality against {s['reference']}, teacher-forced on a fixed text: "
-        "perplexity, mean KL divergence of the next-token distributions (nats) and top-1 agreement; free-running "
-        f"agreement over the first {s['quality_tokens']} greedy tokens of fixed prompts (a weaker signal). "
-        "Figures are mean ± standard deviation.",
-        "",
-        "| device | backend | format | test | TTFT ms | prefill tok/s | TPOT ms | decode tok/s | e2e tok/s "
-        "| load cold/warm s | peak RSS | size | context | perplexity | KL divergence | top-1 % | free-run agreement % | note |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
-    ]
-    for row in report["results"]:
-        quality = row["quality"]
-        load = (
-            f"{row['load_cold_s']:.2f} / {row['load_warm_s']:.2f}"
-            if row["load_cold_s"] is not None and row["load_warm_s"] is not None
-            else ""
-        )
-        note = (row["reason"] or "").replace("|", "/")
-        device = row["device"] + (f" ({row['executed_device']})" if row["executed_device"] else "")
-        for run in row["runs"] or [None]:
-            cells = [device, row["backend"], row["format"], run_label(run) if run else row["status"]]
-            if run:
-                cells += [
-                    fmt_figure(run["ttft_ms"]),
-                    fmt_figure(run["prefill_tps"]),
-                    fmt_figure(run["tpot_ms"], 2),
-                    fmt_figure(run["decode_tps"]),
-                    fmt_figure(run["e2e_tps"]),
-                    load,
-                    fmt_bytes(row["peak_rss_bytes"]),
-                    fmt_bytes(row["size_bytes"]),
-                    fmt_context(row),
-                    fmt_perplexity(quality),
-                    fmt_divergence(quality),
-                    fmt_top1(quality),
-                    fmt_agreement(quality),
-                ]
-            else:
-                cells += [""] * 13
-            lines.append("| " + " | ".join(cells + [note]) + " |")
-    lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
-    return "\n".join(lines)

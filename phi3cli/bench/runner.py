@@ -31,6 +31,7 @@ from .measure import Job, step_count
 from .quality import agreement, agreement_prompts
 from .report import build_report, empty_row
 from .stats import summarize
+from .turns import multi_turn_figures
 from .worker import PROGRESS_PREFIX
 
 FIGURES = ("ttft_ms", "prefill_tps", "tpot_ms", "decode_tps", "e2e_tps")
@@ -119,6 +120,8 @@ def _job(model: str, config: Configuration, settings: BenchSettings, *, measure_
         quality=settings.quality,
         quality_tokens=settings.quality_tokens,
         reference=config.is_reference,
+        turns=settings.turns,
+        cache_reuse=settings.cache_reuse,
     )
 
 
@@ -142,8 +145,16 @@ def _row_from(config: Configuration, result: dict, settings: BenchSettings) -> d
                 **{name: summarize([r[name] for r in reps]) for name in FIGURES},
             }
         )
+    row["multi_turn"] = [multi_turn_figures(test) for test in result.get("multi_turn", [])]
     short = [
         f"{n} of {run['gen_tokens']}" for run in row["runs"] for n in run["tokens_counted"] if n != run["gen_tokens"]
+    ]
+    short += [
+        f"{turn['tokens']} of {test['gen_tokens']}"
+        for test in result.get("multi_turn", [])
+        for rep in test["reps"]
+        for turn in rep
+        if turn["tokens"] != test["gen_tokens"]
     ]
     if short:
         row.update(
@@ -198,7 +209,9 @@ def run_bench(
         if reference is None:
             reference_note = "no reference: no backend is registered as the full-precision reference"
         elif source.runtime and source.runtime != reference.backend:
-            reference_note = f"no reference: the model is a {source.runtime} folder, which {reference.backend} cannot run"
+            reference_note = (
+                f"no reference: the model is a {source.runtime} folder, which {reference.backend} cannot run"
+            )
         elif reason := spec.missing():
             reference_note = f"no reference: {reason}"
         else:

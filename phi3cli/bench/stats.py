@@ -15,3 +15,9 @@ def summarize(values: Sequence[float]) -> dict:
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n, "values": values}
+
+
+def fmt_figure(figure: dict | None, digits: int = 1) -> str:
+    if not figure or figure.get("mean") is None:
+        return ""
+    return f"{figure['mean']:.{digits}f} ± {figure['std']:.{digits}f}"

@@ -18,6 +18,7 @@ from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import (
     AllowFallbackOpt,
     BackendOpt,
+    CacheReuseOpt,
     DeviceChoice,
     DeviceOpt,
     FormatOpt,
@@ -30,7 +31,7 @@ from phi3cli.cli.options import (
     TrustRemoteCodeOpt,
     openvino_options,
 )
-from phi3cli.cli.render import RichProgress, err_console, stats_line
+from phi3cli.cli.render import RichProgress, err_console, stats_line, trim_notice
 from phi3cli.errors import (
     BackendUnavailableError,
     DeviceUnavailableError,
@@ -42,7 +43,7 @@ from phi3cli.errors import (
 )
 
 if TYPE_CHECKING:  # imported where used, so `phi3 --help` does not load the core
-    from phi3cli.chat import ChatSession, HistoryTrimmed
+    from phi3cli.chat import ChatSession
     from phi3cli.sessions import SavedSession
 
 HELP = """\
@@ -112,6 +113,7 @@ def chat(
     min_response_len: MinResponseLenOpt = None,
     npu_hint: NpuHintOpt = None,
     inference_precision: InferencePrecisionOpt = None,
+    cache_reuse: CacheReuseOpt = True,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -189,6 +191,7 @@ def chat(
                 trust_remote_code=trust_remote_code,
                 allow_fallback=allow_fallback,
                 options=openvino_options(max_prompt_len, min_response_len, npu_hint, inference_precision),
+                cache_reuse=cache_reuse and prompt is None,  # one answer: no next turn to reuse it
                 progress=progress,
             )
     except (ModelNotFoundError, OfflineError, UnsupportedModelError) as exc:
@@ -252,26 +255,13 @@ def _answer_once(state: _ChatState, prompt: str) -> None:
             out.write(event.text)
             out.flush()
         elif isinstance(event, HistoryTrimmed):
-            err_console.print(f"[yellow]{_trim_notice(event, session)}[/]")
+            err_console.print(f"[yellow]{trim_notice(event, session)}[/]")
         elif isinstance(event, ReplyStats):
             out.write("\n")
             out.flush()
             err_console.print(f"[dim]{stats_line(event)}[/]")
     if state.autosave:
         err_console.print(f"[dim]Saved {len(session.messages)} messages to {escape(str(state.save()))}.[/]")
-
-
-def _trim_notice(event: HistoryTrimmed, session: ChatSession) -> str:
-    from phi3cli.generation import prompt_budget
-
-    model = session.model
-    limit = prompt_budget(model)
-    why = (
-        f"the prompt limit of {limit} tokens (the device's static prompt length)"
-        if model.max_prompt_tokens and limit == model.max_prompt_tokens
-        else f"the {model.context_length}-token context with room for the reply"
-    )
-    return f"Dropped the {event.messages} oldest messages to fit {why}; the prompt is now {event.prompt_tokens} tokens."
 
 
 def _read_message(console: Console) -> str:
@@ -333,7 +323,7 @@ def _stream(session: ChatSession, text: str, console: Console) -> None:
                     answer += event.text
                     console.out(event.text, end="", highlight=False)
                 elif isinstance(event, HistoryTrimmed):
-                    console.print(f"[yellow]{_trim_notice(event, session)}[/]")
+                    console.print(f"[yellow]{trim_notice(event, session)}[/]")
         except KeyboardInterrupt:
             console.print(("\n" if answer and not answer.endswith("\n") else "") + "[dim]\\[stopped][/]")
             return

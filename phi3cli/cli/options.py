@@ -126,3 +126,13 @@ def openvino_options(
         "inference_precision": inference_precision.value if inference_precision else None,
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+CacheReuseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cache-reuse/--no-cache-reuse",
+        help="Keep the model's KV cache between turns where its runtime can, so each turn reads only what the "
+        "conversation gained. --no-cache-reuse reads the whole conversation every turn.",
+    ),
+]

@@ -80,5 +80,23 @@ def stats_line(stats: ReplyStats) -> str:
     return (
         f"{stats.backend} on {stats.executed_device} · TTFT {stats.ttft_s * 1000:.0f} ms · "
         f"{stats.decode_tps:.1f} tok/s · {stats.generated_tokens} tokens "
-        f"({stats.prompt_tokens} prompt) · {stats.finish_reason}"
+        f"({stats.prompt_tokens} prompt{f', {stats.cached_tokens} cached' if stats.cached_tokens else ''}) · "
+        f"{stats.finish_reason}"
     )
+
+
+def trim_notice(event, session) -> str:
+    """The notice shown when a chat's oldest messages were dropped to fit."""
+    from phi3cli.generation import prompt_budget
+
+    model = session.model
+    limit = prompt_budget(model)
+    why = (
+        f"the prompt limit of {limit} tokens (the device's static prompt length)"
+        if model.max_prompt_tokens and limit == model.max_prompt_tokens
+        else f"the {model.context_length}-token context with room for the reply"
+    )
+    notice = f"Dropped the {event.messages} oldest messages to fit {why}; the prompt is now {event.prompt_tokens} tokens"
+    if model.prompt_cache and model.prompt_cache.enabled:
+        notice += ", read again past the system prompt (the kept cache began with the dropped messages)"
+    return notice + "."

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest, OutputConstraint, RawToken
+from phi3cli.backends.base import (
+    GenerationSettings,
+    LoadedModel,
+    LoadRequest,
+    OutputConstraint,
+    PromptCache,
+    RawToken,
+)
 from phi3cli.backends.onnx.folder import read_genai_config
 from phi3cli.backends.onnx.providers import (
     EXECUTED,
@@ -24,6 +31,10 @@ from phi3cli.errors import ConstraintError, ContextOverflowError, UnsupportedMod
 from phi3cli.progress import Progress
 from phi3cli.templates import load_chat_template
 from phi3cli.util import first_line, log_softmax
+
+# A kept Generator allocates its KV cache for max_length tokens up front (past_present_share_buffer): it is sized
+# for twice what the first turn needs, at least this many tokens and at most the context, and rebuilt if outgrown.
+KEPT_CAPACITY = 2048
 
 
 def closed_objects(schema):
@@ -51,7 +62,7 @@ def guidance_schema(constraint: OutputConstraint) -> str:
 class OnnxModel(LoadedModel):
     backend = "onnx"
 
-    def __init__(self, path: Path, model, fmt: str, device: str, genai: dict):
+    def __init__(self, path: Path, model, fmt: str, device: str, genai: dict, reuse: bool = False):
         self.path, self.model, self.format, self.device = path, model, fmt, device
         self.tokenizer = og.Tokenizer(model)
         with contextlib.suppress(Exception):  # the chat template writes the special tokens itself
@@ -59,6 +70,13 @@ class OnnxModel(LoadedModel):
         self.executed_device = EXECUTED.get(model.device_type, model.device_type)
         self.context_length = int(genai["model"]["context_length"])
         self.chat_template = load_chat_template(path)
+        # ONNX Runtime computes a token read alone (decoding) slightly differently from one read in a prefill of
+        # two or more: the cache keeps only prompts, so each answer is read again with the next prompt, and every
+        # prefill reads at least two tokens. Then the next answer is the one a full prefill gives, to the bit.
+        # Only the CPU is kept: ONNX Runtime GenAI does not continue a Generator on DirectML.
+        self.prompt_cache = PromptCache(enabled=reuse and model.device_type == "CPU", min_prefill=2)
+        self._generator = None  # kept between generates, with the search options and capacity it was made for
+        self._generator_for: tuple = ()
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
@@ -87,22 +105,62 @@ class OnnxModel(LoadedModel):
         return None
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
-        params = self._params(len(prompt_ids) + settings.max_new_tokens, settings)
+        cache = self.prompt_cache
+        reuse = cache.enabled and settings.constraint is None  # a grammar's state is not rewound with the tokens
+        generator = self._generator_for_turn(len(prompt_ids) + settings.max_new_tokens, settings, reuse)
+        keep = cache.keep(prompt_ids) if reuse else 0
+        if not reuse:
+            cache.reused = 0
+        stream = self.tokenizer.create_stream()
+        produced = 0
         try:
-            generator = og.Generator(self.model, params)
+            if keep < len(generator.get_sequence(0)):
+                generator.rewind_to(keep)  # what follows the common prefix: an older turn, or the last answer
+            cache.hold(prompt_ids[:keep])
+            generator.append_tokens(prompt_ids[keep:])  # the prefill: inside the iterator, so it counts in TTFT
+            cache.hold(prompt_ids)
+            while produced < settings.max_new_tokens and not generator.is_done():
+                generator.generate_next_token()
+                token_id = int(generator.get_next_tokens()[0])
+                produced += 1
+                yield RawToken(stream.decode(token_id), token_id=token_id)
+        except Exception:
+            self._drop_generator()  # the runtime failed mid-call: its state is unknown (Ctrl-C or close keep it)
+            raise
+        finally:
+            if not reuse:
+                self._drop_generator()
+
+    def _generator_for_turn(self, needed: int, settings: GenerationSettings, reuse: bool):
+        """The kept Generator when it fits this turn and its search options; else a new one (an empty cache)."""
+        options = self._search_options(settings)
+        if reuse and self._generator is not None:
+            kept_options, capacity = self._generator_for
+            if kept_options == options and needed <= capacity:
+                return self._generator
+        self._drop_generator()
+        capacity = min(self.context_length, max(2 * needed, KEPT_CAPACITY)) if reuse else needed
+        try:
+            self._generator = og.Generator(self.model, self._params(capacity, settings))
         except RuntimeError as exc:
             if settings.constraint is None:
                 raise
-            raise ConstraintError(f"ONNX Runtime GenAI's grammar engine (llguidance) refused the schema: {first_line(exc)}") from exc
-        stream = self.tokenizer.create_stream()
-        try:
-            generator.append_tokens(prompt_ids)  # the prefill: inside the iterator, so it counts in TTFT
-            while not generator.is_done():
-                generator.generate_next_token()
-                token_id = int(generator.get_next_tokens()[0])
-                yield RawToken(stream.decode(token_id), token_id=token_id)
-        finally:
-            del generator
+            raise ConstraintError(
+                f"ONNX Runtime GenAI's grammar engine (llguidance) refused the schema: {first_line(exc)}"
+            ) from exc
+        self._generator_for = (options, capacity)
+        return self._generator
+
+    @staticmethod
+    def _search_options(settings: GenerationSettings) -> tuple:
+        if settings.greedy:
+            return ("greedy", settings.ignore_eos)
+        return (settings.temperature, settings.top_p, settings.top_k, settings.seed, settings.ignore_eos)
+
+    def _drop_generator(self) -> None:
+        self._generator = None
+        self._generator_for = ()
+        self.prompt_cache.hold([])
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         if len(ids) >= self.context_length:
@@ -117,6 +175,7 @@ class OnnxModel(LoadedModel):
         return log_softmax(logits[:-1])
 
     def close(self) -> None:
+        self._drop_generator()
         self.tokenizer = self.model = None
 
 
@@ -139,4 +198,4 @@ def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress
             f"ONNX Runtime GenAI cannot load {folder}: {first_line(exc)}",
             hint="Check its genai_config.json, or rebuild it with `phi3 convert MODEL --to onnx`.",
         ) from exc
-    return OnnxModel(folder, model, fmt, request.device, genai)
+    return OnnxModel(folder, model, fmt, request.device, genai, reuse=request.cache_reuse)

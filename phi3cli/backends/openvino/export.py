@@ -202,5 +202,3 @@ def _tokenizer_error(hf_dir: Path, exc: BaseException) -> ConversionError:
         "OpenVINO GenAI needs openvino_tokenizer.xml and openvino_detokenizer.xml to run the model.",
         hint="Convert with --to onnx, or run the original model with --backend torch.",
     )
-
-

@@ -91,5 +91,3 @@ def context_length(folder: Path) -> int:
         return int(config.get("max_position_embeddings") or config.get("n_positions") or 4096)
     except (OSError, ValueError, TypeError):
         return 4096
-
-

@@ -148,5 +148,3 @@ def describe_recipe(settings: dict[str, Any] | None) -> str:
     group = "channel-wise" if settings["group_size"] == -1 else f"group {settings['group_size']}"
     awq = ", AWQ" if settings.get("quant_method") == "awq" else ""
     return f"int4 {'sym' if settings['sym'] else 'asym'}, {group}, ratio {settings['ratio']:g}{awq}"
-
-

@@ -1,4 +1,13 @@
-"""Running an IR: OpenVINO GenAI's LLMPipeline with phi3's own prompt ids, streaming one RawToken per token."""
+"""Running an IR: OpenVINO GenAI's LLMPipeline with phi3's own prompt ids, streaming one RawToken per token.
+
+Keeping the KV cache between generates: the stateful pipeline keeps its state only in its chat mode. Fed token ids
+there, it appends each input and each answer to a tokenized history of its own, and before each prefill it trims
+its KV state to the first difference between that history and what the state holds, so it prefills only the rest.
+phi3 still renders every prompt itself: it mirrors that history, passes only what the new prompt adds to it, and
+starts the chat afresh whenever the prompt does not extend it (a trimmed or reset history, another system prompt,
+an answer that tokenizes differently when read back). An answer cancelled by the streamer is dropped from the
+history by GenAI, so the next prompt is compared with the history before it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ import random
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +32,13 @@ from phi3cli.backends.base import (
     IncrementalDecoder,
     LoadedModel,
     LoadRequest,
+    PromptCache,
     RawToken,
+    common_prefix_length,
     pull_from_push,
 )
 from phi3cli.backends.openvino.ir import context_length
+from phi3cli.backends.openvino.kvcache import decode_properties, kv_cache_properties
 from phi3cli.errors import ConstraintError, DeviceUnavailableError, Phi3Error
 from phi3cli.progress import Progress
 from phi3cli.templates import ChatTemplate, load_chat_template
@@ -40,7 +53,6 @@ NPU_OPTIONS = {
     "prefill_hint": ("PREFILL_HINT", None),  # None: the plugin's default (DYNAMIC)
 }
 PRECISIONS = ("auto", "f32", "bf16", "f16")
-CPU_DECODE_PROPERTIES = {"KV_CACHE_PRECISION": "f16"}  # see decode_properties
 
 
 def ov_device_for(device: str, available: list[str]) -> str:
@@ -102,16 +114,6 @@ def attention_properties(device: str, options: dict[str, Any]) -> dict[str, Any]
     return {} if value == "auto" else {"ATTENTION_BACKEND": value.upper()}
 
 
-def decode_properties(device: str) -> dict[str, Any]:
-    """What makes one conversation decode faster on the CPU: the KV cache in f16 rather than OpenVINO's u8.
-
-    Measured with scripts/bench_peers.py on Phi-3-mini's widths (README, performance): quantizing and
-    dequantizing the u8 cache costs more per token than the bytes it saves at chat lengths. The continuous-batching
-    pipeline keeps u8 (many sequences share its pool, which is sized for u8).
-    """
-    return dict(CPU_DECODE_PROPERTIES) if device == "cpu" else {}
-
-
 def compile_properties(request: LoadRequest) -> dict[str, Any]:
     """What every pipeline of this backend is compiled with: the cache folder, threads and precision."""
     properties: dict[str, Any] = {}
@@ -165,12 +167,17 @@ class _TokenStreamer(ov_genai.StreamerBase):
     def __init__(self, decoder: IncrementalDecoder, emit: Callable[[RawToken], bool]):
         super().__init__()
         self._decoder, self._emit = decoder, emit
+        self.ids: list[int] = []  # every id GenAI wrote
+        self.cancelled = False  # whether we answered CANCEL (GenAI then drops the turn from its chat history)
 
     def write(self, token) -> ov_genai.StreamingStatus:
         status = ov_genai.StreamingStatus.RUNNING
         for token_id in [token] if isinstance(token, int) else token:
+            self.ids.append(token_id)
             if not self._emit(RawToken(self._decoder.push(token_id), token_id=token_id)):
                 status = ov_genai.StreamingStatus.CANCEL
+        if status == ov_genai.StreamingStatus.CANCEL:
+            self.cancelled = True
         return status
 
     def end(self) -> None:
@@ -205,7 +212,9 @@ def grammar_errors(settings: GenerationSettings) -> Iterator[None]:
     except RuntimeError as exc:
         if settings.constraint is None:
             raise
-        raise ConstraintError(f"OpenVINO GenAI's grammar engine (XGrammar) refused the schema: {engine_reason(exc)}") from exc
+        raise ConstraintError(
+            f"OpenVINO GenAI's grammar engine (XGrammar) refused the schema: {engine_reason(exc)}"
+        ) from exc
 
 
 def engine_reason(exc: BaseException) -> str:
@@ -218,7 +227,17 @@ def engine_reason(exc: BaseException) -> str:
 class OpenVINOModel(LoadedModel):
     backend = "openvino"
 
-    def __init__(self, path: Path, pipe, fmt: str, device: str, executed: str, context: int, prompt_limit: int | None):
+    def __init__(
+        self,
+        path: Path,
+        pipe,
+        fmt: str,
+        device: str,
+        executed: str,
+        context: int,
+        prompt_limit: int | None,
+        reuse: bool = False,
+    ):
         self.path, self.pipe, self.format, self.device = path, pipe, fmt, device
         self.executed_device = executed
         self.context_length = context
@@ -228,6 +247,10 @@ class OpenVINOModel(LoadedModel):
         self.last_perf = None  # openvino_genai.PerfMetrics of the last generate, for cross-checking our timings
         self.scorer_properties: dict[str, Any] = {}  # how token_logprobs compiles the IR (on the CPU)
         self._scorer = None
+        # What the KV state may hold (a superset: the last token written may be unread), and GenAI's tokenized
+        # chat history as phi3 mirrors it (None outside the chat mode).
+        self.prompt_cache = PromptCache(enabled=reuse and hasattr(pipe, "start_chat"))
+        self._history: list[int] | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0].tolist()
@@ -250,15 +273,56 @@ class OpenVINOModel(LoadedModel):
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         config = self.generation_config(settings)
-        inputs = ov.Tensor(np.array([prompt_ids], dtype=np.int64))
         decoder = IncrementalDecoder(self.decode, self.decode_pair)
 
         def produce(emit: Callable[[RawToken], bool]) -> None:
-            with grammar_errors(settings):
-                result = self.pipe.generate(inputs, config, _TokenStreamer(decoder, emit))
+            fed = self._chat_input(prompt_ids, settings)
+            streamer = _TokenStreamer(decoder, emit)
+            try:
+                with grammar_errors(settings):
+                    result = self.pipe.generate(ov.Tensor(np.array([fed], dtype=np.int64)), config, streamer)
+            except BaseException:
+                self._leave_chat()  # GenAI's state after a failure is unknown
+                raise
             self.last_perf = result.perf_metrics
+            if self._history is not None:
+                self._chat_turn_done(prompt_ids, list(result.tokens[0]), streamer)
 
         return pull_from_push(produce)
+
+    def _chat_input(self, prompt_ids: list[int], settings: GenerationSettings) -> list[int]:
+        """The ids to pass GenAI: all of them outside the chat mode, else what the prompt adds to its history."""
+        cache = self.prompt_cache
+        cache.reused = 0
+        if not cache.enabled or settings.constraint is not None:  # a constrained answer is read afresh
+            self._leave_chat()
+            return prompt_ids
+        history = self._history
+        extends = history is not None and len(prompt_ids) > len(history) and prompt_ids[: len(history)] == history
+        # GenAI needs at least one token to read: a prompt the state already holds whole is read afresh.
+        whole = common_prefix_length(cache.ids, prompt_ids) >= len(prompt_ids)
+        if not extends or whole or not cache.keep(prompt_ids):
+            self._leave_chat()
+            with warnings.catch_warnings():  # deprecated in 2026.4; the ChatHistory that replaces it takes text only
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.pipe.start_chat()
+            self._history = history = []
+        return prompt_ids[len(history) :]
+
+    def _chat_turn_done(self, prompt_ids: list[int], answer: list[int], streamer: _TokenStreamer) -> None:
+        self.prompt_cache.hold(prompt_ids + streamer.ids)
+        # What GenAI prefilled is the part of the prompt it did not find in its state.
+        self.prompt_cache.reused = len(prompt_ids) - int(self.last_perf.get_num_input_tokens())
+        if not streamer.cancelled:
+            self._history = prompt_ids + answer
+
+    def _leave_chat(self) -> None:
+        if self._history is not None and self.pipe is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.pipe.finish_chat()  # drops GenAI's history and KV state
+        self._history = None
+        self.prompt_cache.hold([])
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         """One forward pass of the IR over ids with a fresh KV state (compiled on first use, on the CPU)."""
@@ -279,6 +343,7 @@ class OpenVINOModel(LoadedModel):
         return log_softmax(request.infer({k: v for k, v in inputs.items() if k in names})["logits"][0, :-1])
 
     def close(self) -> None:
+        self._leave_chat()
         self.pipe = None
         self._scorer = None
 
@@ -300,6 +365,7 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
     properties = compile_properties(request)
     properties.update(attention_properties(request.device, request.options))
     properties.update(decode_properties(request.device))
+    properties.update(kv_cache_properties(request.options))
     context = context_length(folder)
     prompt_limit = None
     ignored = [f"--{o.replace('_', '-')}" for o in NPU_OPTIONS if o in request.options and request.device != "npu"]
@@ -322,7 +388,10 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
             hint="Run again with --debug for OpenVINO's full message.",
         ) from exc
     executed = execution_devices(log) or device
-    model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit)
+    # Kept on the CPU's stateful pipeline only: the NPU's static shapes, the GPU and continuous batching
+    # (attention_backend "pa") have not been checked here; they read the whole conversation every turn.
+    reuse = request.cache_reuse and request.device == "cpu" and properties.get("ATTENTION_BACKEND") == "SDPA"
+    model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit, reuse=reuse)
     scorer = {"CACHE_DIR": properties["CACHE_DIR"]} if "CACHE_DIR" in properties else {}
     model.scorer_properties = {**scorer, **precision_properties("cpu", request.options)}
     return model

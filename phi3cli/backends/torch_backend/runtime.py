@@ -16,6 +16,7 @@ from phi3cli.backends.base import (
     IncrementalDecoder,
     LoadedModel,
     LoadRequest,
+    PromptCache,
     RawToken,
     pull_from_push,
 )
@@ -31,12 +32,14 @@ class _Streamer(BaseStreamer):
     def __init__(self, decoder: IncrementalDecoder, emit: Callable[[RawToken], bool], stop: list[bool]):
         self._decoder, self._emit, self._stop = decoder, emit, stop
         self._prompt_seen = False
+        self.ids: list[int] = []  # every generated id
 
     def put(self, value):
         if not self._prompt_seen:  # generate() first puts the prompt
             self._prompt_seen = True
             return
         for token_id in value.reshape(-1).tolist():
+            self.ids.append(token_id)
             if not self._emit(RawToken(self._decoder.push(token_id), token_id=token_id)):
                 self._stop[0] = True
 
@@ -53,9 +56,19 @@ class _StopWhenAsked(StoppingCriteria):
 
 
 def transformers_generate(
-    model, tokenizer, eos_ids: list[int], prompt_ids: list[int], settings: GenerationSettings
+    model,
+    tokenizer,
+    eos_ids: list[int],
+    prompt_ids: list[int],
+    settings: GenerationSettings,
+    past=None,
+    on_end: Callable[[list[int]], None] | None = None,
 ) -> Iterator[RawToken]:
-    """Stream model.generate() of a transformers causal LM (torch, or the NPU library's compiled one)."""
+    """Stream model.generate() of a transformers causal LM (torch, or the NPU library's compiled one).
+
+    past: a Cache already holding the keys and values of a prefix of prompt_ids (generate() reads only the rest and
+    extends it); on_end receives the generated ids once generate() has returned.
+    """
     decoder = IncrementalDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     kwargs = dict(
         max_new_tokens=settings.max_new_tokens,
@@ -74,14 +87,19 @@ def transformers_generate(
         stop = [False]
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
+        streamer = _Streamer(decoder, emit, stop)
+        if past is not None:
+            kwargs["past_key_values"] = past
         with torch.inference_mode():
             model.generate(
                 input_ids=torch.tensor([prompt_ids]),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                streamer=_Streamer(decoder, emit, stop),
+                streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([_StopWhenAsked(stop)]),
                 **kwargs,
             )
+        if on_end is not None:
+            on_end(streamer.ids)
 
     return pull_from_push(produce)
 
@@ -97,7 +115,7 @@ class TorchModel(LoadedModel):
     backend = "torch"
     serial_reason = "transformers' generate() here runs one request at a time"
 
-    def __init__(self, path: Path, model, tokenizer, fmt: str, device: str):
+    def __init__(self, path: Path, model, tokenizer, fmt: str, device: str, reuse: bool = False):
         self.path, self.model, self.tokenizer, self.format = path, model, tokenizer, fmt
         self.device = device
         self.executed_device = str(next(model.parameters()).device).upper()
@@ -105,17 +123,41 @@ class TorchModel(LoadedModel):
         self.chat_template = load_chat_template(path)
         eos = model.generation_config.eos_token_id
         self.eos_ids = eos if isinstance(eos, list) else [eos]
+        self.prompt_cache = PromptCache(enabled=reuse)
+        self._past = None  # a DynamicCache holding prompt_cache.ids
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
-        return transformers_generate(self.model, self.tokenizer, self.eos_ids, prompt_ids, settings)
+        cache = self.prompt_cache
+        if not cache.enabled:
+            self._past = None
+            return transformers_generate(self.model, self.tokenizer, self.eos_ids, prompt_ids, settings)
+        from transformers import DynamicCache
+
+        keep = cache.keep(prompt_ids)
+        if keep == 0 or self._past is None:
+            # Full-attention layers (no config): a sliding-window layer could not be cropped back once past its window.
+            self._past, keep, cache.reused = DynamicCache(), 0, 0
+        else:
+            self._past.crop(keep)
+        past = self._past
+        cache.hold(prompt_ids[:keep])
+
+        def held(generated: list[int]) -> None:
+            # The cache ends before the last token generated, which was never read (nor was a token after a stop).
+            cache.hold((prompt_ids + generated)[: past.get_seq_length()])
+
+        return transformers_generate(
+            self.model, self.tokenizer, self.eos_ids, prompt_ids, settings, past=past, on_end=held
+        )
 
     def next_token_logprobs(self, ids: list[int]):
         return transformers_logprobs(self.model, ids)
 
     def close(self) -> None:
+        self._past = None
         self.model = None
 
 
@@ -136,4 +178,4 @@ class TorchBackend(Backend):
             trust_remote_code=request.trust_remote_code,
             low_cpu_mem_usage=True,
         ).eval()
-        return TorchModel(folder, model, tokenizer, fmt, request.device)
+        return TorchModel(folder, model, tokenizer, fmt, request.device, reuse=request.cache_reuse)
