@@ -8,51 +8,13 @@ import json
 
 from phi3cli.context import LONG_CONTEXT, fmt_memory
 
-from .report import RUN_KEYS, run_label
+from .report import CSV_COLUMNS, RUN_KEYS, run_label
 from .stats import fmt_figure
 from .turns import multi_turn_label, multi_turn_markdown
 
 
 def to_json(report: dict) -> str:
     return json.dumps(report, indent=2) + "\n"
-
-
-CSV_COLUMNS = (
-    "backend",
-    "device",
-    "format",
-    "status",
-    "reason",
-    "executed_device",
-    "test",
-    "prompt_tokens",
-    "gen_tokens",
-    "tokens_counted",
-    *(f"{name}_{part}" for name in RUN_KEYS[3:] for part in ("mean", "std")),
-    "turn_ttft_ms",
-    "ttft_growth_mean",
-    "ttft_growth_std",
-    "load_cold_s",
-    "load_warm_s",
-    "peak_rss_bytes",
-    "size_bytes",
-    "context_length",
-    "kv_cache_bytes",
-    "perplexity",
-    "kl_divergence",
-    "top1",
-    "agreement",
-    "threads",
-    "repetitions",
-    "warmup",
-    "model",
-    "cpu",
-    "cores_physical",
-    "memory_bytes",
-    "os",
-    "runtime_versions",
-    "created",
-)
 
 
 def to_csv(report: dict) -> str:

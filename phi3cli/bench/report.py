@@ -131,6 +131,43 @@ QUALITY_KEYS = (
     "notes",
 )
 
+CSV_COLUMNS = (
+    "backend",
+    "device",
+    "format",
+    "status",
+    "reason",
+    "executed_device",
+    "test",
+    "prompt_tokens",
+    "gen_tokens",
+    "tokens_counted",
+    *(f"{name}_{part}" for name in RUN_KEYS[3:] for part in ("mean", "std")),
+    "turn_ttft_ms",
+    "ttft_growth_mean",
+    "ttft_growth_std",
+    "load_cold_s",
+    "load_warm_s",
+    "peak_rss_bytes",
+    "size_bytes",
+    "context_length",
+    "kv_cache_bytes",
+    "perplexity",
+    "kl_divergence",
+    "top1",
+    "agreement",
+    "threads",
+    "repetitions",
+    "warmup",
+    "model",
+    "cpu",
+    "cores_physical",
+    "memory_bytes",
+    "os",
+    "runtime_versions",
+    "created",
+)
+
 
 def empty_row(config) -> dict:
     """A result row with every key present and nothing measured."""
