@@ -125,7 +125,7 @@ def test_sizes_and_recipes(ov_fp16, ov_int8, ov_int4):
     import json
 
     config = json.loads((ov_int4 / "openvino_config.json").read_text())["quantization_config"]
-    assert (config["bits"], config["group_size"], config["ratio"], config["sym"]) == (4, 64, 0.6, True)
+    assert (config["bits"], config["group_size"], config["ratio"], config["sym"]) == (4, 64, 0.4, True)
 
 
 def test_tokens_decode_to_exact_text_with_multibyte_characters(fp16_model):
