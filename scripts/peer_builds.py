@@ -21,13 +21,14 @@ Everything is cached under a work folder, keyed by the recipe, written beside an
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from phi3cli.util import atomic_output
 
 LLAMA_TYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS")
 
@@ -111,19 +112,6 @@ def ort_settings(recipe: str) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def staged(final: Path):
-    """A folder beside final, renamed to it only when the block completes."""
-    partial = final.parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-        partial.rename(final)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
 def say(text: str) -> None:
     print(f"  build: {text}", flush=True)
 
@@ -158,24 +146,20 @@ def llama_gguf(hf_dir: Path, work: Path, ftype: str) -> Path:
 
 
 def ov_fp16(hf_dir: Path, work: Path) -> Path:
+    """The fp16 IR the ov: recipes compress, exported by phi3's own OpenVINO export."""
     final = work / "ov" / "fp16"
     if (final / "openvino_model.xml").is_file():
         return final
-    from optimum.exporters.openvino import main_export
-    from optimum.intel import OVConfig
+    from phi3cli.backends.openvino.export import export_ir
+    from phi3cli.progress import SilentProgress
 
-    say(f"optimum-intel exports {hf_dir.name} to an fp16 IR")
+    class Say(SilentProgress):
+        def phase(self, description: str, total=None) -> None:
+            say(description)
+
     final.parent.mkdir(parents=True, exist_ok=True)
-    with staged(final) as out:
-        main_export(
-            str(hf_dir),
-            output=out,
-            task="text-generation-with-past",
-            ov_config=OVConfig(dtype="fp16"),
-            convert_tokenizer=True,
-            library_name="transformers",
-            local_files_only=True,
-        )
+    with atomic_output(final, force=True) as out:
+        export_ir(hf_dir, out, Say())
     return final
 
 
@@ -200,7 +184,7 @@ def ov_ir(hf_dir: Path, work: Path, recipe: str) -> Path:
         all_layers=s["all_layers"],
         backup_mode=backup,
     )
-    with staged(final) as out:
+    with atomic_output(final, force=True) as out:
         ov.save_model(model, str(out / "openvino_model.xml"), compress_to_fp16=False)
         for item in src.iterdir():
             if not item.name.startswith("openvino_model."):
@@ -258,7 +242,7 @@ def ort_model(hf_dir: Path, work: Path, recipe: str) -> Path:
             options["int4_algo_config"] = "rtn_last"
         base.parent.mkdir(parents=True, exist_ok=True)
         cache = work / "ort" / ".builder-cache"
-        with staged(base) as out:
+        with atomic_output(base, force=True) as out:
             create_model(None, str(hf_dir), str(out), "int4", "cpu", str(cache), **options)
         shutil.rmtree(cache, ignore_errors=True)
     if s["acc"] == 4:
@@ -266,7 +250,7 @@ def ort_model(hf_dir: Path, work: Path, recipe: str) -> Path:
     import onnx
 
     say(f"accuracy_level {s['acc']} on the MatMulNBits of {base_recipe}")
-    with staged(final) as out:
+    with atomic_output(final, force=True) as out:
         for item in base.iterdir():
             if item.name != "model.onnx":
                 os.link(item, out / item.name)  # the weights file is shared, not copied
