@@ -343,24 +343,6 @@ def logits_ort(path: Path, ids: list[int], threads: int, chunk: int):
     return np.concatenate(out)
 
 
-def logits_llama(path: Path, ids: list[int], threads: int, chunk: int):
-    import llama_cpp
-    import numpy as np
-
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=len(ids) + 16,
-        n_batch=chunk,
-        n_ubatch=chunk,
-        n_threads=threads,
-        n_threads_batch=threads,
-        logits_all=True,
-        verbose=False,
-    )
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
 def logits_reference(path: Path, ids: list[int], threads: int):
     import torch
     from transformers import AutoModelForCausalLM
@@ -385,7 +367,9 @@ def run_logits(job: dict) -> dict:
     elif backend == "ort":
         logits = logits_ort(path, ids, threads, chunk)
     else:
-        logits = logits_llama(path, ids, threads, chunk)
+        from quant_quality import llama_logits  # scripts/ is this script's sys.path[0]
+
+        logits = llama_logits(path, ids, threads, chunk)
     np.save(job["out"], logits)
     return {"shape": list(logits.shape)}
 
