@@ -15,7 +15,7 @@ Knobs (the part of a configuration after @):
 - ov (defaults: the settings phi3 compiled with before KV_CACHE_PRECISION f16 was adopted, which phi3:openvino
   now adds): kv=u8|f16|bf16|u4|k8v4 (KV_CACHE_PRECISION; u4 sets KEY/VALUE_CACHE_PRECISION), dq=N
   (DYNAMIC_QUANTIZATION_GROUP_SIZE), prec=f32|bf16|auto (INFERENCE_PRECISION_HINT, default f32 as phi3 sets),
-  attn=sdpa|pa|auto (ATTENTION_BACKEND, default sdpa as phi3 sets), threads=N (INFERENCE_NUM_THREADS, default
+  attn=sdpa|pa|auto (ATTENTION_BACKEND, default pa as phi3 sets), threads=N (INFERENCE_NUM_THREADS, default
   --threads, 0 = unset), hint=latency|throughput (PERFORMANCE_HINT), pin=0|1 (ENABLE_CPU_PINNING),
   stream=ids|text|none (a token-id StreamerBase, a text callback, or no streamer: figures from PerfMetrics),
   raw=1 (no properties at all: OpenVINO's own defaults), kvgs=N (KEY/VALUE_CACHE_GROUP_SIZE),
@@ -65,7 +65,7 @@ def ov_properties(knobs: dict, threads: int) -> dict:
     prec = knobs.get("prec", "f32")
     if prec != "auto":
         props["INFERENCE_PRECISION_HINT"] = prec
-    attn = knobs.get("attn", "sdpa")
+    attn = knobs.get("attn", "pa")
     if attn != "auto":
         props["ATTENTION_BACKEND"] = attn.upper()
     kv = knobs.get("kv")

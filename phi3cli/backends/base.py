@@ -98,6 +98,7 @@ class PromptCache:
     enabled: bool = True  # may be turned off between generates (bench measures its one-prompt tests so)
     min_prefill: int = 1  # prompt tokens always read anew: at least the last one, whose logits give the next token
     min_reuse: int = 16  # a shorter common prefix (a chat template's opening) is read again rather than kept
+    block: int = 1  # a paged cache reuses whole blocks of this many tokens: what is kept is rounded down to them
     ids: list[int] = field(default_factory=list)  # what the cache holds, in order
     reused: int = 0  # prompt tokens the last generate took from the cache
 
@@ -105,6 +106,7 @@ class PromptCache:
         """How many leading prompt tokens to keep from the cache (0 when reuse is off); also sets reused."""
         shared = common_prefix_length(self.ids, prompt_ids) if self.enabled else 0
         shared = min(shared, len(prompt_ids) - self.min_prefill)
+        shared -= shared % self.block
         self.reused = shared if shared >= self.min_reuse else 0
         return self.reused
 

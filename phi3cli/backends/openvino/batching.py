@@ -37,6 +37,7 @@ from phi3cli.backends.base import (
 )
 from phi3cli.backends.openvino.grammar import GrammarCheck
 from phi3cli.backends.openvino.ir import context_length
+from phi3cli.backends.openvino.kvcache import BLOCK_TOKENS
 from phi3cli.backends.openvino.runtime import (
     OpenVINOModel,
     _compile_log,
@@ -51,7 +52,6 @@ from phi3cli.util import first_line
 
 log = logging.getLogger("phi3.serve")
 
-BLOCK_TOKENS = {"cpu": 32, "gpu": 16}  # tokens per KV block: the CPU and GPU plugins' block sizes
 POOL_SHARE = 0.25  # the default pool takes at most this share of the memory available at start-up
 _END = object()
 

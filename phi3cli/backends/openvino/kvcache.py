@@ -7,6 +7,7 @@ from typing import Any
 from phi3cli.errors import Phi3Error
 
 KV_PRECISIONS = ("u8", "u4", "f16", "bf16", "f32")
+BLOCK_TOKENS = {"cpu": 32, "gpu": 16}  # tokens per paged KV block: the CPU and GPU plugins' block sizes
 CPU_DECODE_PROPERTIES = {"KV_CACHE_PRECISION": "f16"}  # see decode_properties
 
 
