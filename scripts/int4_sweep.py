@@ -15,7 +15,7 @@ versions and how long the conversion took); scripts/quant_quality.py then measur
     int4_sweep.py offgrid HF_DIR OUT [--spread 0.3] # the same function, weights off any grid (channel scales)
     int4_sweep.py report RESULTS.jsonl [--replace OLD NEW]   # the markdown table of the measurements
 
---dataset calibration is scripts/data/calibration.txt, plain English written for phi3 (one sample a paragraph),
+--dataset calibration is phi3cli/backends/openvino/data/calibration.txt (phi3's default int4 uses it), plain English written for phi3 (one sample a paragraph),
 not the text the quality is measured on.
 """
 
@@ -32,7 +32,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIBRATION = ROOT / "scripts" / "data" / "calibration.txt"
+sys.path.insert(0, str(ROOT))
+from phi3cli.backends.openvino.recipe import CALIBRATION_TEXT as CALIBRATION  # noqa: E402
+from phi3cli.backends.openvino.recipe import calibration_samples  # noqa: E402
+
 SUPPORT = (
     "config.json",
     "generation_config.json",
@@ -41,11 +44,6 @@ SUPPORT = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-
-
-def calibration_samples(path: Path = CALIBRATION) -> list[str]:
-    """The calibration text, one sample per blank-line-separated paragraph."""
-    return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
 
 @contextlib.contextmanager

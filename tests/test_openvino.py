@@ -121,11 +121,12 @@ def test_sizes_and_recipes(ov_fp16, ov_int8, ov_int4):
             assert (folder / name).is_file(), name  # what templates.py and the context length read
     assert [ov_ir.ir_format(f / "openvino_model.xml") for f in (ov_fp16, ov_int8, ov_int4)] == ["fp16", "int8", "int4"]
     int4 = ov_ir.weight_summary(ov_int4 / "openvino_model.xml")
-    assert 0.2 < int4["int4"] < 0.5 and int4["int8"] > 0.5  # ratio 0.4 of the layers, the rest int8
+    assert 0.4 < int4["int4"] < 0.7 and int4["int8"] > 0.3  # ratio 0.6 of the layers, the rest int8
     import json
 
     config = json.loads((ov_int4 / "openvino_config.json").read_text())["quantization_config"]
-    assert (config["bits"], config["group_size"], config["ratio"], config["sym"]) == (4, 64, 0.4, True)
+    assert (config["bits"], config["group_size"], config["ratio"], config["sym"]) == (4, 64, 0.6, False)
+    assert config["scale_estimation"] is True  # fitted on the calibration text shipped in the package
 
 
 def test_tokens_decode_to_exact_text_with_multibyte_characters(fp16_model):
@@ -213,11 +214,15 @@ def test_quantize_fp16_ir_to_int4(ov_fp16, tmp_path, store):
 def test_group_size_falls_back_to_one_that_divides_every_width():
     config = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
     progress = SilentProgress()
-    settings = ov_recipe.resolve_recipe(ConvertRecipe(format="int4"), config, progress)
-    assert (settings["bits"], settings["group_size"], settings["ratio"], settings["sym"]) == (4, 64, 0.4, True)
+    settings = ov_recipe.resolve_recipe(ConvertRecipe(format="int4", group_size=128), config, progress)
+    assert (settings["bits"], settings["group_size"], settings["ratio"], settings["sym"]) == (4, 64, 0.6, False)
     assert "Group size 128 does not divide" in progress.notes[0] and "using 64" in progress.notes[0]
     phi3_mini = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 32}
-    assert ov_recipe.resolve_recipe(ConvertRecipe(format="int4"), phi3_mini, SilentProgress())["group_size"] == 128
+    default = ov_recipe.resolve_recipe(ConvertRecipe(format="int4"), phi3_mini, SilentProgress())
+    assert default["group_size"] == 64 and default["scale_estimation"]
+    assert default["dataset"] == ov_recipe.calibration_samples() and len(default["dataset"]) > 10
+    texts = ov_recipe.resolve_recipe(ConvertRecipe(format="int4", dataset="auto"), phi3_mini, SilentProgress())
+    assert texts["dataset"] == "auto" and texts["scale_estimation"]  # --dataset replaces the shipped text
     with pytest.raises(ConversionError, match="No int4 group size") as info:
         ov_recipe.fit_group_size(128, [577])
     assert "--group-size -1" in info.value.hint
@@ -227,6 +232,7 @@ def test_the_cookbook_recipe_stays_available_by_name():
     config = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 32}
     settings = ov_recipe.resolve_recipe(ConvertRecipe(format="int4", preset="cookbook"), config, SilentProgress())
     assert (settings["group_size"], settings["ratio"], settings["sym"]) == (128, 0.6, True)
+    assert "scale_estimation" not in settings and "dataset" not in settings  # data-free, as the Cookbook has it
     overridden = ConvertRecipe(format="int4", preset="cookbook", ratio=1.0)
     assert ov_recipe.resolve_recipe(overridden, config, SilentProgress())["ratio"] == 1.0
     assert ConvertRecipe(format="int4").canonical() != ConvertRecipe(format="int4", preset="cookbook").canonical()
