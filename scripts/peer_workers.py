@@ -300,29 +300,6 @@ def phi3_properties(job: dict, threads: int) -> dict:
 # ------------------------------------------------------------------------------------------ logits
 
 
-def logits_ov(path: Path, ids: list[int], props: dict, chunk: int):
-    import numpy as np
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path / "openvino_model.xml")), "CPU", props)
-    names = {p.get_any_name() for p in compiled.inputs}
-    request = compiled.create_infer_request()
-    request.reset_state()
-    out = []
-    for start in range(0, len(ids), chunk):
-        part = ids[start : start + chunk]
-        end = start + len(part)
-        inputs = {
-            "input_ids": np.array([part], dtype=np.int64),
-            "attention_mask": np.ones((1, end), dtype=np.int64),
-            "position_ids": np.arange(start, end, dtype=np.int64)[None, :],
-            "beam_idx": np.zeros(1, dtype=np.int32),
-        }
-        out.append(np.array(request.infer({k: v for k, v in inputs.items() if k in names})["logits"][0], np.float32))
-    return np.concatenate(out)
-
-
 def logits_ort(path: Path, ids: list[int], threads: int, chunk: int):
     import numpy as np
     import onnxruntime_genai as og
@@ -343,32 +320,23 @@ def logits_ort(path: Path, ids: list[int], threads: int, chunk: int):
     return np.concatenate(out)
 
 
-def logits_reference(path: Path, ids: list[int], threads: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
-    with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
 def run_logits(job: dict) -> dict:
     import numpy as np
+
+    # scripts/ is this script's sys.path[0]: quant_quality's loops are the one copy of each runtime's logits.
+    from quant_quality import llama_logits, openvino_logits, transformers_logits
 
     path, ids, threads = Path(job["path"]), job["ids"], job["threads"]
     chunk = int(job.get("chunk") or len(ids))
     backend = job["backend"]
     if backend == "reference":
-        logits = logits_reference(path, ids, threads)
+        logits = transformers_logits(path, ids, threads)
     elif backend == "ov":
         props = {k: v for k, v in ov_properties(job["knobs"], threads).items() if k != "ATTENTION_BACKEND"}
-        logits = logits_ov(path, ids, props, chunk)
+        logits = openvino_logits(path, ids, props, chunk)
     elif backend == "ort":
         logits = logits_ort(path, ids, threads, chunk)
     else:
-        from quant_quality import llama_logits  # scripts/ is this script's sys.path[0]
-
         logits = llama_logits(path, ids, threads, chunk)
     np.save(job["out"], logits)
     return {"shape": list(logits.shape)}
