@@ -22,7 +22,6 @@ not the text the quality is measured on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import sys
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from phi3cli.backends.openvino.recipe import CALIBRATION_TEXT as CALIBRATION  # noqa: E402
 from phi3cli.backends.openvino.recipe import calibration_samples  # noqa: E402
+from phi3cli.util import atomic_output  # noqa: E402
 
 SUPPORT = (
     "config.json",
@@ -44,20 +44,6 @@ SUPPORT = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path):
-    """Build into a scratch folder beside out and move it into place only when the build succeeded."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_recipe(out: Path, recipe: dict, seconds: float, packages: tuple[str, ...]) -> None:
@@ -76,7 +62,7 @@ def ov_export(args: argparse.Namespace) -> None:
     from optimum.intel import OVConfig
 
     start = time.perf_counter()
-    with atomic_folder(args.out) as tmp:
+    with atomic_output(args.out, force=True) as tmp:
         main_export(
             str(args.hf_dir),
             output=tmp,
@@ -123,7 +109,7 @@ def ov_compress(args: argparse.Namespace) -> None:
     if "dataset" in settings:
         shown["dataset"] = args.dataset if args.dataset == "auto" else f"{Path(args.dataset).name} (paragraphs)"
     start = time.perf_counter()
-    with atomic_folder(args.out) as tmp:
+    with atomic_output(args.out, force=True) as tmp:
         model = OVModelForCausalLM.from_pretrained(args.src, compile=False, local_files_only=True)
         config = OVWeightQuantizationConfig(tokenizer=str(args.src), **settings)
         OVQuantizer(model).quantize(ov_config=OVConfig(quantization_config=config), save_directory=tmp)
@@ -181,7 +167,7 @@ def onnx_build(args: argparse.Namespace) -> None:
     if args.shared_embeddings is not None:
         options["shared_embeddings"] = args.shared_embeddings == "true"
     start = time.perf_counter()
-    with atomic_folder(args.out) as tmp, tempfile.TemporaryDirectory(prefix="ort-cache-") as cache:
+    with atomic_output(args.out, force=True) as tmp, tempfile.TemporaryDirectory(prefix="ort-cache-") as cache:
         create_model(None, str(args.hf_dir), str(tmp), "int4", "cpu", cache, **options)
         for name in SUPPORT:
             if (args.hf_dir / name).is_file() and not (tmp / name).exists():
@@ -225,7 +211,7 @@ def noisy(args: argparse.Namespace) -> None:
     from safetensors.numpy import load_file, save_file
 
     rng = np.random.default_rng(args.seed)
-    with atomic_folder(args.out) as tmp:
+    with atomic_output(args.out, force=True) as tmp:
         for item in args.hf_dir.iterdir():
             if item.is_file() and item.suffix != ".safetensors":
                 shutil.copy2(item, tmp / item.name)
@@ -270,7 +256,7 @@ def offgrid(args: argparse.Namespace) -> None:
     def scales(n: int) -> np.ndarray:
         return np.clip(np.exp(rng.standard_normal(n) * args.spread), 0.25, 4.0).astype(np.float32)
 
-    with atomic_folder(args.out) as tmp:
+    with atomic_output(args.out, force=True) as tmp:
         for item in args.hf_dir.iterdir():
             if item.is_file() and item.suffix != ".safetensors":
                 shutil.copy2(item, tmp / item.name)
