@@ -32,8 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from phi3cli.backends.openvino.recipe import CALIBRATION_TEXT as CALIBRATION  # noqa: E402
-from phi3cli.backends.openvino.recipe import calibration_samples  # noqa: E402
+from phi3cli.backends.nncf_weights import CALIBRATION_TEXT as CALIBRATION  # noqa: E402
+from phi3cli.backends.nncf_weights import calibration_samples  # noqa: E402
 from phi3cli.util import atomic_output  # noqa: E402
 
 SUPPORT = (

@@ -14,6 +14,9 @@ A configuration is named `runtime:recipe[@knob=value,...]`:
 - `ort:b32-sym-acc4` : ONNX Runtime GenAI's model builder (int4 MatMulNBits, round to nearest).
   Tokens: `b<N>` (block size), `sym`/`asym`, `acc<N>` (MatMulNBits accuracy_level: 4 = int8 activations,
   0 = fp32), `emb4` (the embedding Gather int4 too), `lm8` (lm_head int8: the builder's rtn_last).
+  With `nncf`: the builder writes fp32 and phi3's NNCF compression (phi3cli.backends.onnx.compress) makes the
+  int4/int8 mix, as the CPU default does: `r<ratio>`, `se` (scale estimation on phi3's text), and `i8acc<N>`
+  (the accuracy level of the int8 MatMulNBits only), e.g. `ort:nncf-b64-asym-r0.6-se-acc4`.
 
 Knobs (after @) are runtime settings, read by the worker; they do not change the artifact.
 Everything is cached under a work folder, keyed by the recipe, written beside and renamed when complete.
@@ -97,9 +100,15 @@ def ov_settings(recipe: str) -> dict:
 
 
 def ort_settings(recipe: str) -> dict:
-    out = {"block": 32, "sym": True, "acc": 4, "emb4": False, "lm8": False}
+    out = {"block": 32, "sym": True, "acc": 4, "emb4": False, "lm8": False, "nncf": False, "ratio": 1.0, "se": False}
     for token in recipe.split("-"):
-        if token in ("sym", "asym"):
+        if token in ("nncf", "se"):
+            out[token] = True
+        elif m := re.fullmatch(r"r([\d.]+)", token):
+            out["ratio"] = float(m[1])
+        elif m := re.fullmatch(r"i8acc(\d)", token):
+            out["i8acc"] = int(m[1])
+        elif token in ("sym", "asym"):
             out["sym"] = token == "sym"
         elif m := re.fullmatch(r"b(\d+)", token):
             out["block"] = int(m[1])
@@ -224,7 +233,12 @@ def ort_model(hf_dir: Path, work: Path, recipe: str) -> Path:
     base_recipe = "-".join(
         [f"b{s['block']}", "sym" if s["sym"] else "asym", "acc4"] + [t for t in ("emb4", "lm8") if s[t]]
     )
+    if s["nncf"]:
+        base_recipe = "-".join(["nncf", f"b{s['block']}", "sym" if s["sym"] else "asym", f"r{s['ratio']}"]
+                               + (["se"] if s["se"] else []) + ["acc4"])
     base = work / "ort" / base_recipe
+    if s["nncf"] and not (base / "genai_config.json").is_file():
+        ort_nncf(hf_dir, work, base, s)
     if not (base / "genai_config.json").is_file():
         from onnxruntime_genai.models.builder import create_model
 
@@ -245,11 +259,11 @@ def ort_model(hf_dir: Path, work: Path, recipe: str) -> Path:
         with atomic_output(base, force=True) as out:
             create_model(None, str(hf_dir), str(out), "int4", "cpu", str(cache), **options)
         shutil.rmtree(cache, ignore_errors=True)
-    if s["acc"] == 4:
+    if s["acc"] == 4 and "i8acc" not in s:
         return base
     import onnx
 
-    say(f"accuracy_level {s['acc']} on the MatMulNBits of {base_recipe}")
+    say(f"accuracy_level {s['acc']} (int8: {s.get('i8acc', s['acc'])}) on the MatMulNBits of {base_recipe}")
     with atomic_output(final, force=True) as out:
         for item in base.iterdir():
             if item.name != "model.onnx":
@@ -257,11 +271,35 @@ def ort_model(hf_dir: Path, work: Path, recipe: str) -> Path:
         proto = onnx.load(str(base / "model.onnx"), load_external_data=False)
         for node in proto.graph.node:
             if node.op_type == "MatMulNBits":
+                bits = next(a.i for a in node.attribute if a.name == "bits")
                 for attr in node.attribute:
                     if attr.name == "accuracy_level":
-                        attr.i = s["acc"]
+                        attr.i = s.get("i8acc", s["acc"]) if bits == 8 else s["acc"]
         onnx.save(proto, str(out / "model.onnx"))
     return final
+
+
+def ort_nncf(hf_dir: Path, work: Path, base: Path, s: dict) -> None:
+    """The builder's fp32 graph compressed by phi3's NNCF path (the CPU int4 default's code, other settings)."""
+    from onnxruntime_genai.models.builder import create_model
+
+    from phi3cli.backends.onnx.compress import compress_model
+    from phi3cli.progress import SilentProgress
+
+    fp32 = work / "ort" / "fp32"
+    if not (fp32 / "genai_config.json").is_file():
+        say("ONNX Runtime GenAI's builder (fp32)")
+        cache = work / "ort" / ".builder-cache"
+        with atomic_output(fp32, force=True) as out:
+            create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), hf_token="false", hf_remote=False)
+        shutil.rmtree(cache, ignore_errors=True)
+    say(f"NNCF compresses the fp32 graph ({base.name})")
+    settings = {"group_size": s["block"], "ratio": s["ratio"], "sym": s["sym"], "scale_estimation": s["se"]}
+    with atomic_output(base, force=True) as out:
+        compress_model(fp32, "model.onnx", settings, out, SilentProgress())
+        for item in fp32.iterdir():
+            if not item.name.startswith("model.onnx"):
+                shutil.copy2(item, out / item.name)
 
 
 def ort_weight_bytes(folder: Path) -> tuple[int, int, dict[str, int]]:

@@ -197,6 +197,47 @@ def test_prefill_happens_inside_the_iterator(onnx_models, monkeypatch):
     tokens.close()
 
 
+def test_cpu_int4_default_is_nncf_mixed_int4_int8(onnx_variant):
+    """The CPU int4 default: NNCF's int4 and int8 weights packed as MatMulNBits, nothing left to dequantize per
+    step, and the tied embedding a GatherBlockQuantized on lm_head's own int8 weights (stored once)."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(onnx_variant("int4") / "model.onnx"), load_external_data=False)
+    nodes = {n.op_type: n for n in proto.graph.node}
+    bits = [
+        helper.get_attribute_value(a)
+        for n in proto.graph.node
+        for a in n.attribute
+        if n.op_type == "MatMulNBits" and a.name == "bits"
+    ]
+    assert "DequantizeLinear" not in nodes and "MatMul" not in nodes
+    assert bits.count(4) > bits.count(8) > 0, bits  # 60 % of the weights int4, the most sensitive in int8
+    gather = nodes["GatherBlockQuantized"]
+    lm_head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    reshape = next(n for n in proto.graph.node if n.output[0] == gather.input[0])
+    assert reshape.input[0] == lm_head.input[1] and gather.input[2] == lm_head.input[2]
+
+
+def test_cpu_int4_default_diverges_less_than_the_builders_rtn(onnx_variant, onnx_models, torch_model, store):
+    from phi3cli.bench.quality import next_token_divergence, perplexity_text
+    from phi3cli.convert import ensure_variant
+
+    ids = torch_model.encode(perplexity_text())[:240]
+    reference = torch_model.next_token_logprobs(ids)
+    rtn_folder = ensure_variant(
+        get_backend("onnx"), resolve_source("demo", store), ConvertRecipe(format="int4", preset="rtn"), store
+    )
+    rtn = load_model(LoadRequest(resolve_source(str(rtn_folder), store), device="cpu"), "onnx", store)
+    try:
+        kld_rtn, _ = next_token_divergence(reference, rtn.next_token_logprobs(ids))
+    finally:
+        rtn.close()
+    kld_default, top1 = next_token_divergence(reference, onnx_models("int4").next_token_logprobs(ids))
+    assert 0 < kld_default < kld_rtn, (kld_default, kld_rtn)
+    assert top1 > 0.7, top1
+
+
 def test_token_logprobs_match_torch(onnx_models, torch_model):
     ids = prompt_ids(torch_model, PROMPTS[0]) + torch_model.encode("The capital of France is Paris.")
     ours, reference = onnx_models("fp32").token_logprobs(ids), torch_model.token_logprobs(ids)
@@ -439,7 +480,8 @@ def test_context_length_comes_from_genai_config(onnx_backend, store, copy_of):
 
 def test_recipe_options_the_builder_cannot_honour(demo_source):
     for args, needle in [
-        (["--ratio", "0.5"], "--ratio apply to OpenVINO"),
+        (["--recipe", "rtn", "--ratio", "0.5"], "--ratio apply to OpenVINO and to the CPU int4 default"),
+        (["--dataset", "no-such-text.txt"], "calibrates on a text file"),
         (["--group-size", "48"], "not 48"),
         (["--format", "fp16", "--group-size", "64"], "apply to int4 only"),
     ]:

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import ConvertRecipe, GenerationSettings, IncrementalDecoder, LoadRequest
+from phi3cli.backends.nncf_weights import calibration_samples
 from phi3cli.chat import ChatSession
 from phi3cli.convert import ensure_variant, quantize
 from phi3cli.errors import ConversionError, DeviceUnavailableError, UnsupportedModelError
@@ -220,7 +221,7 @@ def test_group_size_falls_back_to_one_that_divides_every_width():
     phi3_mini = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 32}
     default = ov_recipe.resolve_recipe(ConvertRecipe(format="int4"), phi3_mini, SilentProgress())
     assert default["group_size"] == 64 and default["scale_estimation"]
-    assert default["dataset"] == ov_recipe.calibration_samples() and len(default["dataset"]) > 10
+    assert default["dataset"] == calibration_samples() and len(default["dataset"]) > 10
     texts = ov_recipe.resolve_recipe(ConvertRecipe(format="int4", dataset="auto"), phi3_mini, SilentProgress())
     assert texts["dataset"] == "auto" and texts["scale_estimation"]  # --dataset replaces the shipped text
     with pytest.raises(ConversionError, match="No int4 group size") as info:

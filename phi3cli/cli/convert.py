@@ -45,7 +45,8 @@ def convert(
         typer.Option(
             "--recipe",
             help="A named int4 recipe instead of the default; the options below override it. cookbook: the Phi-3 "
-            "Cookbook's (OpenVINO --group-size 128 --ratio 0.6 --sym; ONNX Runtime GenAI: its builder's defaults).",
+            "Cookbook's (OpenVINO --group-size 128 --ratio 0.6 --sym; ONNX Runtime GenAI: its builder's defaults). "
+            "rtn (ONNX Runtime GenAI): its builder's round-to-nearest, asymmetric, lm_head int8.",
             show_default=False,
         ),
     ] = None,
@@ -55,11 +56,11 @@ def convert(
     ] = None,
     ratio: Annotated[
         float | None,
-        typer.Option("--ratio", min=0.0, max=1.0, help="OpenVINO: share of layers in int4, the rest int8."),
+        typer.Option("--ratio", min=0.0, max=1.0, help="Share of the weights in int4, the rest int8 (OpenVINO; ONNX on the CPU)."),
     ] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric int4 (default: the recipe's).")] = None,
     awq: Annotated[bool, typer.Option("--awq", help="Data-aware AWQ scaling (needs --dataset).")] = False,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Calibration data set for --awq.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Calibration text instead of phi3's (for scale estimation and --awq): a text file, paragraphs split by blank lines; OpenVINO also takes a hub data set name or auto.")] = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Output folder (default: the model store, reused by chat and bench)."),

@@ -15,7 +15,7 @@ from phi3cli.progress import Progress
 
 
 class OnnxBackend(Backend):
-    recipe_version = "3"  # bump when what build() writes changes, so stored variants are rebuilt
+    recipe_version = "4"  # bump when what build() writes changes, so stored variants are rebuilt
 
     def build_target(self, device: str) -> str:
         """cpu, or the GPU execution provider this ONNX Runtime GenAI has (dml on Windows, else cuda); raises

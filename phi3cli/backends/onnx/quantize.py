@@ -1,4 +1,8 @@
-"""`phi3 quantize --backend onnx`: ONNX Runtime's MatMulNBits int4 quantizer on an fp16 or fp32 folder."""
+"""`phi3 quantize --backend onnx`: int4 from an fp32 or fp16 folder.
+
+An fp32 folder for the CPU gets the CPU int4 default (NNCF, as `phi3 convert` builds it); an fp16 folder, or one
+built for a GPU provider, ONNX Runtime's MatMulNBits quantizer (round to nearest).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from phi3cli.backends.base import ConvertRecipe
-from phi3cli.backends.onnx.build import INT4_BLOCK_SIZES, quantizer_logs
+from phi3cli.backends.onnx.build import INT4_BLOCK_SIZES, nncf_settings, quantizer_logs
 from phi3cli.backends.onnx.folder import detect_format, read_genai_config
 from phi3cli.backends.onnx.providers import configured_providers
 from phi3cli.errors import ConversionError
@@ -25,6 +29,13 @@ def quantize_folder(model_dir: Path, recipe: ConvertRecipe, out: Path, progress:
         raise ConversionError(
             f"{model_dir} is already int4.", hint="Quantize an fp16 or fp32 folder (phi3 convert --format fp32)."
         )
+    nncf = nncf_settings(recipe) if source_format == "fp32" and not configured_providers(genai) else None
+    if nncf is not None:
+        from phi3cli.backends.onnx.compress import compress_model
+
+        compress_model(model_dir, filename, nncf, out, progress)
+        _copy_the_rest(model_dir, out, filename, set())
+        return
     block = recipe.group_size if recipe.group_size is not None else 32
     if block not in INT4_BLOCK_SIZES or recipe.ratio is not None or recipe.awq:
         raise ConversionError(
@@ -81,6 +92,11 @@ def _quantize_int4(model_dir, genai, filename, source_format, block, recipe, out
         location=f"{filename}.data",
         size_threshold=0,
     )
+    _copy_the_rest(model_dir, out, filename, external)
+
+
+def _copy_the_rest(model_dir: Path, out: Path, filename: str, external: set[str]) -> None:
+    """Copy what is not the graph or its weights (genai_config.json, the tokenizer) and check the result."""
     skip = {filename, f"{filename}.data", *external}
     for item in model_dir.iterdir():
         if item.is_file() and item.name not in skip and not (out / item.name).exists():

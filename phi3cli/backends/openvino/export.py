@@ -17,6 +17,7 @@ from typing import Any
 
 import openvino as ov
 
+from phi3cli.backends.nncf_weights import nncf_progress
 from phi3cli.backends.openvino.ir import TOKENIZER_FILES
 from phi3cli.backends.openvino.longrope import longrope_in_graph
 from phi3cli.backends.openvino.recipe import describe_recipe
@@ -50,66 +51,6 @@ def _quiet_converters() -> Iterator[None]:
                 logging.getLogger(n).setLevel(level)
             if hf_verbosity is not None:
                 hf_logging.set_verbosity(hf_verbosity)
-
-
-class _TrackToProgress:
-    """Stands in for nncf's `track` progress bar, reporting to our Progress instead of its own Rich bar."""
-
-    progress: Progress | None = None
-
-    def __init__(self, sequence=None, description="Working...", total=None, weights=None, **_):
-        self.sequence, self.description, self.weights = sequence, description, weights
-        if weights is not None:
-            total = sum(weights)
-        elif total is None and hasattr(sequence, "__len__"):
-            total = len(sequence)
-        self.total = total
-
-    def __iter__(self):
-        self.__enter__()
-        weights = self.weights or []
-        for i, item in enumerate(self.sequence):
-            yield item
-            self.update(weights[i] if i < len(weights) else 1)
-
-    def __enter__(self):
-        if self.progress:
-            self.progress.phase(f"NNCF: {self.description.rstrip('.')}", total=self.total)
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def update(self, advance: float = 1, **_):
-        if self.progress:
-            self.progress.advance(advance)
-
-
-WEIGHT_COMPRESSION_STEPS = ("algorithm", "mixed_precision", "awq", "scale_estimation", "gptq")
-
-
-@contextlib.contextmanager
-def _nncf_progress(progress: Progress) -> Iterator[None]:
-    """Route NNCF's weight-compression progress bars to our Progress for the duration of the block."""
-    import importlib
-
-    patched = []
-    names = [f"nncf.quantization.algorithms.weight_compression.{n}" for n in WEIGHT_COMPRESSION_STEPS]
-    for name in [*names, "nncf.common.tensor_statistics.aggregator"]:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "track"):
-            patched.append((module, module.track))
-            module.track = _TrackToProgress
-    _TrackToProgress.progress = progress
-    try:
-        yield
-    finally:
-        _TrackToProgress.progress = None
-        for module, original in patched:
-            module.track = original
 
 
 def _raise_if_disk_full(exc: BaseException, out: Path) -> None:
@@ -154,7 +95,7 @@ def compress_ir(src: Path, settings: dict[str, Any], out: Path, progress: Progre
 
     progress.phase(f"Compressing weights with NNCF ({describe_recipe(settings)})")
     try:
-        with _quiet_converters(), _nncf_progress(progress):
+        with _quiet_converters(), nncf_progress(progress):
             model = OVModelForCausalLM.from_pretrained(src, compile=False, local_files_only=True)
             config = OVWeightQuantizationConfig(tokenizer=str(src), **settings)
             OVQuantizer(model).quantize(ov_config=OVConfig(quantization_config=config), save_directory=out)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3cli.backends.base import ConvertRecipe
+from phi3cli.backends.nncf_weights import calibration_samples
 from phi3cli.backends.openvino import SPEC
 from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress
@@ -25,7 +26,6 @@ RECIPE_VERSION = "5"
 # OpenVINO's NPU guide asks for (symmetric, channel-wise, all layers int4).
 INT4_RECIPE = {"group_size": 64, "ratio": 0.6, "sym": False, "scale_estimation": True}
 NAMED_INT4_RECIPES = {"cookbook": {"group_size": 128, "ratio": 0.6, "sym": True}}
-CALIBRATION_TEXT = Path(__file__).with_name("data") / "calibration.txt"
 NPU_INT4_RECIPE = {"group_size": -1, "ratio": 1.0, "sym": True}
 MIN_GROUP_SIZE = 16
 HUB_DATASETS = ("wikitext2", "c4", "c4-new", "gsm8k")
@@ -115,11 +115,6 @@ def resolve_recipe(recipe: ConvertRecipe, config: dict, progress: Progress) -> d
         settings["scale_estimation"] = True
         settings.setdefault("dataset", calibration_samples())
     return settings
-
-
-def calibration_samples(path: Path = CALIBRATION_TEXT) -> list[str]:
-    """The calibration text shipped with phi3 (plain English, not the text quality is measured on), by paragraph."""
-    return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
 
 def _data_aware(recipe: ConvertRecipe) -> dict[str, Any]:
