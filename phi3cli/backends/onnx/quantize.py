@@ -39,9 +39,9 @@ def quantize_folder(model_dir: Path, recipe: ConvertRecipe, out: Path, progress:
     block = recipe.group_size if recipe.group_size is not None else 32
     if block not in INT4_BLOCK_SIZES or recipe.ratio is not None or recipe.awq:
         raise ConversionError(
-            "ONNX int4 quantization takes --group-size "
+            "ONNX int4 quantization of an fp16 or GPU folder takes --group-size "
             f"{'/'.join(map(str, INT4_BLOCK_SIZES))} and --sym/--asym only (no --ratio or --awq).",
-            hint="Change the options, or use --backend openvino for mixed precision and AWQ.",
+            hint="Change the options, or quantize an fp32 CPU folder (NNCF: --ratio, --awq, --dataset).",
         )
     try:
         _quantize_int4(model_dir, genai, filename, source_format, block, recipe, out, progress)
