@@ -19,6 +19,17 @@ from phi3cli.errors import ConversionError, OutputExistsError
 # A runtime's source-location line ("Exception from src/core/...:123:", "Check '...' failed at ..."): not the reason.
 _LOCATION = re.compile(r"^(Exception from \S+:\d+:?|Check '.*' failed at \S+:?)$")
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)$")
+_INTERRUPTS = [0]  # Ctrl-C and SIGTERM received by this process, counted by on_interrupt
+
+
+def on_interrupt(signum, frame) -> None:
+    """Signal handler for SIGINT and SIGTERM: count the signal, then unwind like Ctrl-C.
+
+    Python only prints a KeyboardInterrupt raised inside a ``__del__`` (and some libraries catch it); the count
+    lets atomic_output refuse to commit after an interrupt it never saw.
+    """
+    _INTERRUPTS[0] += 1
+    raise KeyboardInterrupt
 
 
 def first_line(exc: BaseException, *, typed: bool = False, limit: int = 240) -> str:
@@ -156,8 +167,11 @@ def atomic_output(final: Path, *, force: bool = False) -> Iterator[Path]:
     staging = final.parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    interrupts = _INTERRUPTS[0]
     try:
         yield staging
+        if _INTERRUPTS[0] != interrupts:
+            raise KeyboardInterrupt  # interrupted while writing, and something swallowed it: commit nothing
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             final.rename(old)

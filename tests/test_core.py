@@ -13,7 +13,7 @@ from phi3cli.chat import ChatSession, HistoryTrimmed
 from phi3cli.errors import ContextOverflowError, ConversionError, OutputExistsError
 from phi3cli.generation import ReplyStats
 from phi3cli.templates import PHI3_TEMPLATE, ChatTemplate, load_chat_template
-from phi3cli.util import atomic_output, remove_stale_partials
+from phi3cli.util import atomic_output, on_interrupt, remove_stale_partials
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -85,6 +85,20 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
         (staging / "half.bin").write_bytes(b"x" * 100)
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_commits_nothing_after_a_swallowed_interrupt(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), atomic_output(final) as staging:
+        (staging / "whole.bin").write_bytes(b"x" * 100)
+        try:  # what a KeyboardInterrupt raised inside a __del__ amounts to: printed, never propagated
+            on_interrupt(2, None)
+        except KeyboardInterrupt:
+            pass
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(final) as staging:  # the next write, with no interrupt during it, commits
+        (staging / "whole.bin").write_bytes(b"x")
+    assert [p.name for p in final.iterdir()] == ["whole.bin"]
 
 
 def test_atomic_output_needs_force_and_replaces(tmp_path):

@@ -116,11 +116,10 @@ def root(
         os.environ["PHI3_DEBUG"] = "1"
 
 
-def _terminate(signum, frame):
-    # SIGTERM unwinds like Ctrl-C, so staging folders are removed and nothing half-written remains.
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    from phi3cli.util import on_interrupt
+
+    # SIGTERM unwinds like Ctrl-C, so staging folders are removed and nothing half-written remains.
+    signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_interrupt)
     app(prog_name="phi3")
