@@ -256,7 +256,6 @@ def test_npu_recipe_is_symmetric_channel_wise_all_int4():
         (ConvertRecipe(format="int4", ratio=1.5), "between 0 and 1"),
         (ConvertRecipe(format="int4", group_size=0), "positive number or -1"),
         (ConvertRecipe(format="int4", target="dml"), "cpu, gpu or npu"),
-        (ConvertRecipe(format="int4", awq=True), "--awq needs calibration data"),
         (ConvertRecipe(format="int4", awq=True, dataset="no-such-set"), "Unknown calibration data set"),
         (ConvertRecipe(format="fp16", awq=True, dataset="auto"), "fp16 compresses nothing"),
     ],
@@ -283,6 +282,9 @@ def test_calibration_text_file(tmp_path):
         ConvertRecipe("int4", awq=True, dataset=str(data)), {"hidden_size": 64}, SilentProgress()
     )
     assert settings["dataset"] == ["First sample.", "Second sample."] and settings["quant_method"] == "awq"
+    # --awq alone calibrates on phi3's shipped text, by paragraph, as the ONNX path does
+    alone = ov_recipe.resolve_recipe(ConvertRecipe("int4", awq=True), {"hidden_size": 64}, SilentProgress())
+    assert alone["quant_method"] == "awq" and alone["dataset"] == calibration_samples() and len(alone["dataset"]) > 1
 
 
 def test_convert_cli_bounds_ratio_and_format(tmp_path):

@@ -59,7 +59,7 @@ def convert(
         typer.Option("--ratio", min=0.0, max=1.0, help="Share of the weights in int4, the rest int8 (OpenVINO; ONNX on the CPU)."),
     ] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric int4 (default: the recipe's).")] = None,
-    awq: Annotated[bool, typer.Option("--awq", help="Data-aware AWQ scaling (needs --dataset).")] = False,
+    awq: Annotated[bool, typer.Option("--awq", help="Data-aware AWQ scaling, on phi3's calibration text unless --dataset gives another.")] = False,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Calibration text instead of phi3's (for scale estimation and --awq): a text file, paragraphs split by blank lines; OpenVINO also takes a hub data set name or auto.")] = None,
     output: Annotated[
         Path | None,
@@ -88,8 +88,6 @@ def convert(
         raise Phi3Error(
             f"--to {spec.name} builds for {', '.join(spec.convert_targets)}, not {device}.", hint="Change --device."
         )
-    if awq and not dataset:
-        raise Phi3Error("--awq needs calibration data.", hint="Add --dataset (for example wikitext2).")
     backend = get_backend(spec.name)
     recipe = ConvertRecipe(
         format=format,

@@ -109,7 +109,7 @@ def compress_ir(src: Path, settings: dict[str, Any], out: Path, progress: Progre
             name = settings["dataset"] if isinstance(settings["dataset"], str) else "from the text file"
             raise ConversionError(
                 f"Could not build the calibration data {name}: {first_line(exc)}",
-                hint="Use --dataset auto or --dataset FILE.txt (one sample a line) when the hub cannot be reached.",
+                hint="Use --dataset auto or --dataset FILE.txt (paragraphs split by blank lines) when the hub cannot be reached.",
             ) from exc
         raise ConversionError(f"NNCF could not compress {src}: {first_line(exc)}") from exc
 

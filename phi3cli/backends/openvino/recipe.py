@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3cli.backends.base import ConvertRecipe
-from phi3cli.backends.nncf_weights import calibration_samples
+from phi3cli.backends.nncf_weights import CALIBRATION_TEXT, calibration_samples
 from phi3cli.backends.openvino import SPEC
 from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress
@@ -70,8 +70,6 @@ def resolve_recipe(recipe: ConvertRecipe, config: dict, progress: Progress) -> d
         )
     if recipe.ratio is not None and not 0.0 <= recipe.ratio <= 1.0:
         raise ConversionError(f"--ratio must be between 0 and 1, not {recipe.ratio}.", hint="For example --ratio 0.8.")
-    if recipe.awq and not recipe.dataset:
-        raise ConversionError("--awq needs calibration data.", hint="Add --dataset auto (or a text file).")
     if recipe.preset is not None:
         if recipe.preset not in NAMED_INT4_RECIPES:
             names = ", ".join(NAMED_INT4_RECIPES)
@@ -122,11 +120,13 @@ def _data_aware(recipe: ConvertRecipe) -> dict[str, Any]:
     if not recipe.awq and not recipe.dataset:
         return {}
     name = recipe.dataset
-    path = Path(name).expanduser()
+    path = Path(name).expanduser() if name else CALIBRATION_TEXT  # --awq alone: phi3's shipped text
     if path.is_file():
-        texts = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        texts = calibration_samples(path)
         if not texts:
-            raise ConversionError(f"The calibration file {path} is empty.", hint="Give a text file, one sample a line.")
+            raise ConversionError(
+                f"The calibration file {path} is empty.", hint="Give a text file, paragraphs split by blank lines."
+            )
         dataset: str | list[str] = texts
     elif name == "auto":
         dataset = name
@@ -137,14 +137,14 @@ def _data_aware(recipe: ConvertRecipe) -> dict[str, Any]:
             raise ConversionError(
                 f"--dataset {name} is fetched from the Hugging Face hub with the `datasets` package, "
                 "which is not installed.",
-                hint="Use --dataset auto (text the model generates) or --dataset FILE.txt (one sample a line), "
+                hint="Use --dataset auto (text the model generates) or --dataset FILE.txt (paragraphs split by blank lines), "
                 "or pip install datasets and connect to the hub.",
             )
         dataset = name
     else:
         raise ConversionError(
             f"Unknown calibration data set {name!r}.",
-            hint=f"Use auto, a text file (one sample a line), or one of {', '.join(HUB_DATASETS)}.",
+            hint=f"Use auto, a text file (paragraphs split by blank lines), or one of {', '.join(HUB_DATASETS)}.",
         )
     return {"dataset": dataset, "quant_method": "awq" if recipe.awq else "default"}
 
