@@ -6,6 +6,13 @@ in the workers), which compiles llama.cpp when installed (several minutes):
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python
 
+On a CPU with AMX (Sapphire Rapids and later) that native build crashed here (SIGSEGV in the first decode, in a
+virtual machine); building with the AVX-512 flags given one by one and AMX off ran:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+      -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+      -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python
+
 For each model (a Hugging Face folder, or `demo`; several in one run) it builds every configuration asked
 (see scripts/peer_builds.py): by default llama.cpp's Q4_K_M and Q4_0 quantized by llama.cpp from an f16 .gguf of
 the same weights, and phi3's default int4 of every converting backend (`phi3:openvino`, `phi3:onnx`: built by
@@ -115,7 +122,11 @@ def run_job(job: dict) -> dict:
         Path(f.name).unlink(missing_ok=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if done.returncode < 0:  # killed by a signal: a crash in the runtime (see the llama.cpp note above for SIGSEGV)
+            import signal
+
+            tail = f"{signal.Signals(-done.returncode).name}; {tail}"
         return {"error": f"exit {done.returncode}: {tail}"}
     return json.loads(lines[-1][len("RESULT ") :])
 
@@ -163,6 +174,7 @@ def quality(configs, paths, hf_dir: Path, work: Path, args) -> dict[str, dict]:
             Path(tmp, "logits.npy").unlink(missing_ok=True)
             if isinstance(cand, str):
                 out[c.name] = {"error": cand}
+                print(f"  {c.name}: failed ({cand})", file=sys.stderr)
                 continue
             width = min(ref.shape[1], cand.shape[1])
             cand = log_softmax(cand[:, :width]) if cand.shape[1] != width else cand
