@@ -375,7 +375,7 @@ def main() -> None:
     print(text)
     if args.markdown:
         with args.markdown.open("a") as f:
-            f.write(f"\n{text}\n`{' '.join(sys.argv)}`\n")
+            f.write(f"\n{text}\n`python scripts/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`\n")
     if args.json:
         bw = {"before": bw_before, "after": bw_after}
         args.json.write_text(json.dumps({"bandwidth": bw, "models": measured}, indent=1, default=str))
