@@ -19,12 +19,14 @@ the same weights, and phi3's default int4 of every converting backend (`phi3:ope
 phi3's converter into its store and run through phi3's own load and timing path). Each configuration runs in its
 own process (scripts/peer_workers.py), in an order that rotates each round: warm-up first, a different prompt per
 repetition, greedy, end of text ignored, the given thread count. Memory bandwidth is measured before and after
-(numpy sums in N processes at once). Printed per model, as markdown: prefill and decode tokens/s (medians over
-every run) and their ratios to llama.cpp Q4_K_M (the median of the per-round ratios), size on disk, bytes read per
-decoded token (every weight but the embedding table, at its stored precision, plus the KV cache at the mean
-context), the share of the measured bandwidth that decode reaches, and, for models with real weights, quality
-under teacher forcing on phi3's shipped text against transformers in fp32: perplexity, mean KL divergence and
-top-1 agreement (phi3cli.bench.quality). Models marked timing-only (scripts/make_shaped_model.py) get no quality.
+(numpy max over a byte array in N processes at once: a reduction numpy runs at the rate a core can load; a
+float32 sum is pairwise-summed and read about half as fast on a Xeon with AVX-512). Printed per model, as
+markdown: prefill and decode tokens/s (medians over every run) and their ratios to llama.cpp Q4_K_M (the median
+of the per-round ratios), size on disk, bytes read per decoded token (every weight but the embedding table, at
+its stored precision, plus the KV cache at the mean context), the share of the measured bandwidth that decode
+reaches, and, for models with real weights, quality under teacher forcing on phi3's shipped text against
+transformers in fp32: perplexity, mean KL divergence and top-1 agreement (phi3cli.bench.quality). Models marked
+timing-only (scripts/make_shaped_model.py) get no quality.
 
     python scripts/bench_peers.py MODEL [MODEL ...] [--config SPEC ...] [--rounds 2] [--reps 3]
         [--prompt-tokens 512] [--gen-tokens 64] [--threads 2] [--work DIR] [--markdown FILE] [--json FILE]
@@ -59,23 +61,23 @@ TEXT = ROOT / "phi3cli" / "bench" / "data" / "perplexity.txt"
 # ------------------------------------------------------------------------------------------ bandwidth
 
 
-def _sum_worker(gib: float, repeats: int, barrier, queue) -> None:
+def _read_worker(gib: float, repeats: int, barrier, queue) -> None:
     import numpy as np
 
-    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
-    a.sum()  # touch every page first
+    a = np.ones(int(gib * (1 << 30)), dtype=np.uint8)
+    a.max()  # touch every page first
     barrier.wait()
     start = time.perf_counter()
     for _ in range(repeats):
-        a.sum()
+        a.max()
     queue.put((a.nbytes * repeats, time.perf_counter() - start))
 
 
 def measure_bandwidth(processes: int, gib: float = 1.0, repeats: int = 8) -> float:
-    """Bytes per second that `processes` numpy sums read together (each its own array, started together)."""
+    """Bytes per second that `processes` numpy max reductions read together (each its own array, started together)."""
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(processes), ctx.Queue()
-    workers = [ctx.Process(target=_sum_worker, args=(gib, repeats, barrier, queue)) for _ in range(processes)]
+    workers = [ctx.Process(target=_read_worker, args=(gib, repeats, barrier, queue)) for _ in range(processes)]
     for w in workers:
         w.start()
     results = [queue.get() for _ in workers]
@@ -348,7 +350,7 @@ def main() -> None:
             )
         peer = "no llama.cpp"
     load_before = os.getloadavg()[0]
-    print(f"Measuring memory bandwidth (numpy sums, 1 and {args.threads} processes)...", file=sys.stderr)
+    print(f"Measuring memory bandwidth (numpy max, 1 and {args.threads} processes)...", file=sys.stderr)
     bw_before = {1: measure_bandwidth(1), args.threads: measure_bandwidth(args.threads)}
     measured = [measure_model(spec, configs, args) for spec in args.models]
     bw_after = {1: measure_bandwidth(1), args.threads: measure_bandwidth(args.threads)}
@@ -357,7 +359,7 @@ def main() -> None:
 
     texts = [
         f"pp{args.prompt_tokens} + tg{args.gen_tokens}, {args.threads} threads, {args.rounds} interleaved rounds × "
-        f"(1 warm-up + {args.reps}); {peer}; ratios against {args.baseline}; bandwidth (numpy sum) 1 thread "
+        f"(1 warm-up + {args.reps}); {peer}; ratios against {args.baseline}; bandwidth (numpy max) 1 thread "
         f"{bw_before[1] / 1e9:.1f}/{bw_after[1] / 1e9:.1f} GB/s, {args.threads} threads "
         f"{bw_before[args.threads] / 1e9:.1f}/{bw_after[args.threads] / 1e9:.1f} GB/s (before/after): shares are "
         f"of {bandwidth / 1e9:.1f} GB/s; load average {load_before:.1f} before, {load_after:.1f} after"

@@ -7,7 +7,7 @@ versions and how long the conversion took); scripts/quant_quality.py then measur
     int4_sweep.py ov-export HF_DIR OUT              # fp16 IR + OpenVINO tokenizers, as phi3 exports
     int4_sweep.py ov FP16_IR OUT [--sym] [--group-size 64] [--ratio 1.0] [--backup int8_asym] [--all-layers]
                   [--awq] [--scale-estimation] [--gptq] [--lora-correction] [--dataset calibration|auto]
-                  [--sensitivity hessian_input_activation] [--dtype int4|nf4] [--ignore NODE ...]
+                  [--sensitivity hessian_input_activation] [--dtype int4|nf4] [--ignore NODE ...] [--ignore-pattern REGEX ...]
                   [--fallback adjust]
     int4_sweep.py onnx HF_DIR OUT [--block 32] [--asym] [--accuracy-level 4] [--algo default|rtn|k_quant...]
                   [--gather] [--exclude /lm_head/MatMul] [--shared-embeddings true|false]
@@ -94,8 +94,8 @@ def ov_settings(args: argparse.Namespace) -> dict:
         settings["dataset"] = "auto" if args.dataset == "auto" else calibration_samples(Path(args.dataset))
         if args.num_samples:
             settings["num_samples"] = args.num_samples
-    if args.ignore:
-        settings["ignored_scope"] = {"names": args.ignore}
+    if args.ignore or args.ignore_pattern:
+        settings["ignored_scope"] = {"names": args.ignore or [], "patterns": args.ignore_pattern or []}
     if args.fallback:
         settings["group_size_fallback"] = args.fallback
     return settings
@@ -354,6 +354,7 @@ def main() -> None:
     p.add_argument("--sensitivity")
     p.add_argument("--dtype", default="int4")
     p.add_argument("--ignore", nargs="*", help="node names NNCF leaves uncompressed")
+    p.add_argument("--ignore-pattern", nargs="*", help="regular expressions of node names NNCF leaves uncompressed")
     p.add_argument("--fallback", choices=("error", "ignore", "adjust"), help="when the group size does not divide")
     p.set_defaults(run=ov_compress)
 

@@ -289,7 +289,9 @@ def main() -> None:
         results = [summarise(c, *runs[c]) for c in levels]
         if args.ray and args.kill_replica:
             slots = args.replicas * args.max_sequences  # all streaming, and more clients waiting in Ray's router
-            fault = fault_round(base, args.api_key, card.id, slots + max(2, slots // 2), 3 * slots, args.max_tokens, slots)
+            fault = fault_round(
+                base, args.api_key, card.id, slots + max(2, slots // 2), 3 * slots, args.max_tokens, slots
+            )
     finally:
         if process:
             process.send_signal(signal.SIGINT)

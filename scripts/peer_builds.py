@@ -234,8 +234,11 @@ def ort_model(hf_dir: Path, work: Path, recipe: str) -> Path:
         [f"b{s['block']}", "sym" if s["sym"] else "asym", "acc4"] + [t for t in ("emb4", "lm8") if s[t]]
     )
     if s["nncf"]:
-        base_recipe = "-".join(["nncf", f"b{s['block']}", "sym" if s["sym"] else "asym", f"r{s['ratio']}"]
-                               + (["se"] if s["se"] else []) + ["acc4"])
+        base_recipe = "-".join(
+            ["nncf", f"b{s['block']}", "sym" if s["sym"] else "asym", f"r{s['ratio']}"]
+            + (["se"] if s["se"] else [])
+            + ["acc4"]
+        )
     base = work / "ort" / base_recipe
     if s["nncf"] and not (base / "genai_config.json").is_file():
         ort_nncf(hf_dir, work, base, s)
