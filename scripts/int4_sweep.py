@@ -7,8 +7,8 @@ versions and how long the conversion took); scripts/quant_quality.py then measur
     int4_sweep.py ov-export HF_DIR OUT              # fp16 IR + OpenVINO tokenizers, as phi3 exports
     int4_sweep.py ov FP16_IR OUT [--sym] [--group-size 64] [--ratio 1.0] [--backup int8_asym] [--all-layers]
                   [--awq] [--scale-estimation] [--gptq] [--lora-correction] [--dataset calibration|auto]
-                  [--sensitivity hessian_input_activation] [--dtype int4|nf4] [--ignore NODE ...] [--ignore-pattern REGEX ...]
-                  [--fallback adjust]
+                  [--sensitivity hessian_input_activation] [--dtype int4|nf4] [--ignore NODE ...]
+                  [--ignore-pattern REGEX ...] [--fallback adjust]
     int4_sweep.py onnx HF_DIR OUT [--block 32] [--asym] [--accuracy-level 4] [--algo default|rtn|k_quant...]
                   [--gather] [--exclude /lm_head/MatMul] [--shared-embeddings true|false]
     int4_sweep.py noisy HF_DIR OUT [--sigma 0.4]    # the same model, weights moved off any 4-bit grid
