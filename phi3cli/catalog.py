@@ -191,13 +191,15 @@ def choose(
     *,
     device: str = "auto",
     backend: str | None = None,
+    precision: str | None = None,
     fits: Fits = lambda v, on: True,
 ) -> tuple[ReadyVariant, str] | None:
     """The variant to run and the device it runs on: for the best (runtime, device) routing allows, the first
-    variant built for that device that fits; None when none fits here."""
-    runtimes = list(dict.fromkeys(v.runtime for v in model.variants))
+    variant built for that device (at the precision asked, if one is) that fits; None when none fits here."""
+    variants = [v for v in model.variants if precision in (None, v.precision)]
+    runtimes = list(dict.fromkeys(v.runtime for v in variants))
     for runtime, on in routes(report, device=device, backend=backend, runtimes=runtimes):
-        for variant in model.variants:
+        for variant in variants:
             if variant.runtime == runtime and on in variant.devices and fits(variant, on):
                 return variant, on
     return None

@@ -32,13 +32,15 @@ def catalog_spec(
     *,
     device: str = "auto",
     backend: str | None = None,
+    format: str | None = None,
     convert: bool = False,
     revision: str | None = None,
     progress: Progress | None = None,
 ) -> str | None:
     """The hub spec (REPO or REPO:FOLDER) a catalogue name stands for here; None for any other spec.
 
-    A bare word that is no catalogue name is refused with the names close to it.
+    format, where asked, is the precision the variant must have (else the source is converted to it). A bare
+    word that is no catalogue name is refused with the names close to it.
     """
     model = find(spec)
     if model is None:
@@ -54,13 +56,14 @@ def catalog_spec(
         )
         return model.source
     report = _probe(device, backend)
-    pick = choose(model, report, device=device, backend=backend, fits=provider_fit)
+    pick = choose(model, report, device=device, backend=backend, precision=format, fits=provider_fit)
     from phi3cli.hub import offline
 
     if offline():
-        return _from_cache(model, pick, report, device=device, backend=backend, progress=progress)
+        return _from_cache(model, pick, report, device=device, backend=backend, format=format, progress=progress)
     if pick is None:
-        return _fallback(model, report, device=device, backend=backend, progress=progress)
+        why = f" at {format}" if format else ""
+        return _fallback(model, report, device=device, backend=backend, progress=progress, why=why)
     progress.note(_picked(model, *pick))
     return pick[0].spec
 
@@ -159,11 +162,17 @@ def _from_cache(
     *,
     device: str,
     backend: str | None,
+    format: str | None,
     progress: Progress,
 ) -> str:
     """Offline: the best variant the hub cache holds, else the cached source to convert, else what to pull."""
     held = choose(
-        model, report, device=device, backend=backend, fits=lambda v, on: variant_cached(v) and provider_fit(v, on)
+        model,
+        report,
+        device=device,
+        backend=backend,
+        precision=format,
+        fits=lambda v, on: variant_cached(v) and provider_fit(v, on),
     )
     if held is not None:
         variant, on = held
@@ -175,7 +184,8 @@ def _from_cache(
     _convert_route(model, report, device=device, backend=backend)  # nothing can run here: that error first
     if not source_cached(model):
         raise _offline_error(model, None, device)
-    return _fallback(model, report, device=device, backend=backend, progress=progress, why=" in the hub cache")
+    why = (f" at {format}" if format else "") + " in the hub cache"
+    return _fallback(model, report, device=device, backend=backend, progress=progress, why=why)
 
 
 def _offline_error(model: CatalogModel, variant: ReadyVariant | None, device: str) -> OfflineError:

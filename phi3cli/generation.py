@@ -251,7 +251,8 @@ def open_model(
 
     store = store or ModelStore()
     progress = progress or SilentProgress()
-    source = resolve_source(model, store, progress=progress, device=device, backend=backend, convert=convert)
+    asked = dict(device=device, backend=backend, format=format, convert=convert)
+    source = resolve_source(model, store, progress=progress, **asked)
     report = probe(backends_to_probe(device, backend or source.runtime))
     route = choose_route(report, device=device, backend=backend, runtime=source.runtime)
     request = LoadRequest(

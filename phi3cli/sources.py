@@ -130,12 +130,13 @@ def resolve_source(
     device: str = "auto",
     backend: str | None = None,
     convert: bool = False,
+    format: str | None = None,
 ) -> ModelSource:
     """Turn what the user typed into a ModelSource, downloading or building it if needed.
 
     device and backend are those asked: of a hub repo with several ready-to-run folders, they pick one. A name in
-    phi3's catalogue (or its source repo's id) stands for the ready-made variant that fits them (phi3cli.catalog);
-    convert asks for its source checkpoint instead.
+    phi3's catalogue (or its source repo's id) stands for the ready-made variant that fits them and format
+    (phi3cli.catalog); convert asks for its source checkpoint instead.
     """
     spec = spec or DEFAULT_MODEL
     store = store or ModelStore()
@@ -173,7 +174,8 @@ def resolve_source(
     from phi3cli.catalog_resolve import catalog_spec
     from phi3cli.hub import parse_hub_id, resolve_hub
 
-    found = catalog_spec(spec, device=device, backend=backend, convert=convert, revision=revision, progress=progress)
+    asked = dict(device=device, backend=backend, format=format, convert=convert, revision=revision)
+    found = catalog_spec(spec, **asked, progress=progress)
     spec = found or spec  # a catalogue name: the hub repo (and folder) it stands for here
     if (hub_id := parse_hub_id(spec)) is None:
         raise ModelNotFoundError(

@@ -139,6 +139,15 @@ def test_a_folder_for_a_provider_missing_here_is_passed_over():
     assert choose(catalog()["phi-4-mini-reasoning"], report(**BOTH_CPU), device="cpu") is None
 
 
+def test_format_picks_the_variant_at_that_precision_or_none(built, demo_source, in_cache, tmp_path):
+    chosen = choose(catalog()["phi-3-mini"], report(**BOTH_CPU), device="cpu", precision="int8")
+    assert chosen is not None and chosen[0].repo == "OpenVINO/Phi-3-mini-4k-instruct-int8-ov"
+    publish_mini(in_cache, built)
+    publish(in_cache, SOURCE, {"": demo_source.path})
+    source, notes = resolve("phi-3-mini", tmp_path, device="cpu", format="fp16")  # no fp16 variant for the CPU
+    assert source.spec == SOURCE and any("at fp16" in n and "converting its source" in n for n in notes), notes
+
+
 def test_a_name_runs_the_ready_made_variant_for_the_device(hub_env):
     done = run_phi3("chat", "-m", "phi-3-mini", "-d", "cpu", "-n", "24", QUESTION, env=hub_env)
     assert done.returncode == 0, done.stderr

@@ -195,8 +195,10 @@ def bench(
         with RichProgress() as progress:
             one_device = device[0].value if device and len(device) == 1 else "auto"
             one_backend = backend[0] if backend and len(backend) == 1 else None
+            one_format = format[0] if format and len(format) == 1 else None
             convert = convert or (model is None and baseline is not None)  # a baseline's model as it was measured
-            source = resolve_source(spec, progress=progress, device=one_device, backend=one_backend, convert=convert)
+            asked = dict(device=one_device, backend=one_backend, format=one_format, convert=convert)
+            source = resolve_source(spec, progress=progress, **asked)
             spec = source.spec  # a catalogue name: the hub repo (and folder) it stands for, which every worker loads
             progress.phase("Looking for devices")
             found = probe()
