@@ -2,5 +2,6 @@
 
 __version__ = "0.1.0"
 
-# The model every command uses when none is named.
-DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+# The model every command uses when none is named: a name in phi3's catalogue (phi3cli/data/catalog.json), which
+# runs a ready-made variant of microsoft/Phi-3-mini-4k-instruct where one fits the device.
+DEFAULT_MODEL = "phi-3-mini"

@@ -238,6 +238,7 @@ def open_model(
     cache_reuse: bool = False,
     store: ModelStore | None = None,
     progress: Progress | None = None,
+    convert: bool = False,
 ):
     """Resolve a model, route it to a backend and device, and load it: what chat, bench and serve share.
 
@@ -250,7 +251,8 @@ def open_model(
 
     store = store or ModelStore()
     progress = progress or SilentProgress()
-    source = resolve_source(model, store, progress=progress, device=device, backend=backend)
+    asked = dict(device=device, backend=backend, format=format, convert=convert)
+    source = resolve_source(model, store, progress=progress, **asked)
     report = probe(backends_to_probe(device, backend or source.runtime))
     route = choose_route(report, device=device, backend=backend, runtime=source.runtime)
     request = LoadRequest(

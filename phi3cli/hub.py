@@ -154,6 +154,14 @@ def list_repo(repo: str, revision: str | None = None) -> RepoListing:
     return _cached_listing(repo, revision)
 
 
+def cached_listing(repo: str, revision: str | None = None) -> RepoListing | None:
+    """What the hub cache holds of a repo (never the network), or None when it holds nothing of it."""
+    try:
+        return _cached_listing(repo, revision)
+    except OfflineError:
+        return None
+
+
 def _cached_listing(repo: str, revision: str | None) -> RepoListing:
     snapshot = fetch(repo, revision, [], cached=True)
     files = {

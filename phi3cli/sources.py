@@ -129,10 +129,14 @@ def resolve_source(
     revision: str | None = None,
     device: str = "auto",
     backend: str | None = None,
+    convert: bool = False,
+    format: str | None = None,
 ) -> ModelSource:
     """Turn what the user typed into a ModelSource, downloading or building it if needed.
 
-    device and backend are those asked: of a hub repo with several ready-to-run folders, they pick one.
+    device and backend are those asked: of a hub repo with several ready-to-run folders, they pick one. A name in
+    phi3's catalogue (or its source repo's id) stands for the ready-made variant that fits them and format
+    (phi3cli.catalog); convert asks for its source checkpoint instead.
     """
     spec = spec or DEFAULT_MODEL
     store = store or ModelStore()
@@ -167,8 +171,12 @@ def resolve_source(
             check_architecture(path / "config.json", spec)
         resolved = path.resolve()
         return ModelSource(spec, kind, resolved, f"local--{slugify(path.name)}-{short_hash(str(resolved))}")
+    from phi3cli.catalog_resolve import catalog_spec
     from phi3cli.hub import parse_hub_id, resolve_hub
 
+    asked = dict(device=device, backend=backend, format=format, convert=convert, revision=revision)
+    found = catalog_spec(spec, **asked, progress=progress)
+    spec = found or spec  # a catalogue name: the hub repo (and folder) it stands for here
     if (hub_id := parse_hub_id(spec)) is None:
         raise ModelNotFoundError(
             f"No model named {spec!r}: it is not a file, a folder, or a Hugging Face id (owner/name[:subfolder]).",

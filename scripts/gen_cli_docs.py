@@ -25,6 +25,8 @@ COMMANDS = [
     ["models", "rm"],
     ["models", "path"],
     ["models", "prune"],
+    ["models", "catalog"],
+    ["models", "pull"],
 ]
 
 

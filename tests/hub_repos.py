@@ -44,3 +44,16 @@ def publish(cache: Path, repo_id: str, folders: dict[str, Path] = (), files: dic
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     return snapshot
+
+
+def demo_variants(demo_source, store) -> dict[str, Path]:
+    """The demo's converted folders in the test store (built once): OpenVINO IR int4 ("ir"), ONNX Runtime GenAI
+    int4 for the CPU ("cpu") and for DirectML ("dml"), to publish under the repo ids of ready-made variants."""
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import ConvertRecipe
+    from phi3cli.convert import ensure_variant
+
+    def variant(backend: str, fmt: str, target: str = "cpu") -> Path:
+        return ensure_variant(get_backend(backend), demo_source, ConvertRecipe(format=fmt, target=target), store)
+
+    return {"ir": variant("openvino", "int4"), "cpu": variant("onnx", "int4"), "dml": variant("onnx", "int4", "dml")}

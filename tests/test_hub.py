@@ -12,14 +12,11 @@ import json
 import pytest
 
 from tests.conftest import run_phi3
-from tests.hub_repos import publish
+from tests.hub_repos import demo_variants, publish
 
 pytest.importorskip("openvino_genai")
 pytest.importorskip("onnxruntime_genai")
 
-from phi3cli.backends import get_backend  # noqa: E402
-from phi3cli.backends.base import ConvertRecipe  # noqa: E402
-from phi3cli.convert import ensure_variant  # noqa: E402
 from phi3cli.devices import DeviceReport  # noqa: E402
 from phi3cli.hub import HubVariant, choose_variant  # noqa: E402
 
@@ -33,11 +30,7 @@ QUESTION = "What is the capital of France?"
 @pytest.fixture(scope="module")
 def built(demo_source, store):
     """The demo's converted folders in the shared test store: IR int4, ONNX int4 for the CPU and for DirectML."""
-
-    def variant(backend: str, fmt: str, target: str = "cpu"):
-        return ensure_variant(get_backend(backend), demo_source, ConvertRecipe(format=fmt, target=target), store)
-
-    return {"ir": variant("openvino", "int4"), "cpu": variant("onnx", "int4"), "dml": variant("onnx", "int4", "dml")}
+    return demo_variants(demo_source, store)
 
 
 def publish_all(cache, built) -> None:

@@ -58,6 +58,7 @@ class Job:
     turns: int = 0  # the multi-turn test: conversations of this many user messages (0: none)
     cache_reuse: bool = True
     options: dict = field(default_factory=dict)
+    convert: bool = False  # a catalogue name's source checkpoint, as the parent resolved it, not a ready-made variant
 
 
 def step_count(job: Job) -> int:
@@ -157,7 +158,7 @@ def measure_configuration(job: Job, store: ModelStore, report: Callable[[str], N
 def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options: dict) -> dict:
     result: dict = {"threads": job.threads}
     report("resolving the model")
-    source = resolve_source(job.model, store)
+    source = resolve_source(job.model, store, convert=job.convert)
     request = LoadRequest(
         source=source,
         device=job.device,

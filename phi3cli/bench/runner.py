@@ -105,9 +105,12 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _job(model: str, config: Configuration, settings: BenchSettings, *, measure_speed: bool = True) -> Job:
+def _job(
+    model: str, config: Configuration, settings: BenchSettings, *, measure_speed: bool = True, convert: bool = False
+) -> Job:
     return Job(
         model=model,
+        convert=convert,
         backend=config.backend,
         device=config.device,
         format=config.format,
@@ -216,14 +219,15 @@ def run_bench(
             reference_note = f"no reference: {reason}"
         else:
             progress.phase(f"Reference answers ({reference.label})")
-            result = run_worker(_job(model, reference, settings, measure_speed=False), store, settings.timeout_s, _noop)
+            job = _job(model, reference, settings, measure_speed=False, convert=source.runtime is None)
+            result = run_worker(job, store, settings.timeout_s, _noop)
             if result.get("ok"):
                 reference_tokens = (result.get("quality") or {}).get("tokens") or []
             else:
                 reference_note = f"no reference: {reference.label} failed ({result.get('error')})"
 
     for i, config in enumerate(todo, 1):
-        job = _job(model, config, settings)
+        job = _job(model, config, settings, convert=source.runtime is None)
         progress.phase(f"[{i}/{len(todo)}] Measuring {config.label}", total=step_count(job))
 
         def relay(message: str) -> None:

@@ -48,7 +48,7 @@ COMMANDS = {
         "phi3cli.cli.models",
         "models_app",
         "List, locate, remove and prune the models phi3 built (converted variants, the demo model, caches), "
-        "and list the hub models it ran from the Hugging Face hub cache.",
+        "list the hub models it ran from the Hugging Face hub cache, and list and pull the catalogue's short names.",
     ),
 }
 

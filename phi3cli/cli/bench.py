@@ -12,7 +12,7 @@ from rich.markup import escape
 from phi3cli import DEFAULT_MODEL
 from phi3cli.cli.bench_tables import show_comparison, show_report
 from phi3cli.cli.errors import user_errors
-from phi3cli.cli.options import ThreadsOpt
+from phi3cli.cli.options import ConvertOpt, ThreadsOpt
 from phi3cli.cli.render import RichProgress, err_console, out_console
 from phi3cli.errors import Phi3Error
 
@@ -46,10 +46,11 @@ def bench(
         typer.Option(
             "--model",
             "-m",
-            help="Model to measure: Hugging Face id, folder, .gguf or `demo` (default: the --compare baseline's "
-            f"model, else {DEFAULT_MODEL}).",
+            help="Model to measure: a name from `phi3 models catalog`, Hugging Face id, folder, .gguf or `demo` "
+            f"(default: the --compare baseline's model, else {DEFAULT_MODEL}).",
         ),
     ] = None,
+    convert: ConvertOpt = False,
     backend: Annotated[
         list[str] | None, typer.Option("--backend", "-b", help="Backend to measure; repeat for several.")
     ] = None,
@@ -192,7 +193,13 @@ def bench(
         from phi3cli.sources import resolve_source
 
         with RichProgress() as progress:
-            source = resolve_source(spec, progress=progress)
+            one_device = device[0].value if device and len(device) == 1 else "auto"
+            one_backend = backend[0] if backend and len(backend) == 1 else None
+            one_format = format[0] if format and len(format) == 1 else None
+            convert = convert or (model is None and baseline is not None)  # a baseline's model as it was measured
+            asked = dict(device=one_device, backend=one_backend, format=one_format, convert=convert)
+            source = resolve_source(spec, progress=progress, **asked)
+            spec = source.spec  # a catalogue name: the hub repo (and folder) it stands for, which every worker loads
             progress.phase("Looking for devices")
             found = probe()
             if baseline and not selected:  # the baseline's configurations, each checked against this machine

@@ -19,6 +19,7 @@ from phi3cli.cli.options import (
     AllowFallbackOpt,
     BackendOpt,
     CacheReuseOpt,
+    ConvertOpt,
     DeviceChoice,
     DeviceOpt,
     FormatOpt,
@@ -82,6 +83,7 @@ def chat(
         str | None, typer.Argument(help="Ask once and print only the answer (or pipe it on stdin).")
     ] = None,
     model: ModelOpt = None,
+    convert: ConvertOpt = False,
     device: DeviceOpt = DeviceChoice.auto,
     backend: BackendOpt = None,
     format: FormatOpt = None,
@@ -150,8 +152,8 @@ def chat(
     """Chat with a Phi-3 model, streaming the answer token by token.
 
     With a PROMPT (or text on stdin) it answers once and prints only the answer on stdout, so it pipes;
-    the figures go to stderr. Without, it starts an interactive session. The model defaults to
-    microsoft/Phi-3-mini-4k-instruct, or the one a --resume file names.
+    the figures go to stderr. Without, it starts an interactive session. The model defaults to phi-3-mini
+    (a ready-made variant of microsoft/Phi-3-mini-4k-instruct for the device), or the one a --resume file names.
     """
     from phi3cli.chat import ChatSession
     from phi3cli.generation import open_model
@@ -193,6 +195,7 @@ def chat(
                 options=openvino_options(max_prompt_len, min_response_len, npu_hint, inference_precision),
                 cache_reuse=cache_reuse and prompt is None,  # one answer: no next turn to reuse it
                 progress=progress,
+                convert=convert,
             )
     except (ModelNotFoundError, OfflineError, UnsupportedModelError) as exc:
         if saved and "--model" in from_file:

@@ -16,7 +16,13 @@ from phi3cli.errors import Phi3Error
 
 @user_errors
 def convert(
-    model: Annotated[str, typer.Argument(help="Hugging Face id, local folder, .gguf file, or `demo`.")] = DEFAULT_MODEL,
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A name from `phi3 models catalog` (its source checkpoint is converted), Hugging Face id, local "
+            "folder, .gguf file, or `demo`."
+        ),
+    ] = DEFAULT_MODEL,
     to: Annotated[
         str | None,
         typer.Option(
@@ -100,7 +106,7 @@ def convert(
         preset=recipe_name,
     )
     with RichProgress() as progress:
-        source = resolve_source(model, progress=progress)
+        source = resolve_source(model, progress=progress, convert=True)  # a catalogue name: its source checkpoint
         path = convert_model(source, spec.name, recipe, output, force=force, progress=progress)
     Console(highlight=False).print(
         f"[green]Converted[/] {model} → [bold]{path}[/] ({spec.name}, {format}, {recipe.target}, "

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from phi3cli.cli.errors import user_errors
+from phi3cli.cli.models_catalog import catalog, pull
 from phi3cli.errors import Phi3Error, StoreEntryNotFoundError
 from phi3cli.util import human_size
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # the store is read where a command needs it, so `phi3 --help
 models_app = typer.Typer(
     name="models",
     help="List, locate, remove and prune the models phi3 built (converted variants, the demo model, caches), "
-    "and list the hub models it ran from the Hugging Face hub cache.",
+    "list the hub models it ran from the Hugging Face hub cache, and list and pull the catalogue's short names.",
     no_args_is_help=True,
 )
 
@@ -380,3 +381,8 @@ def prune(
         return
     _confirm(f"Remove {_count(rows)} ({human_size(sum(n for _, n in rows))})?", yes)
     _remove(inventory, [p.entry for p in picked], console)
+
+
+# The catalogue of short names: its own module (phi3cli.cli.models_catalog), registered here.
+models_app.command("catalog")(catalog)
+models_app.command("pull")(pull)

@@ -20,9 +20,19 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Hugging Face id (a safetensors checkpoint, or a repo of ready-to-run IR or ONNX folders, run as "
-        "they are: OWNER/NAME:SUBFOLDER picks one of several), local model folder, .gguf file, a folder made by "
-        "`phi3 convert`, or `demo` (a 135M Phi-3-architecture model built offline).",
+        help="A name from `phi3 models catalog` (phi-3-mini, phi-3.5-mini, phi-4-mini...: the ready-made variant "
+        "for the device is downloaded, its folder alone), a Hugging Face id (a safetensors checkpoint, or a repo "
+        "of ready-to-run IR or ONNX folders, run as they are: OWNER/NAME:SUBFOLDER picks one of several), local "
+        "model folder, .gguf file, a folder made by `phi3 convert`, or `demo` (a 135M Phi-3-architecture model "
+        "built offline).",
+    ),
+]
+ConvertOpt = Annotated[
+    bool,
+    typer.Option(
+        "--convert",
+        help="For a catalogue name (or its source repo's id): convert its source checkpoint instead of running a "
+        "ready-made variant.",
     ),
 ]
 DeviceOpt = Annotated[

@@ -11,6 +11,7 @@ from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import (
     AllowFallbackOpt,
     BackendOpt,
+    ConvertOpt,
     DeviceChoice,
     DeviceOpt,
     FormatOpt,
@@ -24,6 +25,7 @@ from phi3cli.cli.render import RichProgress, err_console
 @user_errors
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
+    convert: ConvertOpt = False,
     device: DeviceOpt = DeviceChoice.auto,
     backend: BackendOpt = None,
     format: FormatOpt = None,
@@ -123,6 +125,7 @@ def serve(
         trust_remote_code=trust_remote_code,
         allow_fallback=allow_fallback,
         options=options,
+        convert=convert,
     )
     if ray:
         return _serve_with_ray(model, open_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
