@@ -12,6 +12,7 @@ from phi3cli.backends import get_backend, registry
 from phi3cli.backends.base import Backend, ConvertRecipe, LoadRequest
 from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
+from phi3cli.sizing import check_memory, model_config
 from phi3cli.sources import ModelSource
 from phi3cli.store import MANIFEST, ModelStore, VariantKey
 from phi3cli.util import atomic_output
@@ -41,12 +42,24 @@ def ensure_variant(
         if variant := store.find_variant(key):
             return variant.path
         hf_dir = source.hf_dir(store, progress)
+        check_build_memory(backend, hf_dir, recipe, source.spec)
         progress.note(
             f"Converting {source.spec} for {backend.name} ({recipe.format}, {recipe.target}); once, then reused."
         )
         with store.build_variant(key, source_spec=source.spec, versions=backend.runtime_versions(), force=True) as out:
             backend.build(hf_dir, recipe, out, progress, store.cache_dir(backend.name))
     return store.variant_dir(key)
+
+
+def check_build_memory(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, what: str) -> None:
+    """The pre-flight check: refuse, in one line, a build that would run out of memory, before it starts."""
+    estimate = backend.build_estimate(model_config(hf_dir), recipe)
+    check_memory(
+        estimate,
+        f"{what} for {backend.name} ({recipe.format})",
+        hint="Close other programs, or run a ready-made variant instead of converting (`phi3 models catalog` "
+        "lists them; `phi3 chat -m NAME` downloads the one for your device).",
+    )
 
 
 def runtime_folder(
@@ -108,8 +121,10 @@ def convert(
     backend = get_backend(backend_name)
     if output is None:
         return ensure_variant(backend, source, recipe, store, progress)
+    hf_dir = source.hf_dir(store, progress)
+    check_build_memory(backend, hf_dir, recipe, source.spec)
     with atomic_output(output, force=force) as staging:
-        backend.build(source.hf_dir(store, progress), recipe, staging, progress, store.cache_dir(backend.name))
+        backend.build(hf_dir, recipe, staging, progress, store.cache_dir(backend.name))
     return Path(output).absolute()
 
 

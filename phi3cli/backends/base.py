@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from phi3cli.backends import BackendSpec
+    from phi3cli.sizing import BuildEstimate
     from phi3cli.sources import ModelSource
 
 DEVICES = ("cpu", "gpu", "npu")
@@ -276,6 +277,10 @@ class Backend(ABC):
         """Compress the weights of a model (as spec.quantizes says) into out."""
         raise ConversionError(f"The {self.name} backend does not quantize models.")
 
+    def build_estimate(self, config: dict, recipe: ConvertRecipe) -> BuildEstimate | None:
+        """The memory a build of this recipe is expected to hold at its peak, for the pre-flight check (None: unknown)."""
+        return None
+
     def build_target(self, device: str) -> str:
         """The build target of the variant that runs on device (onnx: the execution provider for a GPU)."""
         return device
@@ -296,6 +301,10 @@ class Backend(ABC):
 
 # Named int4 recipes every converting backend knows, beside its default; `--recipe NAME` picks one.
 RECIPE_NAMES = {
+    "calibrated": "the int4 default up to 1B parameters: scales fitted on phi3's calibration text with NNCF's scale "
+    "estimation (asymmetric, group 64; OpenVINO 60 % of the layers int4, ONNX Runtime GenAI 50 %)",
+    "data-free": "the int4 default above 1B parameters: no calibration pass (OpenVINO: every layer int4, asymmetric, "
+    "group 64; ONNX Runtime GenAI: its builder's round-to-nearest, asymmetric, block 32, quantized layer by layer)",
     "cookbook": "the Phi-3 Cookbook's: OpenVINO --group-size 128 --ratio 0.6 --sym; ONNX Runtime GenAI's builder "
     "defaults (symmetric, block 32, int4 lm_head)",
 }

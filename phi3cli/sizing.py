@@ -1,0 +1,89 @@
+"""How big a model is and how much memory building a variant of it takes: the pre-flight check of a conversion.
+
+A conversion that runs out of memory is killed by the kernel with no message; this check says so before the
+first byte is written. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi3cli.errors import ConversionError
+
+GB = 1e9
+# A test (or a user who knows better) sets the memory phi3 may count on, in GB, instead of what the system reports.
+MEMORY_LIMIT_ENV = "PHI3_MEMORY_LIMIT_GB"
+# Models up to this size get the calibrated int4 default (scale estimation on phi3's text); larger ones the
+# data-free one, which needs no inference pass over the full model (measured at Phi-3-mini's size: docs/results).
+CALIBRATED_MAX_PARAMETERS = 1_000_000_000
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def parameter_count(config: dict) -> int:
+    """The parameters of a decoder-only transformer, from its config.json (embedding and lm_head included)."""
+    hidden = int(config["hidden_size"])
+    layers = int(config["num_hidden_layers"])
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    vocab = int(config.get("vocab_size") or 0)
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * inter
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp + 2 * hidden) + embeddings + hidden
+
+
+def model_config(hf_dir: Path) -> dict:
+    try:
+        return json.loads((Path(hf_dir) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{hf_dir} has no readable config.json ({exc}).") from exc
+
+
+def checkpoint_bytes(config: dict) -> int:
+    """Bytes of the weights at the checkpoint's own dtype (what loading it in that dtype takes)."""
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+    return parameter_count(config) * _BYTES.get(dtype, 4)
+
+
+def calibrated_by_default(config: dict) -> bool:
+    """Whether the int4 default of a converting backend fits its scales on calibration text for this model."""
+    return parameter_count(config) <= CALIBRATED_MAX_PARAMETERS
+
+
+@dataclass(frozen=True)
+class BuildEstimate:
+    """What a build is expected to hold in memory at its peak, and what dominates it (for the message)."""
+
+    peak_bytes: int
+    what: str
+
+
+def available_memory() -> int:
+    """Bytes a new build can use: the override in PHI3_MEMORY_LIMIT_GB, else the system's available memory."""
+    limit = os.environ.get(MEMORY_LIMIT_ENV)
+    if limit:
+        try:
+            return int(float(limit) * GB)
+        except ValueError as exc:
+            raise ConversionError(f"{MEMORY_LIMIT_ENV}={limit!r} is not a number of GB.") from exc
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(estimate: BuildEstimate | None, what: str, hint: str) -> None:
+    """Refuse a build whose estimated peak is more than the memory available, in one line, before it starts."""
+    if estimate is None:
+        return
+    available = available_memory()
+    if estimate.peak_bytes > available:
+        raise ConversionError(
+            f"Converting {what} needs about {estimate.peak_bytes / GB:.1f} GB of memory ({estimate.what}); "
+            f"{available / GB:.1f} GB is available, so it would be killed halfway.",
+            hint=hint,
+        )

@@ -1,0 +1,123 @@
+"""The pre-flight check of a conversion (model size, memory estimate, refusal) and progress lines in a log.
+
+No model is converted here: the checks read config.json only, so a folder holding Phi-3-mini's real config.json
+(32 layers) stands in for the model. A test-only memory limit (PHI3_MEMORY_LIMIT_GB) decides what is available.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import pytest
+
+from tests.conftest import run_phi3
+
+# Phi-3-mini-4k-instruct's widths with the demo's vocabulary, as scripts/make_shaped_model.py --layers 32 writes.
+PHI3_MINI_SHAPED = {
+    "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "num_hidden_layers": 32,
+    "vocab_size": 49152,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+}
+
+
+def test_parameter_count_of_phi3_mini_widths():
+    from phi3cli.sizing import parameter_count
+
+    # 3,926M: what Phi3ForCausalLM(config) reports for this config (scripts/make_shaped_model.py prints it)
+    assert round(parameter_count(PHI3_MINI_SHAPED) / 1e6) == 3926
+
+
+@pytest.mark.slow
+def test_parameter_count_matches_the_demo_checkpoint(demo_source, store):
+    """The estimate from config.json against the tensors actually stored in the demo's safetensors."""
+    from phi3cli.sizing import model_config, parameter_count
+
+    folder = demo_source.hf_dir(store)
+    stored = 0
+    for path in folder.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                stored += count
+    assert parameter_count(model_config(folder)) == stored
+
+
+def test_size_decides_the_int4_default():
+    from phi3cli.sizing import calibrated_by_default
+
+    assert not calibrated_by_default(PHI3_MINI_SHAPED)
+    assert calibrated_by_default({**PHI3_MINI_SHAPED, "num_hidden_layers": 2, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3})
+
+
+def test_estimates_of_both_converters():
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import ConvertRecipe
+
+    for name in ("openvino", "onnx"):
+        backend = get_backend(name)
+        data_free = backend.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4"))
+        calibrated = backend.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4", preset="calibrated"))
+        # the default at this size holds about the fp16 checkpoint (7.85 GB), never two copies of it
+        assert 7.85e9 < data_free.peak_bytes < 12e9, (name, data_free)
+        assert calibrated.peak_bytes > 15e9, (name, calibrated)
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_convert_refuses_what_does_not_fit(tmp_path, backend):
+    model = tmp_path / "phi3-mini-shaped"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(PHI3_MINI_SHAPED))
+    out = tmp_path / "out"
+    proc = run_phi3(
+        "convert", str(model), "--to", backend, "--format", "int4", "-o", str(out),
+        env={"PHI3_MEMORY_LIMIT_GB": "4"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "GB of memory" in proc.stderr and "4.0 GB is available" in proc.stderr, proc.stderr
+    assert "phi3 models catalog" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [model]
+
+
+def test_memory_limit_must_be_a_number(monkeypatch):
+    from phi3cli.errors import ConversionError
+    from phi3cli.sizing import MEMORY_LIMIT_ENV, available_memory
+
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
+    with pytest.raises(ConversionError, match="not a number"):
+        available_memory()
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "2.5")
+    assert available_memory() == 2_500_000_000
+
+
+def test_progress_lines_when_piped(monkeypatch):
+    """Piped (no terminal), a long phase prints its share done and the time left as plain lines."""
+    from rich.console import Console
+
+    from phi3cli.cli import render
+
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(render, "_now", lambda: float(next(clock)))
+    buffer = io.StringIO()
+    with render.RichProgress(Console(file=buffer, force_terminal=False, width=200)) as progress:
+        progress.phase("Compressing weights", total=4)
+        for _ in range(4):
+            progress.advance()
+    lines = buffer.getvalue().splitlines()
+    shares = [line for line in lines if line.strip().startswith("Compressing weights:")]
+    assert shares, lines
+    assert "50% after 20 s, about 20 s left" in shares[0]  # one line per 15 s at most: not at 10 s
+    assert lines[-1].startswith("✓ Compressing weights (")
