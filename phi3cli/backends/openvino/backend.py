@@ -14,7 +14,8 @@ from phi3cli.backends.openvino.ir import SUPPORT_FILES, TOKENIZER_FILES, check_i
 from phi3cli.backends.openvino.recipe import RECIPE_VERSION, resolve_recipe
 from phi3cli.backends.openvino.runtime import load_ir, ov_device_for
 from phi3cli.errors import ConversionError, UnsupportedModelError
-from phi3cli.progress import Progress
+from phi3cli.progress import Progress, SilentProgress
+from phi3cli.sizing import GB, BuildEstimate, checkpoint_bytes, parameter_count
 from phi3cli.util import copy_missing
 
 
@@ -38,6 +39,15 @@ class OpenVINOBackend(Backend):
         ensure_tokenizers(out, hf_dir, progress)
         copy_missing(hf_dir, out, SUPPORT_FILES)
         _note_weights(out, progress)
+
+    def build_estimate(self, config: dict, recipe: ConvertRecipe) -> BuildEstimate:
+        export = BuildEstimate(int(1.1 * checkpoint_bytes(config) + 0.3 * GB), "the export holds the checkpoint's weights")
+        settings = resolve_recipe(recipe, config, SilentProgress())
+        if settings is not None and settings.get("dataset") is not None:
+            fp16 = 2 * parameter_count(config)
+            calibrated = BuildEstimate(int(2.2 * fp16 + 0.5 * GB), "calibration runs the model beside its fp16 copy")
+            return max(export, calibrated, key=lambda e: e.peak_bytes)
+        return export  # data-free compression reads the fp16 IR through a memory map, one weight at a time
 
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
         model_dir = Path(model_dir)

@@ -42,6 +42,8 @@ def _quiet_converters() -> Iterator[None]:
 
             hf_verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # "Loading checkpoint shards": our phase line says it
         except ImportError:
             hf_verbosity = None
         try:
@@ -51,6 +53,8 @@ def _quiet_converters() -> Iterator[None]:
                 logging.getLogger(n).setLevel(level)
             if hf_verbosity is not None:
                 hf_logging.set_verbosity(hf_verbosity)
+                if bars:
+                    hf_logging.enable_progress_bar()
 
 
 def _raise_if_disk_full(exc: BaseException, out: Path) -> None:
@@ -90,15 +94,23 @@ def export_ir(hf_dir: Path, out: Path, progress: Progress) -> None:
 
 
 def compress_ir(src: Path, settings: dict[str, Any], out: Path, progress: Progress) -> None:
-    """NNCF weight compression of the IR in src, written to out (through optimum-intel's OVQuantizer)."""
-    from optimum.intel import OVConfig, OVModelForCausalLM, OVQuantizer, OVWeightQuantizationConfig
+    """NNCF weight compression of the IR in src, written to out.
 
+    Data-free settings go straight to nncf.compress_weights on the IR read through a memory map, one weight at a
+    time (no compiled model, no second copy of the fp16 weights); calibrated ones through optimum-intel's
+    OVQuantizer, which runs the model over the calibration text.
+    """
     progress.phase(f"Compressing weights with NNCF ({describe_recipe(settings)})")
     try:
         with _quiet_converters(), nncf_progress(progress):
-            model = OVModelForCausalLM.from_pretrained(src, compile=False, local_files_only=True)
-            config = OVWeightQuantizationConfig(tokenizer=str(src), **settings)
-            OVQuantizer(model).quantize(ov_config=OVConfig(quantization_config=config), save_directory=out)
+            if settings.get("dataset") is None:
+                _compress_data_free(src, settings, out)
+            else:
+                from optimum.intel import OVConfig, OVModelForCausalLM, OVQuantizer, OVWeightQuantizationConfig
+
+                model = OVModelForCausalLM.from_pretrained(src, compile=False, local_files_only=True)
+                config = OVWeightQuantizationConfig(tokenizer=str(src), **settings)
+                OVQuantizer(model).quantize(ov_config=OVConfig(quantization_config=config), save_directory=out)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise
@@ -112,6 +124,19 @@ def compress_ir(src: Path, settings: dict[str, Any], out: Path, progress: Progre
                 hint="Use --dataset auto or --dataset FILE.txt (paragraphs split by blank lines) when the hub cannot be reached.",
             ) from exc
         raise ConversionError(f"NNCF could not compress {src}: {first_line(exc)}") from exc
+
+
+def _compress_data_free(src: Path, settings: dict[str, Any], out: Path) -> None:
+    import nncf
+
+    mode = getattr(nncf.CompressWeightsMode, f"INT{settings['bits']}_{'SYM' if settings['sym'] else 'ASYM'}")
+    options: dict[str, Any] = {"mode": mode}
+    if settings["bits"] == 4:
+        options.update(group_size=settings["group_size"], ratio=settings["ratio"])
+    model = nncf.compress_weights(ov.Core().read_model(src / "openvino_model.xml"), **options)
+    out.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, out / "openvino_model.xml", compress_to_fp16=False)
+    del model
 
 
 def ensure_tokenizers(out: Path, hf_dir: Path, progress: Progress) -> None:

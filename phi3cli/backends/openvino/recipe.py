@@ -13,19 +13,24 @@ from phi3cli.backends.nncf_weights import CALIBRATION_TEXT, calibration_samples
 from phi3cli.backends.openvino import SPEC
 from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress
+from phi3cli.sizing import calibrated_by_default, parameter_count
 
 FORMATS = SPEC.formats
 # Bump when a default below or what export writes changes: it is part of the store key, so stored variants are
-# rebuilt (3: LongRoPE's switch to the long factors traced into the IR; 4: int4 ratio 0.4; 5: asymmetric group 64
-# ratio 0.6 with scale estimation).
-RECIPE_VERSION = "5"
-# The default int4 recipe (chosen by measuring, see README "Quality of int4"): asymmetric, group 64, 60 % of the
-# layers int4 (the rest int8), scales fitted by NNCF's scale estimation on the calibration text shipped with phi3
-# (optimum-intel's own tuned Phi-3-mini config is asymmetric group 64 with scale estimation too, at ratio 1.0 on
-# wikitext2 from the hub). The Phi-3 Cookbook's recipe, data-free, kept by name (`--recipe cookbook`); and the one
-# OpenVINO's NPU guide asks for (symmetric, channel-wise, all layers int4).
+# rebuilt (history in CHANGELOG.md).
+RECIPE_VERSION = "6"
+# The int4 defaults (measured: docs/results/). Up to CALIBRATED_MAX_PARAMETERS, `calibrated`: asymmetric, group
+# 64, 60 % of the layers int4 (the rest int8), scales fitted by NNCF's scale estimation on phi3's calibration text.
+# Above it, `data-free`: asymmetric, group 64, every layer int4 (embedding and lm_head int8), no inference pass,
+# so a 3.8B model converts in minutes within about its fp16 size of memory. `cookbook`: the Phi-3 Cookbook's
+# data-free recipe. The NPU's: OpenVINO's NPU guide (symmetric, channel-wise, all layers int4).
 INT4_RECIPE = {"group_size": 64, "ratio": 0.6, "sym": False, "scale_estimation": True}
-NAMED_INT4_RECIPES = {"cookbook": {"group_size": 128, "ratio": 0.6, "sym": True}}
+DATA_FREE_INT4_RECIPE = {"group_size": 64, "ratio": 1.0, "sym": False}
+NAMED_INT4_RECIPES = {
+    "calibrated": INT4_RECIPE,
+    "data-free": DATA_FREE_INT4_RECIPE,
+    "cookbook": {"group_size": 128, "ratio": 0.6, "sym": True},
+}
 NPU_INT4_RECIPE = {"group_size": -1, "ratio": 1.0, "sym": True}
 MIN_GROUP_SIZE = 16
 HUB_DATASETS = ("wikitext2", "c4", "c4-new", "gsm8k")
@@ -87,9 +92,7 @@ def resolve_recipe(recipe: ConvertRecipe, config: dict, progress: Progress) -> d
             progress.note("int8 is channel-wise on every layer; --group-size and --ratio apply to int4 only.")
         # Channel-wise int8 on every layer; asymmetric unless asked (optimum-intel's default).
         return {"bits": 8, "sym": bool(recipe.sym), "group_size": -1, "ratio": 1.0, **_data_aware(recipe)}
-    defaults = NPU_INT4_RECIPE if recipe.target == "npu" else INT4_RECIPE
-    if recipe.preset is not None:
-        defaults = NAMED_INT4_RECIPES[recipe.preset]
+    defaults = _default_int4(recipe, config, progress)
     requested = recipe.group_size if recipe.group_size is not None else defaults["group_size"]
     if requested == 0 or requested < -1:
         raise ConversionError(
@@ -113,6 +116,23 @@ def resolve_recipe(recipe: ConvertRecipe, config: dict, progress: Progress) -> d
         settings["scale_estimation"] = True
         settings.setdefault("dataset", calibration_samples())
     return settings
+
+
+def _default_int4(recipe: ConvertRecipe, config: dict, progress: Progress) -> dict[str, Any]:
+    """The int4 settings a recipe starts from: the named one, the NPU's, or the default for the model's size."""
+    if recipe.preset is not None:
+        return NAMED_INT4_RECIPES[recipe.preset]
+    if recipe.target == "npu":
+        return NPU_INT4_RECIPE
+    if calibrated_by_default(config):
+        return INT4_RECIPE
+    if not (recipe.awq or recipe.dataset):
+        progress.note(
+            f"{parameter_count(config) / 1e9:.1f}B parameters: int4 without calibration (--recipe data-free: every "
+            "layer int4, asymmetric, group 64), which needs no inference pass; --recipe calibrated fits the scales "
+            "on calibration text, at about twice the memory and many times the time."
+        )
+    return DATA_FREE_INT4_RECIPE
 
 
 def _data_aware(recipe: ConvertRecipe) -> dict[str, Any]:
