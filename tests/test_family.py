@@ -301,3 +301,47 @@ def test_convert_refuses_a_relative_in_one_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines[0].startswith("Error:") and "Phi-3-small" in lines[0] and "Phi3ForCausalLM" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_onnx_int4_made_layer_by_layer_equals_the_builders_own(family, tmp_path):
+    """The layer-by-layer int4 (what a 3.8B model converts with) writes the very weights of the builder's own final
+    pass, which needs the whole float32 graph in memory; checked on an untied member, whose lm_head goes too."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime_genai.models.builder import create_model
+
+    from phi3cli.backends.onnx.layerwise import layer_by_layer
+
+    hf = family.checkpoint("Phi-3-mini-4k-instruct")
+    assert not json.loads((hf / "config.json").read_text())["tie_word_embeddings"]
+    options = {"hf_token": "false", "hf_remote": False, "int4_algo_config": "rtn_last", "int4_is_symmetric": False}
+    create_model(None, str(hf), str(tmp_path / "whole"), "int4", "cpu", str(tmp_path / "cache1"), **options)
+    with layer_by_layer():
+        create_model(None, str(hf), str(tmp_path / "layered"), "int4", "cpu", str(tmp_path / "cache2"), **options)
+
+    def matmuls(folder: Path) -> list[tuple[dict, list]]:
+        graph = onnx.load(str(folder / "model.onnx")).graph
+        weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        nodes = [n for n in graph.node if n.op_type in ("MatMul", "MatMulNBits")]
+        return [
+            ({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}, [weights[i] for i in n.input[1:]])
+            for n in nodes
+        ]
+
+    whole, layered = matmuls(tmp_path / "whole"), matmuls(tmp_path / "layered")
+    assert len(whole) == len(layered) == TINY_LAYERS * 5 + 1  # qkv, o, gate, up, down per layer, and the lm_head
+    def codes(packed, bits):  # 4-bit codes two to a byte
+        return np.stack([packed & 15, packed >> 4], -1).astype(int) if bits == 4 else packed.astype(int)
+
+    for (attrs_w, arrays_w), (attrs_l, arrays_l) in zip(whole, layered, strict=True):
+        assert attrs_w == attrs_l
+        (q_w, scale_w, *zp_w), (q_l, scale_l, *zp_l) = arrays_w, arrays_l
+        np.testing.assert_array_equal(scale_w, scale_l)  # the same grid for every block
+        # The final pass's RTN (Python) and ONNX Runtime's C++ block quantizer break rounding ties differently:
+        # a few codes, and the zero points rounded from them, sit one step apart.
+        for a, b in [(q_w, q_l), *zip(zp_w, zp_l, strict=True)]:
+            diff = np.abs(codes(a, attrs_w["bits"]) - codes(b, attrs_w["bits"]))
+            assert diff.max() <= (1 if attrs_w["bits"] == 4 else 2) and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    assert layered[-1][0]["bits"] == 8  # rtn_last: the lm_head in int8

@@ -15,31 +15,31 @@ import shutil
 import sys
 import uuid
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 from phi3cli.backends.base import ConvertRecipe
 from phi3cli.backends.onnx import SPEC
 from phi3cli.backends.onnx.folder import GENAI_CONFIG, TOKENIZER_FILES, read_genai_config
+from phi3cli.backends.onnx.layerwise import layer_by_layer
 from phi3cli.errors import ConversionError
 from phi3cli.progress import Progress
+from phi3cli.sizing import calibrated_by_default, model_config
 from phi3cli.util import copy_missing, first_line, remove_stale_partials
 
 # Block sizes MatMulNBits accepts (the builder's default is 32).
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
-# The default int4 recipe per target (chosen by measuring, see README "Quality of int4"). For the CPU: the builder
-# writes fp32 and NNCF compresses it much as the OpenVINO default does (asymmetric, group 64, half the weights
-# int4 and the rest int8, scales fitted by scale estimation on phi3's calibration text): on the demo PPL 30.0 and
-# KLD 0.057 against 34.5 and 0.294 for the builder's own round-to-nearest (ratio 0.6: 30.4 and 0.076, since
-# MatMulNBits quantizes activations to int8 where OpenVINO computes in f32). DirectML and CUDA keep the builder's defaults (their
-# GatherBlockQuantized has not run here).
+# The int4 defaults per target (measured: docs/results/). For the CPU, up to CALIBRATED_MAX_PARAMETERS
+# (`calibrated`): the builder writes fp32 and NNCF compresses it much as the OpenVINO default does (asymmetric,
+# group 64, half the weights int4 and the rest int8, scales fitted by scale estimation on phi3's calibration text).
+# Above it (`data-free`, also `rtn`): the builder's own round-to-nearest (asymmetric blocks, lm_head int8 shared
+# with a tied embedding), quantized layer by layer (layerwise.py), since an fp32 graph of a 3.8B model does not fit
+# in memory. DirectML and CUDA keep the builder's defaults. `cookbook`: the builder's defaults (symmetric, block
+# 32, int4 lm_head).
 NNCF_INT4_RECIPE: dict[str, dict] = {"cpu": {"group_size": 64, "ratio": 0.5, "sym": False, "scale_estimation": True}}
-# Named builder recipes: `rtn` (the previous CPU default: asymmetric blocks, lm_head int8 shared with the
-# embedding where the model ties them), and the Phi-3 Cookbook's, which runs the builder with its own defaults
-# (symmetric, block 32, int4 lm_head, accuracy level 4).
-NAMED_INT4_RECIPES: dict[str, dict] = {
-    "cookbook": {},
-    "rtn": {"int4_algo_config": "rtn_last", "int4_is_symmetric": False},
-}
+_RTN = {"int4_algo_config": "rtn_last", "int4_is_symmetric": False}
+NAMED_INT4_RECIPES: dict[str, dict] = {"cookbook": {}, "rtn": _RTN, "data-free": _RTN}
+CALIBRATED = "calibrated"  # the NNCF recipe, by name
 
 
 class _BuilderOutput(io.TextIOBase):
@@ -124,10 +124,13 @@ def builder_target(recipe: ConvertRecipe) -> tuple[str, bool]:
     return recipe.target, False
 
 
-def nncf_settings(recipe: ConvertRecipe) -> dict | None:
-    """NNCF's settings when this recipe compresses an fp32 build with NNCF (the CPU int4 default), else None."""
+def nncf_settings(recipe: ConvertRecipe, calibrated_default: bool = True) -> dict | None:
+    """NNCF's settings when this recipe compresses an fp32 build with NNCF (the CPU int4 default where
+    calibrated_default, or --recipe calibrated), else None (the builder's own int4)."""
     defaults = NNCF_INT4_RECIPE.get(recipe.target)
-    if recipe.format != "int4" or recipe.preset is not None or defaults is None:
+    if recipe.format != "int4" or defaults is None or recipe.preset not in (None, CALIBRATED):
+        return None
+    if recipe.preset is None and not calibrated_default and not (recipe.awq or recipe.dataset):
         return None
     settings = dict(defaults)
     if recipe.group_size is not None:
@@ -154,6 +157,8 @@ def _builder_options(recipe: ConvertRecipe, nncf: dict | None) -> dict:
     options = {"hf_token": "false", "hf_remote": False}  # local folders only; never run a model's own code
     if nncf is not None:
         return options  # the builder writes fp32; NNCF does the int4
+    if recipe.format == "int4" and recipe.preset is None and recipe.target == "cpu":
+        recipe = replace(recipe, preset="data-free")  # the default above CALIBRATED_MAX_PARAMETERS
     unsupported = [
         flag
         for flag, given in (("--ratio", recipe.ratio is not None), ("--awq", recipe.awq), ("--dataset", recipe.dataset))
@@ -213,7 +218,7 @@ def build_folder(hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progr
             hint="Change --target.",
         )
     _check_block(recipe)
-    nncf = nncf_settings(recipe)
+    nncf = nncf_settings(recipe, calibrated_by_default(model_config(hf_dir)))
     ep, drop_providers = builder_target(recipe)
     options = _builder_options(recipe, nncf)
     built_format = "fp32" if nncf is not None else recipe.format
@@ -236,7 +241,8 @@ def build_folder(hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progr
             from onnxruntime_genai.models.builder import create_model
 
             progress.phase(f"Building the ONNX graph, layer by layer ({what})", total=layers)
-            create_model(None, str(hf_dir), str(built), built_format, ep, str(scratch / "hf"), **options)
+            with layer_by_layer() if built_format == "int4" else contextlib.nullcontext():
+                create_model(None, str(hf_dir), str(built), built_format, ep, str(scratch / "hf"), **options)
     except Exception as exc:
         shutil.rmtree(scratch, ignore_errors=True)
         last = f" (after: {output.tail[-1]})" if output.tail else ""

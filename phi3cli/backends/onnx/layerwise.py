@@ -1,0 +1,89 @@
+"""The model builder's int4, made layer by layer, so a 3.8B model converts within about its fp16 size of memory.
+
+ONNX Runtime GenAI's builder (0.13) loads the checkpoint in float32, keeps every weight as a lazy float tensor
+and quantizes the whole graph at the end, from a protobuf of the full float32 model: at Phi-3-mini's size it was
+killed by the kernel at 24 GB. Inside `layer_by_layer()` the builder loads the checkpoint at its own dtype, each
+MatMul weight is block-quantized as the builder writes it (with ONNX Runtime's own quantizer, the one the final
+pass would run, with the same block size, symmetry and accuracy level), and each layer's float weights are freed
+once the layer is written. The lm_head too (int8 where the recipe says so), unless the embedding is tied to it:
+then it is left to the builder's final pass, whose naming the tied embedding's GatherBlockQuantized refers to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+class _QuantizedLinear:
+    """What the builder's make_matmul_int4 reads from a pre-quantized module (as from its QuantModel)."""
+
+    def __init__(self, weight, bits: int, block_size: int, symmetric: bool):
+        import torch
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+
+        self.out_features, self.in_features = weight.shape
+        self.bits, self.group_size = bits, block_size
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
+        b = weight.detach().to(torch.float32).T.contiguous().numpy()  # MatMul's B: in x out
+        packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(b)
+        self.qweight = torch.from_numpy(packed)
+        self.scales = torch.from_numpy(scales)
+        self.qzeros = None if symmetric else torch.from_numpy(zero_points)
+
+
+@contextlib.contextmanager
+def layer_by_layer() -> Iterator[None]:
+    """Patch the builder (for the duration of the block) to quantize to int4 as it goes and free what it wrote."""
+    import importlib
+
+    import onnxruntime_genai.models.builder  # noqa: F401  (puts its folder on sys.path and imports `builders`)
+    import torch
+
+    base = importlib.import_module("builders.base")  # the module the builder runs, not a second copy of it
+
+    auto_class = base.AutoModelForCausalLM
+    make_matmul_int4 = base.Model.make_matmul_int4
+    make_layer = base.Model.make_layer
+    to_int4 = base.Model.to_int4
+
+    class AtCheckpointDtype:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            kwargs.setdefault("dtype", "auto")  # fp16 stays fp16: half the memory of the builder's float32
+            return auto_class.from_pretrained(*args, **kwargs)
+
+    def quantize_now(self, matmul, basename, root_input, **kwargs):
+        attrs = self.quant_attrs["int4"]
+        lm_head = bool(kwargs.get("logits"))
+        if hasattr(matmul, "qweight") or basename in attrs["nodes_to_exclude"] or (lm_head and self.shared_embeddings):
+            return make_matmul_int4(self, matmul, basename, root_input, **kwargs)  # float now, the final pass later
+        bits = 8 if lm_head and self.int8_lm_head else 4
+        quantized = _QuantizedLinear(matmul.weight, bits, int(attrs["qdq_block_size"]), bool(attrs["is_symmetric"]))
+        if lm_head:
+            self.phi3_quantized_all = True  # nothing left for the final whole-graph pass
+        return make_matmul_int4(self, quantized, basename, root_input, **kwargs)
+
+    def to_int4_unless_done(self):
+        return self.model if getattr(self, "phi3_quantized_all", False) else to_int4(self)
+
+    def make_layer_and_free(self, layer_id, layer):
+        make_layer(self, layer_id, layer)
+        for param in layer.parameters():
+            if param.dim() >= 2:  # the MatMul weights, now quantized; norms are read again when saving
+                param.data = torch.empty(0, dtype=param.dtype)
+
+    base.AutoModelForCausalLM = AtCheckpointDtype
+    base.Model.make_matmul_int4 = quantize_now
+    base.Model.make_layer = make_layer_and_free
+    base.Model.to_int4 = to_int4_unless_done
+    try:
+        yield
+    finally:
+        base.AutoModelForCausalLM = auto_class
+        base.Model.make_matmul_int4 = make_matmul_int4
+        base.Model.make_layer = make_layer
+        base.Model.to_int4 = to_int4
