@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 if TYPE_CHECKING:
     from phi3cli.generation import ReplyStats
@@ -25,22 +34,29 @@ def out_console() -> Console:
 
 
 class RichProgress:
-    """The core's Progress protocol drawn on stderr: a spinner per phase, a bar when the size is known."""
+    """The core's Progress protocol drawn on stderr: a spinner per phase, a bar with the share done and an estimate
+    of the time left when the size is known. Piped, a plain line every PLAIN_EVERY_S seconds says the same."""
+
+    PLAIN_EVERY_S = 15.0
 
     def __init__(self, console: Console = err_console):
         self.console = console
         self._progress: Progress | None = None
         self._task = None
+        self._plain: _PlainPhase | None = None
 
     def __enter__(self) -> RichProgress:
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
+            TaskProgressColumn(),
             TimeElapsedColumn(),
+            TextColumn("· left"),
+            TimeRemainingColumn(),
             console=self.console,
             transient=True,
-            disable=not self.console.is_terminal,  # piped: the ✓ lines only, no redraws or stray blank line
+            disable=not self.console.is_terminal,  # piped: plain lines instead of redraws
         )
         self._progress.start()
         return self
@@ -57,22 +73,57 @@ class RichProgress:
             return
         self._finish_task()
         self._task = self._progress.add_task(description, total=total)
+        self._plain = _PlainPhase(description, total) if not self.console.is_terminal else None
 
     def _finish_task(self) -> None:
         if self._progress and self._task is not None:
             task = self._progress.tasks[-1]
-            self.console.print(
-                f"[green]✓[/] [dim]{escape(task.description)} ({task.elapsed or 0:.1f} s)[/]", soft_wrap=True
-            )
+            elapsed = task.elapsed if task.elapsed is not None else (self._plain.elapsed() if self._plain else 0)
+            self.console.print(f"[green]✓[/] [dim]{escape(task.description)} ({elapsed:.1f} s)[/]", soft_wrap=True)
             self._progress.remove_task(self._task)
             self._task = None
+            self._plain = None
 
     def advance(self, amount: float = 1.0) -> None:
         if self._progress and self._task is not None:
             self._progress.advance(self._task, amount)
+            if self._plain and (line := self._plain.advance(amount, self.PLAIN_EVERY_S)):
+                self.console.print(f"  {escape(line)}", soft_wrap=True, highlight=False)
 
     def note(self, message: str) -> None:
         self.console.print(f"[yellow]{escape(message)}[/]", soft_wrap=True)
+
+
+class _PlainPhase:
+    """A phase's share done and time left, as a line of text now and then (for a log, where no bar is drawn)."""
+
+    def __init__(self, description: str, total: float | None):
+        self.description, self.total = description, total
+        self.done = 0.0
+        self.start = self.last = _now()
+
+    def elapsed(self) -> float:
+        return _now() - self.start
+
+    def advance(self, amount: float, every_s: float) -> str | None:
+        self.done += amount
+        now = _now()
+        if not self.total or now - self.last < every_s:
+            return None
+        self.last = now
+        share = min(self.done / self.total, 1.0)
+        left = (now - self.start) * (1 - share) / share if share > 0 else None
+        estimate = f", about {_duration(left)} left" if left is not None else ""
+        return f"{self.description}: {share:.0%} after {_duration(now - self.start)}{estimate}"
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def stats_line(stats: ReplyStats) -> str:
