@@ -133,6 +133,18 @@ def run_job(job: dict) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def build_artifact(config: pb.Config, hf_dir: Path, work: Path, model: str) -> dict:
+    """Build (or find) a configuration's artifact in a worker process of its own, so that its wall time and peak
+    RSS are the build's alone: llama.cpp's quantize from the f16 .gguf, phi3's whole convert (export included)."""
+    out = run_job({"mode": "build", "config": config.name, "hf_dir": str(hf_dir), "work": str(work), "model": model})
+    if "error" in out:
+        sys.exit(f"Building {config.name} failed: {out['error']}")
+    out["cached"] = out["build_s"] < 1.0  # found, not built: no figure
+    print(f"{hf_dir.name}: {config.name}: built in {out['build_s']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
+          file=sys.stderr)
+    return out
+
+
 def speed_job(config: pb.Config, path: Path, model: str, prompts: list[list[int]], args) -> dict:
     return {
         "runtime": config.runtime,
@@ -225,6 +237,7 @@ def summarise(config, path, hf_config, args, rounds: list[dict], base_rounds: li
         bytes_per_token=per_token,
         gbps=per_token * decode / 1e9,
         load_s=mean([rnd["load_s"] for rnd in rounds if "load_s" in rnd]),
+        run_rss_mb=max(rnd.get("peak_rss_mb", 0.0) for rnd in rounds),
         per_type_mb={k: round(v / 1e6, 1) for k, v in per_type.items()},
         properties=properties,
         path=str(path),
@@ -238,10 +251,11 @@ def table(rows: list[dict], bandwidth: float, scores: dict | None) -> str:
     if scores:
         cols += ["PPL", "vs fp32", "mean KLD", "top-1"]
     cols += ["prefill tok/s", "decode tok/s", "prefill ×", "decode ×", "MB read/token", "% of bandwidth"]
+    cols += ["peak RSS running MB", "make int4: s", "make int4: peak RSS MB"]
     lines = ["| " + " | ".join(cols) + " |", "| --- |" + " --: |" * (len(cols) - 1)]
     ref_ppl = scores["reference"]["ppl"] if scores else None
     if scores:
-        cells = ["transformers fp32 (reference)", "", f"{ref_ppl:.2f}", "—", "0", "100 %"] + [""] * 6
+        cells = ["transformers fp32 (reference)", "", f"{ref_ppl:.2f}", "—", "0", "100 %"] + [""] * 9
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         cells = [r["config"], f"{r['size_mb']:.0f}" if "size_mb" in r else ""]
@@ -253,7 +267,7 @@ def table(rows: list[dict], bandwidth: float, scores: dict | None) -> str:
             else:
                 cells += [f"failed: {q.get('error', '?')[:60]}", "", "", ""]
         if "decode_tps" not in r:
-            cells += [f"failed: {'; '.join(r['errors'])[:120]}"] + [""] * 5
+            cells += [f"failed: {'; '.join(r['errors'])[:120]}"] + [""] * 8
         else:
             cells += [
                 f"{r['prefill_tps']:.0f}",
@@ -262,7 +276,12 @@ def table(rows: list[dict], bandwidth: float, scores: dict | None) -> str:
                 f"{r['decode_ratio']:.2f}",
                 f"{r['bytes_per_token'] / 1e6:.0f}",
                 f"{100 * r['gbps'] * 1e9 / bandwidth:.0f} %",
+                f"{r['run_rss_mb']:.0f}",
             ]
+        build = r.get("build") or {}
+        cached = build.get("cached", True)
+        if "decode_tps" in r:
+            cells += ["cached", ""] if cached else [f"{build['build_s']:.0f}", f"{build['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -284,10 +303,13 @@ def measure_model(spec: str, configs: list, args) -> dict:
     model, hf_dir = resolve_model(spec)
     hf_config = json.loads((hf_dir / "config.json").read_text())
     work = (args.work / hf_dir.name).absolute()
-    paths = {}
+    paths, builds = {}, {}
+    if any(c.runtime == "llama" for c in configs):
+        pb.f16_gguf(hf_dir, work)  # llama.cpp quantizes from it: its writing is not part of the quantize time
     for c in configs:
         if c.artifact not in paths:
-            paths[c.artifact] = pb.ensure(c, hf_dir, work, model)
+            builds[c.artifact] = build_artifact(c, hf_dir, work, model)
+            paths[c.artifact] = Path(builds[c.artifact]["path"])
     timing_only = hf_config.get("phi3_timing_only")
     scores = None if timing_only or args.no_quality else quality(configs, paths, hf_dir, work, args)
     results: dict[str, list[dict]] = {c.name: [] for c in configs}
@@ -309,6 +331,8 @@ def measure_model(spec: str, configs: list, args) -> dict:
                     file=sys.stderr,
                 )
     rows = [summarise(c, paths[c.artifact], hf_config, args, results[c.name], results[args.baseline]) for c in configs]
+    for row, c in zip(rows, configs, strict=True):
+        row["build"] = builds[c.artifact]
     return {"model": str(hf_dir), "hf_config": hf_config, "timing_only": timing_only, "rows": rows, "quality": scores}
 
 

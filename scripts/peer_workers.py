@@ -345,14 +345,37 @@ def run_logits(job: dict) -> dict:
 RUNNERS = {"ov": run_ov, "ort": run_ort, "llama": run_llama}
 
 
+def run_build(job: dict) -> dict:
+    """Build one configuration's artifact (scripts/peer_builds.py), timed on its own: wall seconds, peak RSS."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peer_builds as pb
+
+    start = time.perf_counter()
+    path = pb.ensure(pb.parse_config(job["config"]), Path(job["hf_dir"]), Path(job["work"]), job["model"])
+    return {"path": str(path), "build_s": time.perf_counter() - start}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
-    if job.get("mode") == "logits":
+    if job.get("mode") == "build":
+        result = run_build(job)
+    elif job.get("mode") == "logits":
         result = run_logits(job)
     elif job["runtime"] == "phi3":
         result = run_phi3(job)
     else:
         result = RUNNERS[job["runtime"]](Path(job["path"]), job["knobs"], job["threads"], job["prompts"], job["gen"])
+    result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
 
 
