@@ -44,10 +44,14 @@ def model_config(hf_dir: Path) -> dict:
         raise ConversionError(f"{hf_dir} has no readable config.json ({exc}).") from exc
 
 
+def checkpoint_dtype(config: dict) -> str:
+    """The dtype the checkpoint's weights are stored in (float32 when config.json does not say)."""
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+
+
 def checkpoint_bytes(config: dict) -> int:
     """Bytes of the weights at the checkpoint's own dtype (what loading it in that dtype takes)."""
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
-    return parameter_count(config) * _BYTES.get(dtype, 4)
+    return parameter_count(config) * _BYTES.get(checkpoint_dtype(config), 4)
 
 
 def calibrated_by_default(config: dict) -> bool:
@@ -57,7 +61,11 @@ def calibrated_by_default(config: dict) -> bool:
 
 @dataclass(frozen=True)
 class BuildEstimate:
-    """What a build is expected to hold in memory at its peak, and what dominates it (for the message)."""
+    """The memory a build needs at its peak, and what dominates it (for the message).
+
+    What it holds itself: a checkpoint read through a memory map counts only for what the build keeps, since the
+    kernel drops mapped pages it has read when memory runs short (so peak RSS, which counts them, can be higher).
+    """
 
     peak_bytes: int
     what: str

@@ -63,16 +63,19 @@ def test_size_decides_the_int4_default():
 
 
 def test_estimates_of_both_converters():
+    """What both converters were measured to need at this size (inside a memory limit: docs/results)."""
     from phi3cli.backends import get_backend
     from phi3cli.backends.base import ConvertRecipe
 
-    for name in ("openvino", "onnx"):
-        backend = get_backend(name)
-        data_free = backend.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4"))
-        calibrated = backend.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4", preset="calibrated"))
-        # the default at this size holds about the fp16 checkpoint (7.85 GB), never two copies of it
-        assert 7.85e9 < data_free.peak_bytes < 12e9, (name, data_free)
-        assert calibrated.peak_bytes > 15e9, (name, calibrated)
+    openvino, onnx = get_backend("openvino"), get_backend("onnx")
+    data_free = ConvertRecipe("int4")
+    # an fp16 checkpoint is memory-mapped: OpenVINO converted inside 3 GB, ONNX inside 5 GB but not 3
+    assert 2.3e9 < openvino.build_estimate(PHI3_MINI_SHAPED, data_free).peak_bytes <= 3e9
+    assert 3e9 < onnx.build_estimate(PHI3_MINI_SHAPED, data_free).peak_bytes <= 5e9
+    # a bfloat16 checkpoint (as Microsoft publishes Phi-3) is cast to fp16 by the OpenVINO export, in memory
+    assert openvino.build_estimate({**PHI3_MINI_SHAPED, "torch_dtype": "bfloat16"}, data_free).peak_bytes > 7.85e9
+    for backend in (openvino, onnx):  # calibration runs the model: 16.7 GB measured with OpenVINO
+        assert backend.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4", preset="calibrated")).peak_bytes > 15e9
 
 
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
@@ -83,10 +86,10 @@ def test_convert_refuses_what_does_not_fit(tmp_path, backend):
     out = tmp_path / "out"
     proc = run_phi3(
         "convert", str(model), "--to", backend, "--format", "int4", "-o", str(out),
-        env={"PHI3_MEMORY_LIMIT_GB": "4"},
+        env={"PHI3_MEMORY_LIMIT_GB": "2"},
     )
     assert proc.returncode == 1, proc.stderr
-    assert "GB of memory" in proc.stderr and "4.0 GB is available" in proc.stderr, proc.stderr
+    assert "GB of memory" in proc.stderr and "2.0 GB is available" in proc.stderr, proc.stderr
     assert "phi3 models catalog" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == [model]
