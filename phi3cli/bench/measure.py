@@ -146,15 +146,16 @@ def _load(job: Job, request: LoadRequest, store: ModelStore) -> LoadedModel:
 def measure_configuration(job: Job, store: ModelStore, report: Callable[[str], None] = lambda _: None) -> dict:
     """Load twice (cold, then warm), warm up, repeat, then measure quality; returns plain figures.
 
-    The cold load starts with an empty compiled-model cache (options["cache_dir"], for runtimes that keep
-    one); the warm load reuses what the cold one wrote. Raises Phi3Error (or whatever the runtime raises)
-    when the configuration cannot run; the caller shows that as a failure row.
+    The cold load starts with an empty runtime cache of its own (LoadRequest.cache_dir, for runtimes that keep
+    compiled models there), not the store's shared one; the warm load reuses what the cold one wrote. Raises
+    Phi3Error (or whatever the runtime raises) when the configuration cannot run; the caller shows that as a
+    failure row.
     """
     with tempfile.TemporaryDirectory(prefix="phi3-bench-cache-") as cache:
-        return _measure(job, store, report, {**job.options, "cache_dir": cache})
+        return _measure(job, store, report, Path(cache))
 
 
-def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options: dict) -> dict:
+def _measure(job: Job, store: ModelStore, report: Callable[[str], None], cache: Path) -> dict:
     result: dict = {"threads": job.threads}
     report("resolving the model")
     source = resolve_source(job.model, store)
@@ -163,7 +164,8 @@ def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options
         device=job.device,
         format=job.format,
         threads=job.threads,
-        options=options,
+        options=dict(job.options),
+        cache_dir=cache,
         cache_reuse=job.cache_reuse,
     )
     get_backend(job.backend)  # import the runtime first: load times are loading, not importing
