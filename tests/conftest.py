@@ -3,6 +3,10 @@
 The store lives in .phi3-test-home/ at the repository root (or $PHI3_TEST_HOME), so the demo model
 and converted variants are built once and reused by later runs; every build goes through the same
 locks and atomic staging the tool uses.
+
+Two tiers: `pytest -m "not slow"` runs in minutes and never builds or runs a real model (what only needs a model's
+interface uses tests/fakes/scripted_model.py); plain `pytest` runs everything. A test that asks for the real demo
+model (REAL_MODEL_FIXTURES) must be marked slow; collection stops otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +30,22 @@ PROMPTS = [
     "Name three colours of the rainbow.",
     "Write one sentence about the sea.",
 ]
+
+
+# Fixtures that build or load the real demo model: a test that uses one is slow.
+REAL_MODEL_FIXTURES = {"demo_source", "torch_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "These tests use the real demo model but are not marked slow (@pytest.mark.slow):\n  " + "\n  ".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session")

@@ -366,6 +366,7 @@ def test_an_error_inside_the_worker_becomes_a_failure_row():
     assert "Traceback" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_a_timing_only_model_is_labelled_so(demo_source, tmp_path):
     # scripts/make_shaped_model.py marks its random-weight models in config.json; bench says so on every output.
     folder = tmp_path / "shaped"

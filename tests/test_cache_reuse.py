@@ -69,6 +69,7 @@ def assert_as_a_full_prefill(session: ChatSession, stats: ReplyStats, fresh) -> 
     assert stats.token_ids == full.token_ids, (stats.text, full.text)
 
 
+@pytest.mark.slow
 def test_each_turn_reads_only_what_is_new_and_answers_as_a_full_prefill(pair):
     kept, fresh = pair
     assert kept.prompt_cache.enabled and not (fresh.prompt_cache and fresh.prompt_cache.enabled)
@@ -82,6 +83,7 @@ def test_each_turn_reads_only_what_is_new_and_answers_as_a_full_prefill(pair):
         previous = stats
 
 
+@pytest.mark.slow
 def test_reset_system_prompt_and_load(pair):
     kept, fresh = pair
     session = ChatSession(kept, SETTINGS)
@@ -104,6 +106,7 @@ def test_reset_system_prompt_and_load(pair):
     assert_as_a_full_prefill(session, turn(session, QUESTIONS[0]), fresh)
 
 
+@pytest.mark.slow
 def test_an_answer_stopped_mid_way_is_rewound(pair):
     kept, fresh = pair
     session = ChatSession(kept, SETTINGS)
@@ -121,6 +124,7 @@ def test_an_answer_stopped_mid_way_is_rewound(pair):
     assert_as_a_full_prefill(session, turn(session, QUESTIONS[3]), fresh)
 
 
+@pytest.mark.slow
 def test_trimming_to_a_prompt_budget_counts_what_the_cache_holds(pair, monkeypatch):
     """A prompt budget (an NPU's static MAX_PROMPT_LEN) counts the whole conversation, cached part included."""
     kept, fresh = pair
@@ -164,6 +168,7 @@ def test_openvino_cache_properties_are_checked():
         kv_cache_properties({"kv_cache_precision": "int3"})
 
 
+@pytest.mark.slow
 def test_chat_says_what_the_cache_held_and_can_be_told_not_to_keep_it(demo_source, tmp_path):
     from tests.test_sessions import Terminal
 

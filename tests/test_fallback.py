@@ -52,6 +52,7 @@ def installed_backends() -> list[str]:
 
 
 @pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.slow
 def test_each_backend_reads_the_executed_device_from_its_runtime(backend, demo_source, store):
     """On this machine every runtime executes on the CPU, and says so (read back after loading)."""
     progress = SilentProgress()
@@ -115,6 +116,7 @@ def silent_fallback(monkeypatch, torch_model):
     )
 
 
+@pytest.mark.slow
 def test_a_runtime_on_another_device_stops_the_command(silent_fallback, store):
     with pytest.raises(DeviceUnavailableError) as caught:
         open_model("demo", backend="npu-lib", device="npu", store=store)
@@ -122,6 +124,7 @@ def test_a_runtime_on_another_device_stops_the_command(silent_fallback, store):
     assert "--allow-fallback" in caught.value.hint
 
 
+@pytest.mark.slow
 def test_allow_fallback_runs_with_a_notice(silent_fallback, store):
     progress = SilentProgress()
     model, route = open_model(
@@ -131,6 +134,7 @@ def test_allow_fallback_runs_with_a_notice(silent_fallback, store):
     assert [n for n in progress.notes if n.startswith("Fallback: asked for npu")], progress.notes
 
 
+@pytest.mark.slow
 def test_chat_stops_on_fallback_and_runs_with_allow_fallback(silent_fallback, demo_source):
     from phi3cli.cli import app
 

@@ -68,6 +68,7 @@ def int4_run(fake_lib, demo_source, tmp_path_factory):
     return out, result, list(_fake.CALLS)
 
 
+@pytest.mark.slow
 def test_quantize_calls_the_library_like_the_seed(fake_lib, int4_run, demo_source):
     out, result, calls = int4_run
     loads = [(args, kwargs) for name, args, kwargs in calls if name == "NPUModel.from_pretrained"]
@@ -83,6 +84,7 @@ def test_quantize_calls_the_library_like_the_seed(fake_lib, int4_run, demo_sourc
     assert f"Quantized demo → {out}" in result.stdout
 
 
+@pytest.mark.slow
 def test_quantized_model_is_stored_without_pickle(int4_run):
     out = int4_run[0]
     names = {p.name for p in out.iterdir()}
@@ -105,6 +107,7 @@ def test_quantized_model_is_stored_without_pickle(int4_run):
     assert header[f"{qkv}.scale"]["dtype"] == "F16"
 
 
+@pytest.mark.slow
 def test_stored_weights_are_exactly_what_the_library_made(fake_lib, int4_run, demo_source):
     import torch
     from intel_npu_acceleration_library.quantization import compress_to_i4, quantize_tensor
@@ -120,6 +123,7 @@ def test_stored_weights_are_exactly_what_the_library_made(fake_lib, int4_run, de
     assert torch.equal(stored["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, monkeypatch):
     import torch
     from intel_npu_acceleration_library import nn as npu_nn
@@ -147,6 +151,7 @@ def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, mo
     model.close()
 
 
+@pytest.mark.slow
 def test_fp16_keeps_the_library_linear_layers(fake_lib, demo_source, tmp_path):
     from intel_npu_acceleration_library import nn as npu_nn
 
@@ -160,6 +165,7 @@ def test_fp16_keeps_the_library_linear_layers(fake_lib, demo_source, tmp_path):
     assert isinstance(proj, npu_nn.Linear) and str(proj.weight.dtype) == "torch.float16"
 
 
+@pytest.mark.slow
 def test_chat_through_the_store_answers_and_does_not_recompile(fake_lib, store):
     """--backend npu-lib with a Hugging Face model quantizes once into the store; the next run reuses it."""
     from intel_npu_acceleration_library import _fake
@@ -179,6 +185,7 @@ def test_chat_through_the_store_answers_and_does_not_recompile(fake_lib, store):
     model.close()
 
 
+@pytest.mark.slow
 def test_no_npu_is_an_error_not_a_silent_fallback(fake_lib, int4_run, store):
     from intel_npu_acceleration_library import _fake
 
@@ -195,6 +202,7 @@ def test_no_npu_is_an_error_not_a_silent_fallback(fake_lib, int4_run, store):
         _fake.reset(npu_present=True)
 
 
+@pytest.mark.slow
 def test_npu_lib_runs_only_on_the_npu(fake_lib, int4_run, store):
 
     source = resolve_source(str(int4_run[0]), store)
@@ -220,6 +228,7 @@ def test_npu_lib_quantize_refuses_options_it_cannot_honour(fake_lib, tmp_path, a
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+@pytest.mark.slow
 def test_npu_lib_quantize_needs_a_hugging_face_model(fake_lib, int4_run, tmp_path):
     from phi3cli.cli import app
 

@@ -38,6 +38,7 @@ def test_without_the_entry_point_there_is_no_toy_backend():
     assert done.returncode == 1 and "Unknown backend 'toy'" in done.stderr
 
 
+@pytest.mark.slow
 def test_chat_runs_on_the_plugin(plugin_env, demo_source):
     done = run_phi3("chat", "-m", "demo", "-b", "toy", "-n", "12", "What is the capital of France?", env=plugin_env)
     assert done.returncode == 0, done.stderr
@@ -45,6 +46,7 @@ def test_chat_runs_on_the_plugin(plugin_env, demo_source):
     assert "toy on CPU" in done.stderr
 
 
+@pytest.mark.slow
 def test_bench_measures_the_plugin(plugin_env, demo_source, tmp_path):
     out = tmp_path / "toy.json"
     args = ["bench", "-m", "demo", "-b", "toy", "-p", "8", "-n", "4", "-r", "1", "--warmup", "0", "--no-quality"]

@@ -41,6 +41,7 @@ def _scores(folder, store, ids) -> np.ndarray:
         model.close()
 
 
+@pytest.mark.slow
 def test_divergence_of_a_model_with_itself_is_zero(reference, text_ids):
     assert reference.shape[0] == len(text_ids) - 1
     assert np.allclose(np.exp(reference).sum(axis=-1), 1.0, atol=1e-4)
@@ -60,6 +61,7 @@ def test_divergence_math_on_known_distributions():
         next_token_divergence(ref, cand[:1])
 
 
+@pytest.mark.slow
 def test_int4_diverges_less_than_a_deliberately_worse_recipe(reference, text_ids, demo_source, store, tmp_path):
     backend = get_backend("openvino")
     default = ensure_variant(backend, demo_source, ConvertRecipe(format="int4"), store)
@@ -73,6 +75,7 @@ def test_int4_diverges_less_than_a_deliberately_worse_recipe(reference, text_ids
     assert top1_fp16 > 0.95 and top1_int4 > 0.6, (top1_fp16, top1_int4)
 
 
+@pytest.mark.slow
 def test_reference_cache_is_keyed_by_model_and_ids(reference, text_ids, demo_source, tmp_path):
     path = reference_path(tmp_path, demo_source.path, text_ids)
     assert load_reference(path) is None

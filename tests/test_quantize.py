@@ -54,6 +54,7 @@ def test_quantize_to_int4_and_chat(backend, fixture, tmp_path, request):
     assert "Paris" in answer(out)
 
 
+@pytest.mark.slow
 def test_existing_output_needs_force(onnx_fp32, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -16,6 +16,8 @@ import pytest
 
 from tests.test_serve import BAD_INPUTS, GOOD, KEY, QUESTIONS, Server, free_port, streamed_text
 
+pytestmark = pytest.mark.slow  # every test here runs the real demo model
+
 pytest.importorskip("openvino_genai")
 
 MAX_TOKENS = 24
