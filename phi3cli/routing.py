@@ -16,6 +16,11 @@ class Route:
     reason: str
 
 
+def given(backend: str, device: str) -> Route:
+    """A route chosen by the caller, not by probing: bench attempts each configuration it planned as asked."""
+    return Route(backend, device, f"{device} with {backend}")
+
+
 def _seen(report: DeviceReport, device: str = "auto", backend: str | None = None) -> str:
     """What each probe saw; for one device, only the backends that can drive it (for npu: OpenVINO and the library)."""
     specs = registry()
@@ -76,9 +81,8 @@ def choose_route(
         if d in report.present.get(b, []):
             if device == "auto":
                 reason = f"auto: picked {d} with {b}; looked for, best first: {_tried(report, candidates, (b, d))} ({_seen(report)})"
-            else:
-                reason = f"{d} with {b}"
-            return Route(b, d, reason)
+                return Route(b, d, reason)
+            return given(b, d)
     wanted = device.upper() if device != "auto" else "usable device"
     has = set(report.present.get(backend, [])) if backend else {d for devs in report.present.values() for d in devs}
     instead = next((d for d in ("gpu", "cpu") if d in has and d != device), None)

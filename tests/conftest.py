@@ -66,12 +66,30 @@ def demo_source(store):
 @pytest.fixture(scope="session")
 def torch_model(demo_source, store):
     """The reference: the demo model on transformers, fp32, CPU."""
-    from phi3cli.backends.base import LoadRequest
-    from phi3cli.generation import load_model
+    from phi3cli.loading import load
+    from phi3cli.routing import given
 
-    model = load_model(LoadRequest(demo_source, device="cpu", format="fp32"), "torch", store)
+    model = load(demo_source, route=given("torch", "cpu"), format="fp32", store=store)
     yield model
     model.close()
+
+
+@pytest.fixture(scope="session")
+def config_only_model(tmp_path_factory) -> Path:
+    """A folder that resolves as a Phi-3 model (its config.json, no weights): for errors raised before loading."""
+    from tests.fakes.scripted_model import write_fake_model
+
+    return write_fake_model(tmp_path_factory.mktemp("config-only") / "model")
+
+
+def plugin_env(site: Path, name: str, spec: str) -> dict:
+    """Environment for a `phi3` subprocess that finds the backend `name = spec` through its entry point, exactly as
+    a plugin package's metadata would declare it (a dist-info folder in site, on PYTHONPATH)."""
+    dist = site / f"phi3_{name}_backend-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: phi3-{name}-backend\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[phi3cli.backends]\n{name} = {spec}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def run_phi3(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 600):

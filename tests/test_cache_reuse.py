@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from phi3cli.backends.base import GenerationSettings, LoadRequest, PromptCache
+from phi3cli.backends.base import GenerationSettings, PromptCache
 from phi3cli.chat import ChatSession, HistoryTrimmed
-from phi3cli.generation import ReplyStats, generate_text, load_model, prompt_budget
+from phi3cli.generation import ReplyStats, generate_text, prompt_budget
+from phi3cli.loading import load
+from phi3cli.routing import given
 from phi3cli.sessions import SavedSession, restore
 from tests.conftest import run_phi3
 
@@ -29,12 +31,13 @@ def pair(request, demo_source, store):
     """(kept, fresh): the demo model twice in one backend, keeping its cache between generates and not."""
     backend = request.param
     models = [
-        load_model(
-            LoadRequest(
-                demo_source, format=FORMATS[backend], options=dict(OPTIONS.get(backend, {})), cache_reuse=reuse
-            ),
-            backend,
-            store,
+        load(
+            demo_source,
+            route=given(backend, "cpu"),
+            format=FORMATS[backend],
+            options=OPTIONS.get(backend, {}),
+            cache_reuse=reuse,
+            store=store,
         )
         for reuse in (True, False)
     ]

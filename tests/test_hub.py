@@ -132,9 +132,9 @@ def test_variant_choice_follows_the_device_and_routing(device, gpu_here, expecte
         variant("directml-int4", ("gpu",) if gpu_here else ()),
     ]
     report = DeviceReport(cpu="test CPU", present={"onnx": (["gpu"] if gpu_here else []) + ["cpu"]})
-    chosen, on = choose_variant(variants, device=device, backend=None, report=report)
+    chosen, route = choose_variant(variants, device=device, backend=None, report=report)
     assert chosen.folder == expected
-    assert on == ("gpu" if gpu_here and device != "cpu" else "cpu")
+    assert (route.backend, route.device) == ("onnx", "gpu" if gpu_here and device != "cpu" else "cpu")
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from tests.conftest import PROMPTS, TEST_HOME, run_phi3
 og = pytest.importorskip("onnxruntime_genai")
 
 from phi3cli.backends import get_backend  # noqa: E402
-from phi3cli.backends.base import ConvertRecipe, GenerationSettings, LoadRequest  # noqa: E402
+from phi3cli.backends.base import ConvertRecipe, GenerationSettings  # noqa: E402
 from phi3cli.backends.onnx.folder import GENAI_CONFIG, read_genai_config  # noqa: E402
 from phi3cli.backends.onnx.providers import (  # noqa: E402
     ProviderChoice,
@@ -36,8 +36,10 @@ from phi3cli.errors import (  # noqa: E402
     DeviceUnavailableError,
     UnsupportedModelError,
 )
-from phi3cli.generation import generate_text, load_model, stream_reply  # noqa: E402
+from phi3cli.generation import generate_text, stream_reply  # noqa: E402
+from phi3cli.loading import load  # noqa: E402
 from phi3cli.progress import SilentProgress  # noqa: E402
+from phi3cli.routing import given  # noqa: E402
 from phi3cli.sources import ModelSource, resolve_source  # noqa: E402
 from phi3cli.templates import load_chat_template  # noqa: E402
 from phi3cli.util import dir_size, remove_stale_partials  # noqa: E402
@@ -70,8 +72,7 @@ def onnx_models(onnx_variant, store):
     def get(fmt: str, target: str = "cpu"):
         if (fmt, target) not in loaded:
             folder = onnx_variant(fmt, target)
-            request = LoadRequest(resolve_source(str(folder), store), device="cpu")
-            loaded[fmt, target] = load_model(request, "onnx", store)
+            loaded[fmt, target] = load(resolve_source(str(folder), store), route=given("onnx", "cpu"), store=store)
         return loaded[fmt, target]
 
     yield get
@@ -144,7 +145,7 @@ def test_variants_are_reused(onnx_backend, onnx_variant, demo_source, store):
 
 @pytest.mark.slow
 def test_load_through_the_store_uses_the_same_variant(onnx_variant, demo_source, store):
-    model = load_model(LoadRequest(demo_source, device="cpu"), "onnx", store)  # the default format is int4
+    model = load(demo_source, route=given("onnx", "cpu"), store=store)  # the default format is int4
     try:
         assert model.path == onnx_variant("int4") and model.format == "int4"
     finally:
@@ -238,7 +239,7 @@ def test_cpu_int4_default_diverges_less_than_the_builders_rtn(onnx_variant, onnx
     rtn_folder = ensure_variant(
         get_backend("onnx"), resolve_source("demo", store), ConvertRecipe(format="int4", preset="rtn"), store
     )
-    rtn = load_model(LoadRequest(resolve_source(str(rtn_folder), store), device="cpu"), "onnx", store)
+    rtn = load(resolve_source(str(rtn_folder), store), route=given("onnx", "cpu"), store=store)
     try:
         kld_rtn, _ = next_token_divergence(reference, rtn.next_token_logprobs(ids))
     finally:
@@ -265,7 +266,7 @@ def test_quantize_fp32_to_int4(onnx_variant, store, tmp_path):
     assert dir_size(out) < dir_size(fp32) / 2
     assert not (out / "variant.json").exists()  # the store's manifest belongs to the store's folder only
     assert load_chat_template(out) == load_chat_template(fp32)
-    model = load_model(LoadRequest(resolve_source(str(out), store), device="cpu"), "onnx", store)
+    model = load(resolve_source(str(out), store), route=given("onnx", "cpu"), store=store)
     try:
         assert model.format == "int4"  # read from the graph: MatMulNBits
         stats = generate_text(model, prompt_ids(model, PROMPTS[0]), GenerationSettings(max_new_tokens=16))
@@ -374,10 +375,10 @@ def test_a_directml_folder_needs_its_providers_cleared_here(onnx_variant):
 @pytest.mark.slow
 def test_gpu_asked_without_a_gpu_provider(onnx_backend, onnx_variant, demo_source, store):
     with pytest.raises(DeviceUnavailableError, match="onnxruntime-genai-cuda"):
-        load_model(LoadRequest(demo_source, device="gpu"), "onnx", store)
+        load(demo_source, route=given("onnx", "gpu"), store=store)
     dml = resolve_source(str(onnx_variant("int4", "dml")), store)
     with pytest.raises(DeviceUnavailableError, match="onnxruntime-genai-directml"):
-        load_model(LoadRequest(dml, device="gpu"), "onnx", store)
+        load(dml, route=given("onnx", "gpu"), store=store)
 
 
 @pytest.mark.skipif(GPU_HERE, reason="this ONNX Runtime GenAI has a GPU provider")
@@ -419,7 +420,7 @@ def onnx_source(folder: Path) -> ModelSource:
 
 
 def load_folder(onnx_backend, store, folder: Path):
-    return load_model(LoadRequest(onnx_source(folder), device="cpu"), "onnx", store)
+    return load(onnx_source(folder), route=given("onnx", "cpu"), store=store)
 
 
 def edit_config(folder: Path, edit) -> None:
@@ -475,7 +476,7 @@ def test_config_naming_a_provider_not_installed(onnx_backend, store, copy_of):
     folder = copy_of()
     edit_config(folder, lambda d: d["model"]["decoder"]["session_options"].update(provider_options=[{"cuda": {}}]))
     with pytest.raises(DeviceUnavailableError, match="asks for the CUDA .* onnxruntime-genai-cuda"):
-        load_model(LoadRequest(onnx_source(folder), device="gpu"), "onnx", store)
+        load(onnx_source(folder), route=given("onnx", "gpu"), store=store)
     model = load_folder(onnx_backend, store, folder)  # --device cpu clears it and runs
     try:
         assert model.executed_device == "CPU"

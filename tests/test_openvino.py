@@ -19,13 +19,15 @@ import pytest
 from typer.testing import CliRunner
 
 from phi3cli.backends import get_backend
-from phi3cli.backends.base import ConvertRecipe, GenerationSettings, IncrementalDecoder, LoadRequest
+from phi3cli.backends.base import ConvertRecipe, GenerationSettings, IncrementalDecoder
 from phi3cli.backends.nncf_weights import calibration_samples
 from phi3cli.chat import ChatSession
 from phi3cli.convert import ensure_variant, quantize
 from phi3cli.errors import ConversionError, DeviceUnavailableError, UnsupportedModelError
-from phi3cli.generation import generate_text, load_model
+from phi3cli.generation import generate_text
+from phi3cli.loading import load
 from phi3cli.progress import SilentProgress
+from phi3cli.routing import given
 from phi3cli.sources import resolve_source
 from phi3cli.util import dir_size
 from tests.conftest import PROMPTS, ROOT, run_phi3
@@ -62,7 +64,7 @@ def ov_int4(demo_source, store):
 @pytest.fixture(scope="session")
 def fp16_model(ov_fp16, demo_source, store):
     """The fp16 IR on OpenVINO GenAI, CPU (loaded through the store, as chat does)."""
-    model = load_model(LoadRequest(demo_source, device="cpu", format="fp16"), "openvino", store)
+    model = load(demo_source, route=given("openvino", "cpu"), format="fp16", store=store)
     yield model
     model.close()
 
@@ -107,7 +109,7 @@ def test_multi_turn_matches_torch(fp16_model, torch_model):
 @pytest.mark.slow
 def test_compressed_variants_answer(fmt, demo_source, store, request):
     request.getfixturevalue(f"ov_{fmt}")
-    model = load_model(LoadRequest(demo_source, device="cpu", format=fmt), "openvino", store)
+    model = load(demo_source, route=given("openvino", "cpu"), format=fmt, store=store)
     try:
         assert model.format == fmt and model.executed_device == "CPU"
         stats = generate_text(model, prompt_ids(model, PROMPTS[0]), GREEDY_32)
@@ -210,7 +212,7 @@ def test_quantize_fp16_ir_to_int4(ov_fp16, tmp_path, store):
     assert ov_ir.ir_format(out / "openvino_model.xml") == "int4"
     assert dir_size(out) < 0.6 * dir_size(ov_fp16)
     assert any(note.startswith("Weights stored as int8") for note in progress.notes), progress.notes  # ratio 0.6
-    model = load_model(LoadRequest(resolve_source(str(out), store), device="cpu"), "openvino", store)
+    model = load(resolve_source(str(out), store), route=given("openvino", "cpu"), store=store)
     try:
         assert model.format == "int4" and generate_text(model, prompt_ids(model, PROMPTS[0]), GREEDY_32).text.strip()
     finally:
@@ -312,7 +314,7 @@ def test_convert_cli_bounds_ratio_and_format(tmp_path):
 @pytest.mark.slow
 def test_load_refuses_fp32(demo_source, store):
     with pytest.raises(UnsupportedModelError, match="not fp32"):
-        load_model(LoadRequest(demo_source, device="cpu", format="fp32"), "openvino", store)
+        load(demo_source, route=given("openvino", "cpu"), format="fp32", store=store)
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -323,7 +325,7 @@ def test_npu_asked_here_gives_a_clear_message(demo_source, store):
     if "NPU" in ov.Core().available_devices:
         pytest.skip("this machine has an NPU")
     with pytest.raises(DeviceUnavailableError, match="OpenVINO sees no NPU") as info:
-        load_model(LoadRequest(demo_source, device="npu"), "openvino", store)
+        load(demo_source, route=given("openvino", "npu"), store=store)
     assert "CPU" in info.value.message and "--device cpu" in info.value.hint
     done = run_phi3("chat", "--model", "demo", "--backend", "openvino", "--device", "npu", "hi")
     assert_clean_error(done, "NPU")
@@ -400,7 +402,7 @@ def test_truncated_weights_are_refused_clearly(ov_int4, tmp_path, store):
     with open(ov_int4 / "openvino_model.bin", "rb") as src:
         (folder / "openvino_model.bin").write_bytes(src.read(1 << 20))
     with pytest.raises(UnsupportedModelError, match="cannot be read as an OpenVINO model: Incorrect weights") as info:
-        load_model(LoadRequest(resolve_source(str(folder), store), device="cpu"), "openvino", store)
+        load(resolve_source(str(folder), store), route=given("openvino", "cpu"), store=store)
     assert len(str(info.value).splitlines()) == 1 and "phi3 convert" in info.value.hint
 
 

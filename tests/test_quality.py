@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from phi3cli.backends import get_backend
-from phi3cli.backends.base import ConvertRecipe, LoadRequest
+from phi3cli.backends.base import ConvertRecipe
 from phi3cli.bench.quality import (
     kl_per_position,
     load_reference,
@@ -16,7 +16,8 @@ from phi3cli.bench.quality import (
     save_reference,
 )
 from phi3cli.convert import ensure_variant, quantize
-from phi3cli.generation import load_model
+from phi3cli.loading import load
+from phi3cli.routing import given
 from phi3cli.sources import resolve_source
 from phi3cli.util import log_softmax
 
@@ -34,7 +35,7 @@ def reference(torch_model, text_ids):
 
 
 def _scores(folder, store, ids) -> np.ndarray:
-    model = load_model(LoadRequest(resolve_source(str(folder), store), device="cpu"), "openvino", store)
+    model = load(resolve_source(str(folder), store), route=given("openvino", "cpu"), store=store)
     try:
         return model.next_token_logprobs(ids)
     finally:

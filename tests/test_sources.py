@@ -17,12 +17,12 @@ def phi3_gguf(demo_source, tmp_path_factory):
 
 @pytest.mark.slow
 def test_phi3_gguf_is_materialised_once_with_the_same_weights(phi3_gguf, store, torch_model):
-    from phi3cli.backends.base import LoadRequest
-    from phi3cli.generation import load_model
+    from phi3cli.loading import load
+    from phi3cli.routing import given
 
     source = resolve_source(str(phi3_gguf), store)
     assert source.kind == "gguf" and source.runtime is None
-    model = load_model(LoadRequest(source, device="cpu"), "torch", store)
+    model = load(source, route=given("torch", "cpu"), store=store)
     assert model.path == store.source_dir(source.slug)
     assert type(model.model).__name__ == "Phi3ForCausalLM"
     ids = torch_model.encode(torch_model.chat_template.render([{"role": "user", "content": "Hi there"}]))
