@@ -103,18 +103,16 @@ def test_offline_hub_with_nothing_cached(tmp_path):
     assert_clean_error(done, "not in the local hub cache", "HF_HUB_OFFLINE")
 
 
-@pytest.mark.slow
-def test_device_not_present(demo_source):
+def test_device_not_present(config_only_model):
     assert_clean_error(
-        run_phi3("chat", "-m", "demo", "--device", "gpu", "hi"),
+        run_phi3("chat", "-m", str(config_only_model), "--device", "gpu", "hi"),
         "No GPU found",
         "This machine has: CPU",
-        "phi3 chat -m demo --device cpu hi",
+        f"phi3 chat -m {config_only_model} --device cpu hi",
     )
 
 
-@pytest.mark.slow
-def test_backend_whose_extra_is_missing(demo_source):
+def test_backend_whose_extra_is_missing(config_only_model):
     import subprocess
 
     code = (
@@ -122,7 +120,7 @@ def test_backend_whose_extra_is_missing(demo_source):
         "from phi3cli.cli import main; main()"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, "chat", "-m", "demo", "--backend", "openvino", "hi"],
+        [sys.executable, "-c", code, "chat", "-m", str(config_only_model), "--backend", "openvino", "hi"],
         capture_output=True,
         text=True,
         timeout=120,
