@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phi3cli.backends import get_spec, registry
+from phi3cli.backends import LISTING_ORDER, get_spec, registry
 from phi3cli.devices import DeviceReport
 from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
 
@@ -85,7 +85,7 @@ def choose_route(
             return given(b, d)
     wanted = device.upper() if device != "auto" else "usable device"
     has = set(report.present.get(backend, [])) if backend else {d for devs in report.present.values() for d in devs}
-    instead = next((d for d in ("gpu", "cpu") if d in has and d != device), None)
+    instead = next((d for d in LISTING_ORDER if d in has and d not in (device, "npu")), None)  # never sent to an NPU
     hint = None
     if not instead:
         hint = (
@@ -114,7 +114,7 @@ def choose_route(
 def _machine(report: DeviceReport) -> str:
     """What the machine has, by the probes: the CPU by name, and any GPU or NPU a runtime sees."""
     found = {d for devs in report.present.values() for d in devs}
-    others = [d.upper() for d in ("npu", "gpu") if d in found]
+    others = [d.upper() for d in LISTING_ORDER if d in found and d != "cpu"]
     return ", ".join([f"CPU — {report.cpu}", *others])
 
 

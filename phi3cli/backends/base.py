@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from phi3cli.routing import Route
     from phi3cli.sources import ModelSource
 
-DEVICES = ("cpu", "gpu", "npu")
-
-
 @dataclass(frozen=True)
 class OutputConstraint:
     """The reply must be JSON valid against json_schema, enforced token by token by the runtime's grammar engine.
