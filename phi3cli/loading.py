@@ -14,11 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from phi3cli.backends import able, get_backend
+from phi3cli.backends import get_backend
 from phi3cli.backends.base import Backend, ConvertRecipe, LoadedModel, LoadRequest
 from phi3cli.convert import ensure_variant
 from phi3cli.devices import executed_devices
-from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError, UnsupportedModelError
+from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.routing import Route
 from phi3cli.sources import ModelSource, resolve_source
@@ -136,11 +136,7 @@ def runtime_folder(
             f"{source.spec} is an {source.runtime} model; the {spec.name} backend cannot run it.",
             hint=f"Use --backend {source.runtime}, or give the original model to convert it.",
         )
-    if why := spec.refusal(device=request.device):
-        others = [s.name for s in able(device=request.device) if s.auto]
-        raise DeviceUnavailableError(
-            why, hint=f"Use --device {spec.devices[-1]}" + (f", or --backend {' or '.join(others)}." if others else ".")
-        )
+    spec.check(device=request.device)
     backend.check_device(request.device)
     request = replace(request, cache_dir=request.cache_dir or store.cache_dir(spec.name))
     if source.runtime:
@@ -149,11 +145,7 @@ def runtime_folder(
             progress.note(f"{source.path} holds {fmt} weights; --format {request.format} applies only to conversion.")
         return source.path, replace(request, format=fmt)
     fmt = request.format or spec.default_format
-    if why := spec.refusal(format=fmt):
-        others = [s.name for s in able(format=fmt)]
-        raise UnsupportedModelError(
-            why, hint=f"{fmt} runs with --backend {' or '.join(others)}." if others else "Change --format."
-        )
+    spec.check(format=fmt)
     request = replace(request, format=fmt)
     if spec.marker is None:  # it runs the Hugging Face folder itself
         return source.hf_dir(store, progress), request

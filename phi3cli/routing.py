@@ -71,6 +71,8 @@ def choose_route(
             raise BackendUnavailableError(
                 f"The {backend} backend is not available: {report.missing[backend]}.", hint=spec.instead or None
             )
+        if device != "auto":
+            spec.check(device=device)
     specs = registry()
     candidates = [(b, d) for b, d in preference() if (backend is None or b == backend)]
     if device != "auto":

@@ -74,7 +74,7 @@ def test_a_device_the_backend_does_not_run_on_is_refused_before_loading(fake_plu
     env, folder = fake_plugin
     done = run_phi3("chat", "-m", str(folder), "-b", "fake", "-d", "gpu", "Hello", env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "No GPU for the fake backend found" in done.stderr, done.stderr
+    assert "The fake backend runs on cpu, not gpu." in done.stderr and "Use --device cpu" in done.stderr
 
 
 def test_serve_loads_through_the_one_path(fake_plugin, tmp_path):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from phi3cli.errors import BackendUnavailableError, Phi3Error
+from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError, Phi3Error, UnsupportedModelError
 
 ENTRY_POINT_GROUP = "phi3cli.backends"
 
@@ -97,6 +97,18 @@ class BackendSpec:
         if format is not None and format not in self.formats:
             return f"The {self.name} backend runs {', '.join(self.formats)} weights, not {format}."
         return None
+
+    def check(self, *, device: str | None = None, format: str | None = None) -> None:
+        """Raise what refusal() says, with the flags to change and the backends that could."""
+        if device is not None and (why := self.refusal(device=device)):
+            others = [s.name for s in able(device=device) if s.auto]
+            alternatives = f", or --backend {' or '.join(others)}." if others else "."
+            raise DeviceUnavailableError(why, hint=f"Use --device {self.devices[-1]}{alternatives}")
+        if format is not None and (why := self.refusal(format=format)):
+            others = [s.name for s in able(format=format)]
+            raise UnsupportedModelError(
+                why, hint=f"{format} runs with --backend {' or '.join(others)}." if others else "Change --format."
+            )
 
     def rank(self, device: str) -> int | None:
         """Its preference rank on a device (lower first), None where it does not run."""
