@@ -41,6 +41,7 @@ def answer(model_dir) -> str:
 
 
 @pytest.mark.parametrize("backend, fixture", [("openvino", "openvino_fp16"), ("onnx", "onnx_fp32")])
+@pytest.mark.slow  # its fixture (taken by name) converts the real demo model
 def test_quantize_to_int4_and_chat(backend, fixture, tmp_path, request):
     source = request.getfixturevalue(fixture)
     out = tmp_path / f"{backend}-int4"
