@@ -63,7 +63,9 @@ def prepare(
     source = model if isinstance(model, ModelSource) else resolve_source(
         model, store, progress=progress, device=device, backend=backend
     )
-    route = route or source.route or _route(source, device=device, backend=backend)
+    if route is None and (kept := source.route) and backend in (None, kept.backend) and device in ("auto", kept.device):
+        route = kept  # routed while resolving: not probed again
+    route = route or _route(source, device=device, backend=backend)
     request = LoadRequest(
         source=source,
         device=route.device,

@@ -54,6 +54,26 @@ def test_bench_cold_load_starts_from_an_empty_runtime_cache_of_its_own(fake_back
     assert result["load_cold_s"] >= 0 and result["runs"][0]["reps"][0]["tokens"] == 2
 
 
+def test_a_route_taken_while_resolving_is_not_probed_again(fake_backend, fake_store, tmp_path, monkeypatch):
+    """A hub repo's folder is chosen by routing; the loader takes that route instead of probing and routing again."""
+    from phi3cli.loading import load
+    from phi3cli.routing import Route
+    from phi3cli.sources import ModelSource
+
+    folder = write_fake_model(tmp_path / "model")
+    kept = Route("fake", "cpu", "auto: picked cpu with fake while choosing the repo's folder")
+    source = ModelSource("acme/fake", "folder", folder, "hub--acme--fake", kept)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr("phi3cli.devices.probe", no_probe)
+    model = load(source, store=fake_store)
+    assert model.route is kept and model.device == "cpu"
+    with pytest.raises(AssertionError, match="probed again"):  # asked for another backend: routed anew
+        load(source, backend="torch", store=fake_store)
+
+
 @pytest.fixture(scope="module")
 def fake_plugin(tmp_path_factory) -> tuple[dict, Path]:
     """(environment, model folder): a `phi3` subprocess that has the FAKE backend, and a model folder it loads."""
