@@ -6,7 +6,8 @@ locks and atomic staging the tool uses.
 
 Two tiers: `pytest -m "not slow"` runs in minutes and never builds or runs a real model (what only needs a model's
 interface uses tests/fakes/scripted_model.py); plain `pytest` runs everything. A test that asks for the real demo
-model (REAL_MODEL_FIXTURES) must be marked slow; collection stops otherwise.
+model (REAL_MODEL_FIXTURES) must be marked slow: collection stops otherwise, and a test that reaches the demo model
+another way (request.getfixturevalue, a fixture of its own) fails when it first does.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def pytest_collection_modifyitems(config, items):
         )
 
 
+RUNNING: list = []  # the test whose fixtures are being set up
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    RUNNING[:] = [item]
+
+
 @pytest.fixture(scope="session")
 def store():
     from phi3cli.store import ModelStore
@@ -59,6 +68,9 @@ def store():
 def demo_source(store):
     """The real demo model (built from the PyPI wheel on first use)."""
     from phi3cli.sources import resolve_source
+
+    if RUNNING and not RUNNING[0].get_closest_marker("slow"):
+        pytest.fail(f"{RUNNING[0].nodeid} builds or loads the real demo model but is not marked slow")
 
     return resolve_source("demo", store)
 
