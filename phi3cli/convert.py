@@ -5,12 +5,10 @@ Every build goes through a staging folder that is renamed into place only when c
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
-from phi3cli.backends import get_backend, registry
-from phi3cli.backends.base import Backend, ConvertRecipe, LoadRequest
-from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError, UnsupportedModelError
+from phi3cli.backends import get_backend
+from phi3cli.backends.base import Backend, ConvertRecipe
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.sizing import check_memory, model_config
 from phi3cli.sources import ModelSource
@@ -60,49 +58,6 @@ def check_build_memory(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, wh
         hint="Close other programs, or run a ready-made variant instead of converting (`phi3 models catalog` "
         "lists them; `phi3 chat -m NAME` downloads the one for your device).",
     )
-
-
-def runtime_folder(
-    backend: Backend, request: LoadRequest, store: ModelStore, progress: Progress | None = None
-) -> tuple[Path, LoadRequest]:
-    """What every backend's load shares: the folder it runs and the request with its format decided.
-
-    Checks that the backend can run the source and the device, picks the default format and checks the one asked,
-    and builds the variant through the store on first use. A prebuilt folder is the backend's own, at its format.
-    """
-    progress = progress or SilentProgress()
-    spec = backend.spec
-    source = request.source
-    if source.runtime and source.runtime != spec.name:
-        raise BackendUnavailableError(
-            f"{source.spec} is an {source.runtime} model; the {spec.name} backend cannot run it.",
-            hint=f"Use --backend {source.runtime}, or give the original model to convert it.",
-        )
-    if request.device not in spec.devices:
-        others = [s.name for s in registry().values() if request.device in s.devices and s.auto]
-        raise DeviceUnavailableError(
-            f"The {spec.name} backend runs on {', '.join(spec.devices)}, not {request.device}.",
-            hint=f"Use --device {spec.devices[-1]}" + (f", or --backend {' or '.join(others)}." if others else "."),
-        )
-    backend.check_device(request.device)
-    request = replace(request, cache_dir=request.cache_dir or store.cache_dir(spec.name))
-    if source.runtime:
-        fmt = backend.folder_format(source.path)
-        if request.format and request.format != fmt:
-            progress.note(f"{source.path} holds {fmt} weights; --format {request.format} applies only to conversion.")
-        return source.path, replace(request, format=fmt)
-    fmt = request.format or spec.default_format
-    if fmt not in spec.formats:
-        others = [s.name for s in registry().values() if fmt in s.formats]
-        raise UnsupportedModelError(
-            f"The {spec.name} backend runs {', '.join(spec.formats)} weights, not {fmt}.",
-            hint=f"{fmt} runs with --backend {' or '.join(others)}." if others else "Change --format.",
-        )
-    request = replace(request, format=fmt)
-    if spec.marker is None:  # it runs the Hugging Face folder itself
-        return source.hf_dir(store, progress), request
-    recipe = ConvertRecipe(format=fmt, target=backend.build_target(request.device))
-    return ensure_variant(backend, source, recipe, store, progress), request
 
 
 def convert(

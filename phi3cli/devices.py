@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from phi3cli.backends import registry
+from phi3cli.backends import DEVICE_WORDS, registry
 from phi3cli.util import first_line
 
 
@@ -69,3 +70,19 @@ def npu_checks(report: DeviceReport) -> list[tuple[str, bool | None, str]]:
         elif name in report.present:
             checks.append((spec.label, "npu" in report.present[name], report.details.get(name, "")))
     return checks
+
+
+_DEVICE_OF_WORD = {word: device for device, words in DEVICE_WORDS.items() for word in words}
+
+
+def normalise_device(name: str) -> str | None:
+    """cpu, gpu or npu for one device or provider name as a runtime reports it; None if unknown."""
+    word = name.strip(" \t[]()'\"").lower().removesuffix("executionprovider")
+    word = re.split(r"[.:(\s]", word, maxsplit=1)[0]
+    return _DEVICE_OF_WORD.get(word)
+
+
+def executed_devices(reported: str) -> list[str | None]:
+    """The devices in what a runtime reports, which may list several ("GPU.0, CPU" when part of a graph fell back)."""
+    parts = [p for p in re.split(r"[,;+]|\s{2,}", reported or "") if p.strip()]
+    return [normalise_device(p) for p in parts]

@@ -1,4 +1,4 @@
-"""Loading a model and streaming a reply, timed in one place for every backend.
+"""Streaming a reply, timed in one place for every backend (phi3cli.loading loads the model).
 
 `stream_reply` reads a backend's RawTokens and yields TokenEvents, then one ReplyStats. Chat,
 bench and serve all read this one stream, so their figures come from the code path users run.
@@ -6,17 +6,12 @@ bench and serve all read this one stream, so their figures come from the code pa
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from phi3cli.backends import get_backend
-from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest, RawToken
-from phi3cli.convert import runtime_folder
-from phi3cli.errors import ContextOverflowError, DeviceUnavailableError
-from phi3cli.progress import Progress, SilentProgress
-from phi3cli.store import ModelStore
+from phi3cli.backends.base import GenerationSettings, LoadedModel, RawToken
+from phi3cli.errors import ContextOverflowError
 
 
 @dataclass
@@ -65,38 +60,6 @@ class ReplyStats:
     @property
     def e2e_tps(self) -> float:
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
-
-
-def load_model(
-    request: LoadRequest,
-    backend: str,
-    store: ModelStore | None = None,
-    progress: Progress | None = None,
-    *,
-    allow_fallback: bool = False,
-) -> LoadedModel:
-    """Load a model with the named backend, stamping its load time, and check where it really runs.
-
-    convert.runtime_folder does what every backend shares first (route and format checks, building the variant);
-    the load time stamped is the runtime's own load of the ready folder.
-
-    If the runtime reports another device than the one asked, this raises DeviceUnavailableError, or with
-    allow_fallback passes a notice to progress.note (the CLI prints it in yellow): never a silent fallback.
-    """
-    progress = progress or SilentProgress()
-    impl = get_backend(backend)
-    folder, request = runtime_folder(impl, request, store or ModelStore(), progress)
-    start = time.perf_counter()
-    model = impl.load(folder, request, progress)
-    model.load_seconds = time.perf_counter() - start
-    try:
-        notice = check_executed_device(model, allow_fallback=allow_fallback)
-    except DeviceUnavailableError:
-        model.close()
-        raise
-    if notice:
-        progress.note(notice)
-    return model
 
 
 def prompt_budget(model: LoadedModel) -> int:
@@ -223,95 +186,3 @@ def generate_text(model: LoadedModel, prompt: str | list[int], settings: Generat
             stats = event
     assert stats is not None
     return stats
-
-
-def open_model(
-    model: str | None,
-    *,
-    backend: str | None = None,
-    device: str = "auto",
-    format: str | None = None,
-    threads: int | None = None,
-    trust_remote_code: bool = False,
-    options: dict | None = None,
-    allow_fallback: bool = False,
-    cache_reuse: bool = False,
-    store: ModelStore | None = None,
-    progress: Progress | None = None,
-    convert: bool = False,
-):
-    """Resolve a model, route it to a backend and device, and load it: what chat, bench and serve share.
-
-    Returns the LoadedModel and the Route taken (whose reason says why, for --device auto); load_model
-    checks the device the runtime reports.
-    """
-    from phi3cli.devices import probe
-    from phi3cli.routing import backends_to_probe, choose_route
-    from phi3cli.sources import resolve_source
-
-    store = store or ModelStore()
-    progress = progress or SilentProgress()
-    asked = dict(device=device, backend=backend, format=format, convert=convert)
-    source = resolve_source(model, store, progress=progress, **asked)
-    report = probe(backends_to_probe(device, backend or source.runtime))
-    route = choose_route(report, device=device, backend=backend, runtime=source.runtime)
-    request = LoadRequest(
-        source=source,
-        device=route.device,
-        format=format,
-        threads=threads,
-        trust_remote_code=trust_remote_code,
-        options=dict(options or {}),
-        cache_reuse=cache_reuse,
-    )
-    return load_model(request, route.backend, store, progress, allow_fallback=allow_fallback), route
-
-
-# Words in a runtime's device or provider name ("GPU.0", "DmlExecutionProvider", "cuda:0") -> phi3's devices.
-_DEVICE_WORDS = {
-    "cpu": "cpu",
-    "gpu": "gpu",
-    "dml": "gpu",
-    "directml": "gpu",
-    "cuda": "gpu",
-    "tensorrt": "gpu",
-    "rocm": "gpu",
-    "migraphx": "gpu",
-    "webgpu": "gpu",
-    "xpu": "gpu",
-    "mps": "gpu",
-    "npu": "npu",
-    "qnn": "npu",
-    "vitisai": "npu",
-}
-
-
-def normalise_device(name: str) -> str | None:
-    """cpu, gpu or npu for one device or provider name as a runtime reports it; None if unknown."""
-    word = name.strip(" \t[]()'\"").lower().removesuffix("executionprovider")
-    word = re.split(r"[.:(\s]", word, maxsplit=1)[0]
-    return _DEVICE_WORDS.get(word)
-
-
-def executed_devices(reported: str) -> list[str | None]:
-    """The devices in what a runtime reports, which may list several ("GPU.0, CPU" when part of a graph fell back)."""
-    parts = [p for p in re.split(r"[,;+]|\s{2,}", reported or "") if p.strip()]
-    return [normalise_device(p) for p in parts]
-
-
-def check_executed_device(model: LoadedModel, *, allow_fallback: bool = False) -> str | None:
-    """Compare the device asked with what the runtime says it executes on; never let a fallback pass silently.
-
-    Returns None when they agree, a notice when they differ and allow_fallback is set, else raises.
-    """
-    asked, reported = model.device, (model.executed_device or "").strip()
-    found = executed_devices(reported)
-    if found and all(d == asked for d in found):
-        return None
-    what = f"the {model.backend} runtime reports it executes on {reported or 'an unreported device'}"
-    if not allow_fallback:
-        raise DeviceUnavailableError(
-            f"Asked for {asked}, but {what}; stopping instead of running on another device.",
-            hint="Pass --allow-fallback to run anyway, or choose the device it has with --device.",
-        )
-    return f"Fallback: asked for {asked}, but {what}. Running anyway (--allow-fallback)."

@@ -18,12 +18,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phi3cli.backends import get_spec, registry
 from phi3cli.errors import ModelNotFoundError, OfflineError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.store import ModelStore
 from phi3cli.util import human_size
+
+if TYPE_CHECKING:
+    from phi3cli.routing import Route
 
 # What a Phi-3 checkpoint needs at the repo's root; safetensors only, never pickled weights.
 CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md")
@@ -99,6 +103,7 @@ class HubModel:
     runtime: str | None  # the backend whose folder it is, None for a checkpoint to convert
     variant: str  # its folder in the repo ("" for the root)
     revision: str
+    route: Route | None = None  # for a ready-made folder: the backend and device routing chose it for
 
 
 @contextlib.contextmanager
@@ -213,8 +218,8 @@ def with_devices(listing: RepoListing, variants: list[HubVariant]) -> list[HubVa
     return read
 
 
-def choose_variant(variants: list[HubVariant], *, device: str, backend: str | None, report) -> tuple[HubVariant, str]:
-    """The variant to run and the device it runs on: the backend (and device) routing ranks best, then the
+def choose_variant(variants: list[HubVariant], *, device: str, backend: str | None, report) -> tuple[HubVariant, Route]:
+    """The variant to run and the route it runs by: the backend (and device) routing ranks best, then the
     variant built for that device, narrowest format first. Raises routing's error when none can run here."""
     from phi3cli.routing import choose_route
 
@@ -227,17 +232,18 @@ def choose_variant(variants: list[HubVariant], *, device: str, backend: str | No
             continue
         rank = get_spec(name).rank(route.device)
         if best is None or (rank if rank is not None else 1 << 30) < best[0]:
-            best = (rank if rank is not None else 1 << 30, name, route.device)
+            best = (rank if rank is not None else 1 << 30, route)
     if best is None:
         raise errors[0]
-    _, name, chosen = best
+    route = best[1]
+    name, chosen = route.backend, route.device
 
     def fit(v: HubVariant) -> int:
         devices = get_spec(v.backend).devices if v.devices is None else v.devices
         return 0 if chosen in devices else 1 if devices else 2
 
     ours = sorted((v for v in variants if v.backend == name), key=lambda v: (fit(v), format_rank(v.folder), v.folder))
-    return ours[0], chosen
+    return ours[0], route
 
 
 def _pick_by_name(repo: str, variants: list[HubVariant], folder: str) -> HubVariant:
@@ -291,10 +297,14 @@ def resolve_hub(
     variants = find_variants(listing)
     fitting = [v for v in variants if backend in (None, v.backend)]
     chosen = folder is None and len(fitting) > 1  # then routing has been asked while choosing
+    route = None
     if folder is not None:
         variant = _pick_by_name(repo, variants, folder)
     elif fitting:
-        variant = _choose(listing, fitting, device=device, backend=backend, progress=progress) if chosen else fitting[0]
+        if chosen:
+            variant, route = _choose(listing, fitting, device=device, backend=backend, progress=progress)
+        else:
+            variant = fitting[0]
     else:
         variant = None
     if variant is None:  # the checkpoint at the root, converted as any Hugging Face model
@@ -311,7 +321,7 @@ def resolve_hub(
         runtime, where = None, ""
     else:
         if not chosen:  # routing's error (no such device, backend missing) before anything big is downloaded
-            _route_check(variant.backend, device=device, backend=backend)
+            route = _route(variant.backend, device=device, backend=backend)
         files, runtime, where = list(variant.files), variant.backend, variant.folder
     size = [listing.files.get(p) for p in files]
     total = f", {human_size(sum(size))}" if None not in size else ""
@@ -323,25 +333,26 @@ def resolve_hub(
     snapshot = fetch(repo, listing.revision, files, cached=listing.from_cache)
     path = snapshot / where if where else snapshot
     record_use(store, repo=repo, variant=where, runtime=runtime or "", revision=snapshot.name, path=path)
-    return HubModel(repo, path, runtime, where, snapshot.name)
+    return HubModel(repo, path, runtime, where, snapshot.name, route)
 
 
-def _route_check(runtime: str, *, device: str, backend: str | None) -> str:
+def _route(runtime: str, *, device: str, backend: str | None) -> Route:
     from phi3cli.devices import probe
     from phi3cli.routing import backends_to_probe, choose_route
 
     report = probe(backends_to_probe(device, backend or runtime))
-    return choose_route(report, device=device, backend=backend, runtime=runtime).device
+    return choose_route(report, device=device, backend=backend, runtime=runtime)
 
 
 def _choose(listing: RepoListing, variants: list[HubVariant], *, device: str, backend: str | None, progress: Progress):
-    """One of a repo's variants, saying on stderr which one and which others it has."""
+    """One of a repo's variants and the route it runs by, saying on stderr which one and which others it has."""
     from phi3cli.devices import probe
     from phi3cli.routing import backends_to_probe
 
     variants = with_devices(listing, variants)
     wanted = {b for v in variants for b in backends_to_probe(device, backend or v.backend)}
-    variant, chosen = choose_variant(variants, device=device, backend=backend, report=probe(sorted(wanted)))
+    variant, route = choose_variant(variants, device=device, backend=backend, report=probe(sorted(wanted)))
+    chosen = route.device
     built = get_spec(variant.backend).devices if variant.devices is None else variant.devices
     why = f"built for {chosen}" if chosen in built else f"none of its folders is built for {chosen} here"
     others = ", ".join(v.label for v in variants if v is not variant)
@@ -350,4 +361,4 @@ def _choose(listing: RepoListing, variants: list[HubVariant], *, device: str, ba
         f"{listing.repo}: running {variant.label} ({format_rank(variant.folder)[1]}, {why}, with {variant.backend}); "
         f"it also has {others}{cached}. Pick one with --model {listing.repo}:SUBFOLDER."
     )
-    return variant
+    return variant, route

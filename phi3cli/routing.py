@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phi3cli.backends import get_spec, registry
+from phi3cli.backends import LISTING_ORDER, get_spec, registry
 from phi3cli.devices import DeviceReport
 from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
 
@@ -14,6 +14,11 @@ class Route:
     backend: str
     device: str
     reason: str
+
+
+def given(backend: str, device: str) -> Route:
+    """A route chosen by the caller, not by probing: bench attempts each configuration it planned as asked."""
+    return Route(backend, device, f"{device} with {backend}")
 
 
 def _seen(report: DeviceReport, device: str = "auto", backend: str | None = None) -> str:
@@ -66,6 +71,8 @@ def choose_route(
             raise BackendUnavailableError(
                 f"The {backend} backend is not available: {report.missing[backend]}.", hint=spec.instead or None
             )
+        if device != "auto":
+            spec.check(device=device)
     specs = registry()
     candidates = [(b, d) for b, d in preference() if (backend is None or b == backend)]
     if device != "auto":
@@ -76,12 +83,11 @@ def choose_route(
         if d in report.present.get(b, []):
             if device == "auto":
                 reason = f"auto: picked {d} with {b}; looked for, best first: {_tried(report, candidates, (b, d))} ({_seen(report)})"
-            else:
-                reason = f"{d} with {b}"
-            return Route(b, d, reason)
+                return Route(b, d, reason)
+            return given(b, d)
     wanted = device.upper() if device != "auto" else "usable device"
     has = set(report.present.get(backend, [])) if backend else {d for devs in report.present.values() for d in devs}
-    instead = next((d for d in ("gpu", "cpu") if d in has and d != device), None)
+    instead = next((d for d in LISTING_ORDER if d in has and d not in (device, "npu")), None)  # never sent to an NPU
     hint = None
     if not instead:
         hint = (
@@ -110,7 +116,7 @@ def choose_route(
 def _machine(report: DeviceReport) -> str:
     """What the machine has, by the probes: the CPU by name, and any GPU or NPU a runtime sees."""
     found = {d for devs in report.present.values() for d in devs}
-    others = [d.upper() for d in ("npu", "gpu") if d in found]
+    others = [d.upper() for d in LISTING_ORDER if d in found and d != "cpu"]
     return ", ".join([f"CPU — {report.cpu}", *others])
 
 

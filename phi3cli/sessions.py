@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from phi3cli.backends.base import DEVICES, GenerationSettings, OutputConstraint
+from phi3cli.backends import DEVICES
+from phi3cli.backends.base import GenerationSettings, OutputConstraint
 from phi3cli.chat import ChatSession
 from phi3cli.errors import SessionFileError
 from phi3cli.util import write_atomically

@@ -7,8 +7,9 @@ Resolving a source never imports torch or transformers: it reads config files on
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phi3cli import DEFAULT_MODEL
 from phi3cli.backends import registry, runtime_of_folder
@@ -16,6 +17,9 @@ from phi3cli.errors import ModelNotFoundError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.store import ModelStore
 from phi3cli.util import short_hash, slugify
+
+if TYPE_CHECKING:
+    from phi3cli.routing import Route
 
 SUPPORTED_MODEL_TYPES = ("phi3",)
 SUPPORTED_HELP = (
@@ -56,6 +60,7 @@ class ModelSource:
     kind: str  # demo | hub | folder | gguf, or the backend whose own format the folder is in
     path: Path
     slug: str
+    route: Route | None = field(default=None, compare=False)  # the route a hub repo's folder was chosen by
 
     @property
     def runtime(self) -> str | None:
@@ -186,6 +191,6 @@ def resolve_source(
     slug = f"hub--{slugify(hub.repo)}" + (f"--{slugify(hub.variant)}" if hub.variant else "")
     slug += f"@{slugify(revision)}" if revision else ""
     if hub.runtime:  # a folder a backend runs as it is
-        return ModelSource(spec, hub.runtime, hub.folder, slug)
+        return ModelSource(spec, hub.runtime, hub.folder, slug, hub.route)
     check_architecture(hub.folder / "config.json", spec)
     return ModelSource(spec, "hub", hub.folder, slug)

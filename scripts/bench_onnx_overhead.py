@@ -88,8 +88,8 @@ def main() -> None:
 
     import onnxruntime_genai as og
 
-    from phi3cli.backends.base import LoadRequest
-    from phi3cli.generation import load_model
+    from phi3cli.loading import load
+    from phi3cli.routing import given
     from phi3cli.sources import resolve_source
     from phi3cli.store import ModelStore
     from phi3cli.util import dir_size
@@ -98,7 +98,7 @@ def main() -> None:
     demo = resolve_source("demo", store)
     setups = {}
     for fmt in args.formats:
-        ours = load_model(LoadRequest(demo, device="cpu", format=fmt, threads=args.threads), "onnx", store)
+        ours = load(demo, route=given("onnx", "cpu"), format=fmt, threads=args.threads, store=store)
         # The bare loop runs on the og.Model phi3 loaded: a second og.Model of the same folder differs from the
         # first by up to 10% in CPU time here, whichever of the two is loaded first, which would swamp the
         # difference measured. The session options are the same either way (providers cleared, threads).

@@ -138,12 +138,12 @@ LOAD_CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from phi3cli.backends.base import LoadRequest
-from phi3cli.generation import load_model
+from phi3cli.loading import load
+from phi3cli.routing import given
 from phi3cli.sources import resolve_source
 from phi3cli.store import ModelStore
 store = ModelStore(Path({store!r}))
-model = load_model(LoadRequest(resolve_source("demo", store), device="cpu", format={fmt!r}), "openvino", store)
+model = load(resolve_source("demo", store), route=given("openvino", "cpu"), format={fmt!r}, store=store)
 print(json.dumps({{"load_s": model.load_seconds}}))
 """
 
@@ -179,9 +179,9 @@ def main() -> None:
     import openvino as ov
     import openvino_genai as ov_genai
 
-    from phi3cli.backends.base import LoadRequest
     from phi3cli.backends.openvino.runtime import attention_properties, precision_properties
-    from phi3cli.generation import load_model
+    from phi3cli.loading import load
+    from phi3cli.routing import given
     from phi3cli.sources import resolve_source
     from phi3cli.store import ModelStore
     from phi3cli.util import dir_size
@@ -193,7 +193,7 @@ def main() -> None:
         **precision_properties("cpu", {}),
         **attention_properties("cpu", {}),
     }
-    models = {fmt: load_model(LoadRequest(demo, device="cpu", format=fmt), "openvino", store) for fmt in args.formats}
+    models = {fmt: load(demo, route=given("openvino", "cpu"), format=fmt, store=store) for fmt in args.formats}
     first = next(iter(models.values()))  # the formats share the tokenizer and the template
     paths_run = {
         "phi3": lambda model, ids: run_ours(model, ids, args.new_tokens),
@@ -268,7 +268,7 @@ def main() -> None:
         model.close()
     loads = {fmt: cold_warm(store.root, fmt, args.load_pairs) for fmt in args.formats} if args.load_pairs else {}
     if loads:
-        print(f"\nLoad time in a fresh process (phi3 load_model, median of {args.load_pairs}):\n")
+        print(f"\nLoad time in a fresh process (phi3cli.loading.load, median of {args.load_pairs}):\n")
         print("| format | cold (empty compiled-model cache) | warm (cache filled) | warm / cold |")
         print("| --- | --- | --- | --- |")
         for fmt, (cold, warm) in loads.items():

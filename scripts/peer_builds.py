@@ -5,7 +5,7 @@ A configuration is named `runtime:recipe[@knob=value,...]`:
 - `llama:Q4_K_M`, `llama:Q4_0`, ... : llama.cpp's own quantization of an f16 .gguf of the same weights.
 - `phi3:openvino`, `phi3:onnx` : phi3's own default int4 of that backend, built by phi3's converter into its model
   store (as `phi3 convert MODEL --to BACKEND --format int4` does) and run through phi3's own load and timing path
-  (`generation.open_model` + `stream_reply`), with the runtime settings phi3 compiles it with.
+  (`loading.load` + `stream_reply`), with the runtime settings phi3 compiles it with.
 - `ov:phi3`, `ort:phi3` : the same folders, run by the bare runtime loops with the knobs given (to try settings).
 - `ov:sym-g128-r0.6` : an OpenVINO IR exported by optimum-intel (fp16), weights compressed by NNCF.
   Tokens: `sym`/`asym`, `g<N>` (group size, `g-1` channel-wise), `r<ratio>` (the rest in the backup precision),
@@ -341,22 +341,15 @@ def gguf_weight_bytes(path: Path) -> tuple[int, int, dict[str, int]]:
 
 def phi3_variant(model: str, backend: str) -> Path:
     """phi3's default int4 variant of the model for the CPU, from its store (built there on first use)."""
-    from phi3cli.backends import get_backend
-    from phi3cli.backends.base import LoadRequest
-    from phi3cli.convert import runtime_folder
+    from phi3cli.loading import prepare
     from phi3cli.progress import SilentProgress
-    from phi3cli.sources import resolve_source
-    from phi3cli.store import ModelStore
+    from phi3cli.routing import given
 
     class Say(SilentProgress):
         def phase(self, description: str, total=None) -> None:
             say(description)
 
-    store = ModelStore()
-    source = resolve_source(model, store)
-    request = LoadRequest(source=source, device="cpu", format="int4")
-    folder, _ = runtime_folder(get_backend(backend), request, store, Say())
-    return folder
+    return prepare(model, route=given(backend, "cpu"), format="int4", progress=Say()).folder
 
 
 def ensure(config: Config, hf_dir: Path, work: Path, model: str) -> Path:

@@ -5,7 +5,7 @@ Each worker loads its artifact, runs one warm-up generate on its own prompt, the
 end of text ignored, and reports wall-clock figures: prefill tokens/s = prompt tokens / time to the first
 token, decode tokens/s = (tokens - 1) / (time of the last token - time of the first).
 
-A phi3 configuration runs through phi3's own path instead: `generation.open_model` (the settings phi3 compiles
+A phi3 configuration runs through phi3's own path instead: `loading.load` (the settings phi3 compiles
 the model with) and `stream_reply` (the timing every phi3 command reports).
 
 A logits job (quality) writes the logits of every position of one token sequence to a .npy file: transformers in
@@ -266,11 +266,12 @@ def run_llama(path: Path, knobs: dict, threads: int, prompts: list[list[int]], g
 def run_phi3(job: dict) -> dict:
     """phi3's default int4 through phi3's own load and timing path, as `phi3 chat`/`phi3 bench` run it."""
     from phi3cli.backends.base import GenerationSettings
-    from phi3cli.generation import ReplyStats, open_model, stream_reply
+    from phi3cli.generation import ReplyStats, stream_reply
+    from phi3cli.loading import load
 
     threads = int(job["knobs"].get("threads", job["threads"]))
     start = time.perf_counter()
-    model, _route = open_model(job["model"], backend=job["phi3_backend"], device="cpu", format="int4", threads=threads)
+    model = load(job["model"], backend=job["phi3_backend"], device="cpu", format="int4", threads=threads)
     load_s = time.perf_counter() - start
     if str(model.path) != job["path"]:
         raise SystemExit(f"phi3 loaded {model.path}, not the variant measured for size ({job['path']})")
@@ -287,11 +288,11 @@ def phi3_properties(job: dict, threads: int) -> dict:
     """The runtime settings phi3 loads the model with (what the bytes-per-token figure needs to know)."""
     if job["phi3_backend"] != "openvino":
         return {"intra_op_num_threads": threads}
-    from phi3cli.backends.base import LoadRequest
     from phi3cli.backends.openvino.runtime import attention_properties, compile_properties, decode_properties
-    from phi3cli.sources import resolve_source
+    from phi3cli.loading import prepare
+    from phi3cli.routing import given
 
-    request = LoadRequest(source=resolve_source(job["model"]), device="cpu", format="int4", threads=threads)
+    request = prepare(job["model"], route=given("openvino", "cpu"), format="int4", threads=threads).request
     props = {**compile_properties(request), **attention_properties("cpu", {}), **decode_properties("cpu")}
     props.pop("CACHE_DIR", None)
     return {k: str(v) for k, v in props.items()}

@@ -3,6 +3,11 @@
 The store lives in .phi3-test-home/ at the repository root (or $PHI3_TEST_HOME), so the demo model
 and converted variants are built once and reused by later runs; every build goes through the same
 locks and atomic staging the tool uses.
+
+Two tiers: `pytest -m "not slow"` runs in minutes and never builds or runs a real model (what only needs a model's
+interface uses tests/fakes/scripted_model.py); plain `pytest` runs everything. A test that asks for the real demo
+model (REAL_MODEL_FIXTURES) must be marked slow: collection stops otherwise, and a test that reaches the demo model
+another way (request.getfixturevalue, a fixture of its own) fails when it first does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,30 @@ PROMPTS = [
 ]
 
 
+# Fixtures that build or load the real demo model: a test that uses one is slow.
+REAL_MODEL_FIXTURES = {"demo_source", "torch_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "These tests use the real demo model but are not marked slow (@pytest.mark.slow):\n  " + "\n  ".join(unmarked)
+        )
+
+
+RUNNING: list = []  # the test whose fixtures are being set up
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    RUNNING[:] = [item]
+
+
 @pytest.fixture(scope="session")
 def store():
     from phi3cli.store import ModelStore
@@ -40,18 +69,39 @@ def demo_source(store):
     """The real demo model (built from the PyPI wheel on first use)."""
     from phi3cli.sources import resolve_source
 
+    if RUNNING and not RUNNING[0].get_closest_marker("slow"):
+        pytest.fail(f"{RUNNING[0].nodeid} builds or loads the real demo model but is not marked slow")
+
     return resolve_source("demo", store)
 
 
 @pytest.fixture(scope="session")
 def torch_model(demo_source, store):
     """The reference: the demo model on transformers, fp32, CPU."""
-    from phi3cli.backends.base import LoadRequest
-    from phi3cli.generation import load_model
+    from phi3cli.loading import load
+    from phi3cli.routing import given
 
-    model = load_model(LoadRequest(demo_source, device="cpu", format="fp32"), "torch", store)
+    model = load(demo_source, route=given("torch", "cpu"), format="fp32", store=store)
     yield model
     model.close()
+
+
+@pytest.fixture(scope="session")
+def config_only_model(tmp_path_factory) -> Path:
+    """A folder that resolves as a Phi-3 model (its config.json, no weights): for errors raised before loading."""
+    from tests.fakes.scripted_model import write_fake_model
+
+    return write_fake_model(tmp_path_factory.mktemp("config-only") / "model")
+
+
+def plugin_env(site: Path, name: str, spec: str) -> dict:
+    """Environment for a `phi3` subprocess that finds the backend `name = spec` through its entry point, exactly as
+    a plugin package's metadata would declare it (a dist-info folder in site, on PYTHONPATH)."""
+    dist = site / f"phi3_{name}_backend-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: phi3-{name}-backend\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[phi3cli.backends]\n{name} = {spec}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def run_phi3(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 600):

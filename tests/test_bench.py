@@ -57,6 +57,7 @@ def _rows(report):
     return {(r["backend"], r["device"], r["format"]): r for r in report["results"]}
 
 
+@pytest.mark.slow
 def test_schema_keys_are_the_documented_ones(bench_run):
     _, report, _ = bench_run
     assert report["schema"] == schema.SCHEMA
@@ -80,6 +81,7 @@ def test_schema_keys_are_the_documented_ones(bench_run):
         assert key in schema.__doc__, key
 
 
+@pytest.mark.slow
 def test_every_backend_ran_and_counted_exactly_the_tokens_asked(bench_run):
     _, report, _ = bench_run
     rows = _rows(report)
@@ -128,6 +130,7 @@ def test_every_backend_ran_and_counted_exactly_the_tokens_asked(bench_run):
     assert len({rows[k]["peak_rss_bytes"] for k in MEASURED}) > 1
 
 
+@pytest.mark.slow
 def test_quality_against_the_torch_reference(bench_run):
     _, report, _ = bench_run
     rows = _rows(report)
@@ -148,6 +151,7 @@ def test_quality_against_the_torch_reference(bench_run):
         assert 0.0 < quality["kl_divergence"] < 1.0 and 0.5 < quality["top1"] < 1.0, (key, quality)
 
 
+@pytest.mark.slow
 def test_skipped_and_failed_rows_carry_their_reason(bench_run):
     done, report, _ = bench_run
     rows = _rows(report)
@@ -161,6 +165,7 @@ def test_skipped_and_failed_rows_carry_their_reason(bench_run):
     assert "decode tok/s" in done.stdout and "█" in done.stdout  # the terminal bar chart
 
 
+@pytest.mark.slow
 def test_csv_markdown_and_plot_written(bench_run):
     _, report, out = bench_run
     lines = list(csv.DictReader(io.StringIO((out / "run.csv").read_text())))
@@ -178,6 +183,7 @@ def test_csv_markdown_and_plot_written(bench_run):
     assert (out / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_compare_passes_on_the_real_baseline(bench_run):
     _, _, out = bench_run
     done = run_phi3("bench", "--load", str(out / "run.json"), "--compare", str(out / "run.json"), "--no-chart")
@@ -185,6 +191,7 @@ def test_compare_passes_on_the_real_baseline(bench_run):
     assert "No regression" in done.stdout
 
 
+@pytest.mark.slow
 def test_compare_fails_on_a_doctored_baseline(bench_run, tmp_path):
     _, report, out = bench_run
     faster = json.loads(json.dumps(report))
@@ -230,6 +237,7 @@ def test_compare_fails_on_a_doctored_baseline(bench_run, tmp_path):
         (lambda r: r.pop("results"), "lacks results"),
     ],
 )
+@pytest.mark.slow
 def test_foreign_baseline_is_refused(bench_run, tmp_path, change, message):
     _, report, out = bench_run
     other = json.loads(json.dumps(report))
@@ -258,6 +266,7 @@ def test_bad_counts_are_refused(args, flag):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_hang_becomes_a_failure_row():
     # One second is too short for any runtime to load: the worker is killed like a hung one.
     args = ["--model", "demo", "-b", "torch", "-p", "8", "-n", "2", "-r", "1", "--timeout", "1"]
@@ -267,6 +276,7 @@ def test_a_hang_becomes_a_failure_row():
     assert "No configuration could be measured" in done.stderr
 
 
+@pytest.mark.slow
 def test_the_table_is_printed_whole_when_stdout_is_not_a_terminal():
     # 80 columns, as a CI log or `> file` gets them: headers and figures must not be cut to "…".
     args = ["--model", "demo", "-b", "torch", "-f", "fp32", "-p", "8", "-n", "2", "-r", "1", "--warmup", "0"]
@@ -347,6 +357,7 @@ def test_shipped_quality_data():
     assert len(agreement_prompts()) >= 5 and len(set(agreement_prompts())) == len(agreement_prompts())
 
 
+@pytest.mark.slow
 def test_plot_without_matplotlib_names_the_extra(bench_run, monkeypatch, tmp_path):
     from phi3cli.bench.plot import write_plot
 
@@ -357,6 +368,7 @@ def test_plot_without_matplotlib_names_the_extra(bench_run, monkeypatch, tmp_pat
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_an_error_inside_the_worker_becomes_a_failure_row():
     # The demo model's context is 8192 tokens: the worker loads it, then refuses, and says why.
     args = ["--model", "demo", "-b", "torch", "-f", "fp32", "-p", "9000", "-n", "4", "-r", "1", "--no-quality"]
@@ -366,6 +378,7 @@ def test_an_error_inside_the_worker_becomes_a_failure_row():
     assert "Traceback" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_a_timing_only_model_is_labelled_so(demo_source, tmp_path):
     # scripts/make_shaped_model.py marks its random-weight models in config.json; bench says so on every output.
     folder = tmp_path / "shaped"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from phi3cli.backends.base import GenerationSettings, LoadRequest, PromptCache
+from phi3cli.backends.base import GenerationSettings, PromptCache
 from phi3cli.chat import ChatSession, HistoryTrimmed
-from phi3cli.generation import ReplyStats, generate_text, load_model, prompt_budget
+from phi3cli.generation import ReplyStats, generate_text, prompt_budget
+from phi3cli.loading import load
+from phi3cli.routing import given
 from phi3cli.sessions import SavedSession, restore
 from tests.conftest import run_phi3
 
@@ -29,12 +31,13 @@ def pair(request, demo_source, store):
     """(kept, fresh): the demo model twice in one backend, keeping its cache between generates and not."""
     backend = request.param
     models = [
-        load_model(
-            LoadRequest(
-                demo_source, format=FORMATS[backend], options=dict(OPTIONS.get(backend, {})), cache_reuse=reuse
-            ),
-            backend,
-            store,
+        load(
+            demo_source,
+            route=given(backend, "cpu"),
+            format=FORMATS[backend],
+            options=OPTIONS.get(backend, {}),
+            cache_reuse=reuse,
+            store=store,
         )
         for reuse in (True, False)
     ]
@@ -69,6 +72,7 @@ def assert_as_a_full_prefill(session: ChatSession, stats: ReplyStats, fresh) -> 
     assert stats.token_ids == full.token_ids, (stats.text, full.text)
 
 
+@pytest.mark.slow
 def test_each_turn_reads_only_what_is_new_and_answers_as_a_full_prefill(pair):
     kept, fresh = pair
     assert kept.prompt_cache.enabled and not (fresh.prompt_cache and fresh.prompt_cache.enabled)
@@ -82,6 +86,7 @@ def test_each_turn_reads_only_what_is_new_and_answers_as_a_full_prefill(pair):
         previous = stats
 
 
+@pytest.mark.slow
 def test_reset_system_prompt_and_load(pair):
     kept, fresh = pair
     session = ChatSession(kept, SETTINGS)
@@ -104,6 +109,7 @@ def test_reset_system_prompt_and_load(pair):
     assert_as_a_full_prefill(session, turn(session, QUESTIONS[0]), fresh)
 
 
+@pytest.mark.slow
 def test_an_answer_stopped_mid_way_is_rewound(pair):
     kept, fresh = pair
     session = ChatSession(kept, SETTINGS)
@@ -121,6 +127,7 @@ def test_an_answer_stopped_mid_way_is_rewound(pair):
     assert_as_a_full_prefill(session, turn(session, QUESTIONS[3]), fresh)
 
 
+@pytest.mark.slow
 def test_trimming_to_a_prompt_budget_counts_what_the_cache_holds(pair, monkeypatch):
     """A prompt budget (an NPU's static MAX_PROMPT_LEN) counts the whole conversation, cached part included."""
     kept, fresh = pair
@@ -164,6 +171,7 @@ def test_openvino_cache_properties_are_checked():
         kv_cache_properties({"kv_cache_precision": "int3"})
 
 
+@pytest.mark.slow
 def test_chat_says_what_the_cache_held_and_can_be_told_not_to_keep_it(demo_source, tmp_path):
     from tests.test_sessions import Terminal
 

@@ -52,6 +52,7 @@ def test_listed_lines_are_the_commands_own_help():
         assert " ".join(command.help.split("\n\n")[0].split()) == line, name
 
 
+@pytest.mark.slow
 def test_one_shot_chat_prints_only_the_answer(demo_source):
     done = run_phi3("chat", "--model", "demo", "--backend", "torch", "What is the capital of France?")
     assert done.returncode == 0, done.stderr
@@ -59,12 +60,14 @@ def test_one_shot_chat_prints_only_the_answer(demo_source):
     assert "tok/s" in done.stderr and "torch on CPU" in done.stderr
 
 
+@pytest.mark.slow
 def test_prompt_on_stdin(demo_source):
     done = run_phi3("chat", "-m", "demo", "-b", "torch", "-n", "16", input="What is the capital of France?\n")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
 
 
+@pytest.mark.slow
 def test_auto_device_says_what_it_picked(demo_source):
     done = run_phi3("chat", "-m", "demo", "--device", "auto", "-n", "8", "Hi")
     assert done.returncode == 0, done.stderr
@@ -100,16 +103,16 @@ def test_offline_hub_with_nothing_cached(tmp_path):
     assert_clean_error(done, "not in the local hub cache", "HF_HUB_OFFLINE")
 
 
-def test_device_not_present(demo_source):
+def test_device_not_present(config_only_model):
     assert_clean_error(
-        run_phi3("chat", "-m", "demo", "--device", "gpu", "hi"),
+        run_phi3("chat", "-m", str(config_only_model), "--device", "gpu", "hi"),
         "No GPU found",
         "This machine has: CPU",
-        "phi3 chat -m demo --device cpu hi",
+        f"phi3 chat -m {config_only_model} --device cpu hi",
     )
 
 
-def test_backend_whose_extra_is_missing(demo_source):
+def test_backend_whose_extra_is_missing(config_only_model):
     import subprocess
 
     code = (
@@ -117,7 +120,7 @@ def test_backend_whose_extra_is_missing(demo_source):
         "from phi3cli.cli import main; main()"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, "chat", "-m", "demo", "--backend", "openvino", "hi"],
+        [sys.executable, "-c", code, "chat", "-m", str(config_only_model), "--backend", "openvino", "hi"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -125,6 +128,7 @@ def test_backend_whose_extra_is_missing(demo_source):
     assert_clean_error(done, "openvino_genai not installed", "pip install 'phi3cli[openvino]'")
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_the_context(demo_source):
     done = run_phi3("chat", "-m", "demo", "-b", "torch", input="word " * 9000)
     assert_clean_error(done, "the model accepts")

@@ -14,6 +14,7 @@ from phi3cli.errors import ContextOverflowError, ConversionError, OutputExistsEr
 from phi3cli.generation import ReplyStats
 from phi3cli.templates import PHI3_TEMPLATE, ChatTemplate, load_chat_template
 from phi3cli.util import atomic_output, on_interrupt, remove_stale_partials
+from tests.fakes.scripted_model import FakeScriptedModel
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -23,6 +24,7 @@ CONVERSATION = [
 ]
 
 
+@pytest.mark.slow
 def test_template_renders_like_transformers(torch_model):
     ours = load_chat_template(torch_model.path).render(CONVERSATION)
     theirs = torch_model.tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
@@ -41,6 +43,7 @@ def test_template_falls_back_to_phi3_when_folder_has_none(tmp_path):
     assert load_chat_template(tmp_path).source == PHI3_TEMPLATE
 
 
+@pytest.mark.slow
 def test_incremental_decoder_matches_full_decode(torch_model):
     text = "Ça coûte 5 €, 東京 🙂 and naïve — done."
     ids = torch_model.encode(text)
@@ -128,15 +131,16 @@ def test_stale_partials_of_dead_processes_are_removed(tmp_path):
     assert not dead.exists()
 
 
-def test_history_is_trimmed_oldest_first_with_a_notice(torch_model, monkeypatch):
-    session = ChatSession(torch_model, GenerationSettings(max_new_tokens=8), system="Be brief.")
+def test_history_is_trimmed_oldest_first_with_a_notice():
+    fake = FakeScriptedModel()
+    session = ChatSession(fake, GenerationSettings(max_new_tokens=8), system="Be brief.")
     for question in ["What is the capital of France?", "And of Italy?"]:
         list(session.ask(question))
     assert len(session.messages) == 4
     full = len(
         session.model.encode(session.model.chat_template.render(session.conversation_with(session.messages, "x")))
     )
-    monkeypatch.setattr(torch_model, "context_length", full + 4)  # room for the newest exchange only
+    fake.context_length = full + 4  # room for the newest exchange only
     events = list(session.ask("And of Spain?"))
     trimmed = [e for e in events if isinstance(e, HistoryTrimmed)]
     assert trimmed and trimmed[0].messages == 2
@@ -144,13 +148,13 @@ def test_history_is_trimmed_oldest_first_with_a_notice(torch_model, monkeypatch)
     assert isinstance(events[-1], ReplyStats)
 
 
-def test_a_message_longer_than_the_context_is_refused(torch_model, monkeypatch):
-    monkeypatch.setattr(torch_model, "context_length", 64)
-    session = ChatSession(torch_model, GenerationSettings(max_new_tokens=8))
+def test_a_message_longer_than_the_context_is_refused():
+    session = ChatSession(FakeScriptedModel(context_length=64), GenerationSettings(max_new_tokens=8))
     with pytest.raises(ContextOverflowError, match="accepts"):
         list(session.ask("word " * 200))
 
 
+@pytest.mark.slow
 def test_closing_a_reply_stops_generation_and_keeps_history_clean(torch_model):
     session = ChatSession(torch_model, GenerationSettings(max_new_tokens=200, ignore_eos=True))
     events = session.ask("Count to one hundred.")
@@ -171,11 +175,23 @@ def test_stop_holdback_never_passes_a_stop_sequence():
     assert not hold.stopped and sent + hold.finish() == "a <bc"
 
 
-def test_stream_reply_stops_at_a_stop_sequence_without_streaming_it(torch_model):
+def test_closing_a_reply_stops_the_fake_generation_and_keeps_history_clean():
+    fake = FakeScriptedModel(token_delay=0.01)
+    session = ChatSession(fake, GenerationSettings(max_new_tokens=200, ignore_eos=True))
+    events = session.ask("Count to one hundred.")
+    next(e for e in events if not isinstance(e, HistoryTrimmed))
+    events.close()  # what Ctrl-C does in chat
+    assert session.messages == [] and session.last_stats is None
+    assert fake.stopped.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "phi3-generate"]
+
+
+def test_stream_reply_stops_at_a_stop_sequence_without_streaming_it():
     from phi3cli.generation import TokenEvent, stream_reply
 
-    prompt = torch_model.chat_template.render([{"role": "user", "content": "What is the capital of France?"}])
-    events = list(stream_reply(torch_model, prompt, GenerationSettings(max_new_tokens=32, stop=["Paris"])))
+    fake = FakeScriptedModel(["The capital of France is Paris. Paris is big."])
+    prompt = fake.chat_template.render([{"role": "user", "content": "What is the capital of France?"}])
+    events = list(stream_reply(fake, prompt, GenerationSettings(max_new_tokens=32, stop=["Paris"])))
     stats = events[-1]
     streamed = "".join(e.text for e in events if isinstance(e, TokenEvent))
     assert stats.finish_reason == "stop"

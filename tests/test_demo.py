@@ -13,6 +13,7 @@ from phi3cli.generation import ReplyStats, TokenEvent, generate_text, stream_rep
 from tests.conftest import run_phi3
 
 
+@pytest.mark.slow
 def test_demo_is_phi3_architecture(demo_source):
     config = json.loads((demo_source.path / "config.json").read_text())
     assert config["model_type"] == "phi3"
@@ -25,6 +26,7 @@ def test_demo_is_phi3_architecture(demo_source):
     assert list(demo_source.path.glob("*.safetensors")) and not list(demo_source.path.glob("*.bin"))
 
 
+@pytest.mark.slow
 def test_demo_answers_paris(torch_model):
     prompt = torch_model.chat_template.render([{"role": "user", "content": "What is the capital of France?"}])
     stats = generate_text(torch_model, prompt, GenerationSettings(max_new_tokens=32))
@@ -41,11 +43,13 @@ def test_demo_answers_paris(torch_model):
         "  leading and  double  spaces\n\tand tabs",
     ],
 )
+@pytest.mark.slow
 def test_demo_tokenizer_round_trips(torch_model, text):
     ids = torch_model.encode(text)
     assert torch_model.tokenizer.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_streamed_text_equals_non_streamed_generate(torch_model):
     import torch
 
@@ -71,6 +75,7 @@ def test_streamed_text_equals_non_streamed_generate(torch_model):
     assert stats.generated_tokens == out.shape[1] - len(ids)
 
 
+@pytest.mark.slow
 def test_ignore_eos_generates_exactly_the_tokens_asked(torch_model):
     prompt = torch_model.chat_template.render([{"role": "user", "content": "Say yes."}])
     stats = generate_text(torch_model, prompt, GenerationSettings(max_new_tokens=24, ignore_eos=True))
@@ -79,6 +84,7 @@ def test_ignore_eos_generates_exactly_the_tokens_asked(torch_model):
     assert len(stats.token_times) == 24 and stats.decode_tps > 0 and stats.ttft_s > 0
 
 
+@pytest.mark.slow
 def test_sampling_with_seed_is_repeatable(torch_model):
     prompt = torch_model.chat_template.render([{"role": "user", "content": "Tell me a fruit."}])
     settings = GenerationSettings(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)

@@ -9,9 +9,10 @@ from typer.testing import CliRunner
 
 from phi3cli.backends import registry
 from phi3cli.backends.base import GenerationSettings
-from phi3cli.devices import DeviceReport
+from phi3cli.devices import DeviceReport, executed_devices, normalise_device
 from phi3cli.errors import DeviceUnavailableError
-from phi3cli.generation import check_executed_device, executed_devices, generate_text, normalise_device, open_model
+from phi3cli.generation import generate_text
+from phi3cli.loading import check_executed_device, load
 from phi3cli.progress import SilentProgress
 
 
@@ -52,12 +53,13 @@ def installed_backends() -> list[str]:
 
 
 @pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.slow
 def test_each_backend_reads_the_executed_device_from_its_runtime(backend, demo_source, store):
     """On this machine every runtime executes on the CPU, and says so (read back after loading)."""
     progress = SilentProgress()
-    model, route = open_model("demo", backend=backend, device="cpu", store=store, progress=progress)
+    model = load("demo", backend=backend, device="cpu", store=store, progress=progress)
     try:
-        assert route.device == model.device == "cpu"
+        assert model.route.device == model.device == "cpu"
         assert executed_devices(model.executed_device) == ["cpu"], model.executed_device
         assert check_executed_device(model) is None
         assert not [n for n in progress.notes if n.startswith("Fallback")]
@@ -104,33 +106,34 @@ def fake_npu_lib_backend(reference):
 @pytest.fixture
 def silent_fallback(monkeypatch, torch_model):
     import phi3cli.devices
-    import phi3cli.generation
+    import phi3cli.loading
 
-    real_get_backend = phi3cli.generation.get_backend
+    real_get_backend = phi3cli.loading.get_backend
     monkeypatch.setattr(phi3cli.devices, "probe", fake_report)
     monkeypatch.setattr(
-        phi3cli.generation,
+        phi3cli.loading,
         "get_backend",
         lambda name: fake_npu_lib_backend(torch_model) if name == "npu-lib" else real_get_backend(name),
     )
 
 
+@pytest.mark.slow
 def test_a_runtime_on_another_device_stops_the_command(silent_fallback, store):
     with pytest.raises(DeviceUnavailableError) as caught:
-        open_model("demo", backend="npu-lib", device="npu", store=store)
+        load("demo", backend="npu-lib", device="npu", store=store)
     assert "Asked for npu" in caught.value.message and "executes on CPU" in caught.value.message
     assert "--allow-fallback" in caught.value.hint
 
 
+@pytest.mark.slow
 def test_allow_fallback_runs_with_a_notice(silent_fallback, store):
     progress = SilentProgress()
-    model, route = open_model(
-        "demo", backend="npu-lib", device="npu", allow_fallback=True, store=store, progress=progress
-    )
-    assert (route.device, model.device, model.executed_device) == ("npu", "npu", "CPU")
+    model = load("demo", backend="npu-lib", device="npu", allow_fallback=True, store=store, progress=progress)
+    assert (model.route.device, model.device, model.executed_device) == ("npu", "npu", "CPU")
     assert [n for n in progress.notes if n.startswith("Fallback: asked for npu")], progress.notes
 
 
+@pytest.mark.slow
 def test_chat_stops_on_fallback_and_runs_with_allow_fallback(silent_fallback, demo_source):
     from phi3cli.cli import app
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from phi3cli.backends.base import GenerationSettings, LoadRequest
+from phi3cli.backends.base import GenerationSettings
 from phi3cli.context import attention_shape, describe_context
 from phi3cli.errors import UnsupportedModelError
-from phi3cli.generation import generate_text, load_model
+from phi3cli.generation import generate_text
+from phi3cli.loading import load
+from phi3cli.routing import given
 from phi3cli.sources import OTHER_PHI_MODELS, resolve_source
 from tests.conftest import run_phi3
 from tests.test_sessions import Terminal
@@ -200,7 +202,7 @@ def test_each_member_converts_runs_and_says_its_window(name, backend, family, st
     member = FAMILY[name]
     source = resolve_source(str(family.converted(name, backend)))
     assert source.kind == backend
-    model = load_model(LoadRequest(source, device="cpu"), backend, store)
+    model = load(source, route=given(backend, "cpu"), store=store)
     try:
         stats = generate_text(model, "Hi", GenerationSettings(max_new_tokens=4, ignore_eos=True))
         assert (stats.executed_device, stats.generated_tokens) == ("CPU", 4)

@@ -48,6 +48,7 @@ def hub_env(built, tmp_path_factory):
     return {**env, "COLUMNS": "200"}  # progress lines unwrapped
 
 
+@pytest.mark.slow
 def test_an_ir_repo_runs_by_its_id(hub_env):
     done = run_phi3("chat", "-m", IR_REPO, "-n", "24", QUESTION, env=hub_env)
     assert done.returncode == 0, done.stderr
@@ -56,6 +57,7 @@ def test_an_ir_repo_runs_by_its_id(hub_env):
     assert "Converting" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_multi_variant_onnx_repo_picks_the_cpu_folder(hub_env):
     unreachable = {**hub_env, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # read from the cache
     done = run_phi3("chat", "-m", ONNX_REPO, "-d", "cpu", "-n", "24", QUESTION, env=unreachable)
@@ -69,6 +71,7 @@ def test_a_multi_variant_onnx_repo_picks_the_cpu_folder(hub_env):
     assert missing.returncode == 1 and "Could not download acme/not-cached" in missing.stderr, missing.stderr
 
 
+@pytest.mark.slow
 def test_repo_colon_subfolder_picks_the_other(hub_env):
     done = run_phi3("chat", "-m", f"{ONNX_REPO}:{DML_DIR}", "-d", "cpu", "-n", "24", QUESTION, env=hub_env)
     assert done.returncode == 0, done.stderr
@@ -88,6 +91,7 @@ def test_repo_colon_subfolder_picks_the_other(hub_env):
         (ONNX_REPO, "--device gpu", "No GPU for the onnx backend found"),
     ],
 )
+@pytest.mark.slow
 def test_each_bad_repo_shape_gives_one_line(hub_env, repo, files, needle):
     if isinstance(files, dict):
         publish(hub_env["HF_HUB_CACHE"], repo, files=files)
@@ -121,11 +125,12 @@ def test_variant_choice_follows_the_device_and_routing(device, gpu_here, expecte
         variant("directml-int4", ("gpu",) if gpu_here else ()),
     ]
     report = DeviceReport(cpu="test CPU", present={"onnx": (["gpu"] if gpu_here else []) + ["cpu"]})
-    chosen, on = choose_variant(variants, device=device, backend=None, report=report)
+    chosen, route = choose_variant(variants, device=device, backend=None, report=report)
     assert chosen.folder == expected
-    assert on == ("gpu" if gpu_here and device != "cpu" else "cpu")
+    assert (route.backend, route.device) == ("onnx", "gpu" if gpu_here and device != "cpu" else "cpu")
 
 
+@pytest.mark.slow
 def test_only_the_chosen_folder_is_fetched(built, tmp_path, monkeypatch):
     """What resolve asks huggingface-hub for: the marker files to choose, then the chosen folder's files alone."""
     import huggingface_hub
@@ -151,6 +156,7 @@ def test_only_the_chosen_folder_is_fetched(built, tmp_path, monkeypatch):
     assert [f"{CPU_DIR}/genai_config.json", f"{DML_DIR}/genai_config.json"] in asked  # read to choose
 
 
+@pytest.mark.slow
 def test_models_list_shows_hub_models_and_rm_asks_for_hub_cache(built, tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -81,6 +81,7 @@ def rewrite_manifest(path: Path, **changes) -> None:
     manifest.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_list_shows_every_variant_with_sizes_as_du_counts(tmp_store, real_variants):
     data = listing(tmp_store)
     variants = {e["backend"]: e for e in data["entries"] if e["kind"] == "variant"}
@@ -129,6 +130,7 @@ def wait_for(predicate, timeout: float = 300, what: str = ""):
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_convert_is_never_listed_as_a_variant(tmp_store):
     """SIGKILL part way through a real conversion into the store: the staging folder is half-built, then stale."""
     if "onnx" not in CONVERTERS:
@@ -172,6 +174,7 @@ def test_a_killed_convert_is_never_listed_as_a_variant(tmp_store):
     assert {p.name for p in group.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_broken_and_foreign_entries_are_listed_removable_and_never_loaded(tmp_store, real_variants, demo_source):
     name = CONVERTERS[0]
     group = tmp_store.variants_dir / "demo"
@@ -198,6 +201,7 @@ def test_broken_and_foreign_entries_are_listed_removable_and_never_loaded(tmp_st
     assert "Freed" in removed.stdout
 
 
+@pytest.mark.slow
 def test_a_variant_missing_its_model_file_is_broken(tmp_store, real_variants):
     name = CONVERTERS[0]
     marker = registry()[name].marker
@@ -208,6 +212,7 @@ def test_a_variant_missing_its_model_file_is_broken(tmp_store, real_variants):
     assert StoreInventory(tmp_store).variants() == [v for v in StoreInventory(tmp_store).variants() if v.path != path]
 
 
+@pytest.mark.slow
 def test_rm_by_id_path_and_source(tmp_store, real_variants):
     data = listing(tmp_store)
     variants = [e for e in data["entries"] if e["kind"] == "variant"]
@@ -236,6 +241,7 @@ def test_rm_by_id_path_and_source(tmp_store, real_variants):
     assert (tmp_store.source_dir("demo") / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_rm_a_source_removes_all_its_variants_and_keeps_the_source(tmp_store, real_variants):
     done = models(tmp_store, "rm", "demo", "--yes")
     assert done.returncode == 0, done.stderr
@@ -244,6 +250,7 @@ def test_rm_a_source_removes_all_its_variants_and_keeps_the_source(tmp_store, re
     assert [e.kind for e in StoreInventory(tmp_store).entries()] == ["source"]
 
 
+@pytest.mark.slow
 def test_rm_asks_on_a_terminal(tmp_store, real_variants, tmp_path):
     entry = listing(tmp_store)["entries"][0]
     term = Terminal("models", "rm", entry["id"], cwd=tmp_path, env={"PHI3_HOME": str(tmp_store.root)})
@@ -254,12 +261,14 @@ def test_rm_asks_on_a_terminal(tmp_store, real_variants, tmp_path):
     assert Path(entry["path"]).exists()
 
 
+@pytest.mark.slow
 def test_path(tmp_store, real_variants):
     assert models(tmp_store, "path").stdout.strip() == str(tmp_store.root)
     entry = listing(tmp_store)["entries"][0]
     assert models(tmp_store, "path", entry["id"]).stdout.strip() == entry["path"]
 
 
+@pytest.mark.slow
 def test_prune_removes_outdated_and_unused_variants(tmp_store, real_variants):
     if len(real_variants) < 2:
         pytest.skip("needs two converted variants")
@@ -281,6 +290,7 @@ def test_prune_removes_outdated_and_unused_variants(tmp_store, real_variants):
     assert models(tmp_store, "prune").stdout.strip() == "Nothing to prune."
 
 
+@pytest.mark.slow
 def test_converter_version_is_part_of_the_key(tmp_store, real_variants, demo_source, monkeypatch):
     """An upgraded converter builds a new variant instead of reusing one built by the old release."""
     name = CONVERTERS[0]

@@ -20,10 +20,12 @@ import pytest
 from typer.testing import CliRunner
 
 from phi3cli.backends import registry
-from phi3cli.backends.base import GenerationSettings, LoadRequest
+from phi3cli.backends.base import GenerationSettings
 from phi3cli.errors import DeviceUnavailableError
-from phi3cli.generation import ReplyStats, TokenEvent, generate_text, load_model, open_model, stream_reply
+from phi3cli.generation import ReplyStats, TokenEvent, generate_text, stream_reply
+from phi3cli.loading import load
 from phi3cli.progress import SilentProgress
+from phi3cli.routing import given
 from phi3cli.sources import resolve_source
 from tests.conftest import run_phi3
 
@@ -68,6 +70,7 @@ def int4_run(fake_lib, demo_source, tmp_path_factory):
     return out, result, list(_fake.CALLS)
 
 
+@pytest.mark.slow
 def test_quantize_calls_the_library_like_the_seed(fake_lib, int4_run, demo_source):
     out, result, calls = int4_run
     loads = [(args, kwargs) for name, args, kwargs in calls if name == "NPUModel.from_pretrained"]
@@ -83,6 +86,7 @@ def test_quantize_calls_the_library_like_the_seed(fake_lib, int4_run, demo_sourc
     assert f"Quantized demo → {out}" in result.stdout
 
 
+@pytest.mark.slow
 def test_quantized_model_is_stored_without_pickle(int4_run):
     out = int4_run[0]
     names = {p.name for p in out.iterdir()}
@@ -105,6 +109,7 @@ def test_quantized_model_is_stored_without_pickle(int4_run):
     assert header[f"{qkv}.scale"]["dtype"] == "F16"
 
 
+@pytest.mark.slow
 def test_stored_weights_are_exactly_what_the_library_made(fake_lib, int4_run, demo_source):
     import torch
     from intel_npu_acceleration_library.quantization import compress_to_i4, quantize_tensor
@@ -120,6 +125,7 @@ def test_stored_weights_are_exactly_what_the_library_made(fake_lib, int4_run, de
     assert torch.equal(stored["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, monkeypatch):
     import torch
     from intel_npu_acceleration_library import nn as npu_nn
@@ -132,7 +138,7 @@ def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, mo
         monkeypatch.setattr(target, name, refuse)
     source = resolve_source(str(int4_run[0]), store)
     assert source.kind == "npu-lib"
-    model = load_model(LoadRequest(source, device="npu"), "npu-lib", store)
+    model = load(source, route=given("npu-lib", "npu"), store=store)
     assert (model.backend, model.device, model.executed_device, model.format) == ("npu-lib", "npu", "NPU", "int4")
     assert isinstance(model.model.model.layers[0].self_attn.qkv_proj, npu_nn.QuantizedLinear)
     assert isinstance(model.model.lm_head, npu_nn.QuantizedLinear)
@@ -147,6 +153,7 @@ def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, mo
     model.close()
 
 
+@pytest.mark.slow
 def test_fp16_keeps_the_library_linear_layers(fake_lib, demo_source, tmp_path):
     from intel_npu_acceleration_library import nn as npu_nn
 
@@ -160,25 +167,27 @@ def test_fp16_keeps_the_library_linear_layers(fake_lib, demo_source, tmp_path):
     assert isinstance(proj, npu_nn.Linear) and str(proj.weight.dtype) == "torch.float16"
 
 
+@pytest.mark.slow
 def test_chat_through_the_store_answers_and_does_not_recompile(fake_lib, store):
     """--backend npu-lib with a Hugging Face model quantizes once into the store; the next run reuses it."""
     from intel_npu_acceleration_library import _fake
 
     _fake.reset(npu_present=True)
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    model, route = open_model("demo", backend="npu-lib", device="npu", format="int8", store=store)
-    assert (route.backend, route.device) == ("npu-lib", "npu")
+    model = load("demo", backend="npu-lib", device="npu", format="int8", store=store)
+    assert (model.route.backend, model.route.device) == ("npu-lib", "npu")
     stats = generate_text(model, model.chat_template.render(question), GenerationSettings(max_new_tokens=24))
     assert "Paris" in stats.text
     assert model.path.parent.parent == store.variants_dir and (model.path / "npu_model.json").is_file()
     model.close()
     _fake.reset(npu_present=True)
-    model, _ = open_model("demo", backend="npu-lib", device="npu", format="int8", store=store)
+    model = load("demo", backend="npu-lib", device="npu", format="int8", store=store)
     assert not _calls("NPUModel.from_pretrained")  # loaded from the stored safetensors, not compiled again
     assert _calls("npu_available")  # but the NPU was checked again
     model.close()
 
 
+@pytest.mark.slow
 def test_no_npu_is_an_error_not_a_silent_fallback(fake_lib, int4_run, store):
     from intel_npu_acceleration_library import _fake
 
@@ -187,19 +196,20 @@ def test_no_npu_is_an_error_not_a_silent_fallback(fake_lib, int4_run, store):
     try:
         source = resolve_source(str(int4_run[0]), store)
         with pytest.raises(DeviceUnavailableError, match=r"npu_available\(\) is False"):
-            load_model(LoadRequest(source, device="npu"), "npu-lib", store)
+            load(source, route=given("npu-lib", "npu"), store=store)
         with pytest.raises(DeviceUnavailableError, match="No NPU for the npu-lib backend found") as info:
-            open_model(str(int4_run[0]), device="npu", store=store)
+            load(str(int4_run[0]), device="npu", store=store)
         assert "npu_available(): False" in info.value.message
     finally:
         _fake.reset(npu_present=True)
 
 
+@pytest.mark.slow
 def test_npu_lib_runs_only_on_the_npu(fake_lib, int4_run, store):
 
     source = resolve_source(str(int4_run[0]), store)
     with pytest.raises(DeviceUnavailableError, match="runs on npu, not cpu"):
-        load_model(LoadRequest(source, device="cpu"), "npu-lib", store)
+        load(source, route=given("npu-lib", "cpu"), store=store)
 
 
 @pytest.mark.parametrize(
@@ -209,17 +219,18 @@ def test_npu_lib_runs_only_on_the_npu(fake_lib, int4_run, store):
         (["--asym"], ["--asym does not apply"]),
     ],
 )
-def test_npu_lib_quantize_refuses_options_it_cannot_honour(fake_lib, tmp_path, args, needles):
+def test_npu_lib_quantize_refuses_options_it_cannot_honour(fake_lib, config_only_model, tmp_path, args, needles):
     from phi3cli.cli import app
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["quantize", "demo", "--backend", "npu-lib", "-o", str(out), *args])
+    result = CliRunner().invoke(app, ["quantize", str(config_only_model), "--backend", "npu-lib", "-o", str(out), *args])
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     for needle in needles:
         assert needle in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+@pytest.mark.slow
 def test_npu_lib_quantize_needs_a_hugging_face_model(fake_lib, int4_run, tmp_path):
     from phi3cli.cli import app
 
@@ -229,8 +240,8 @@ def test_npu_lib_quantize_needs_a_hugging_face_model(fake_lib, int4_run, tmp_pat
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the library installs on Windows")
-def test_unavailable_here_says_why_and_what_to_use_instead():
-    done = run_phi3("chat", "--model", "demo", "--backend", "npu-lib", "hi")
+def test_unavailable_here_says_why_and_what_to_use_instead(config_only_model):
+    done = run_phi3("chat", "--model", str(config_only_model), "--backend", "npu-lib", "hi")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     for needle in ("npu-lib installs only on win32", "OpenVINO 2024.4", "Ubuntu", "--backend openvino --device npu"):
         assert needle in done.stderr, done.stderr
@@ -245,14 +256,14 @@ def _machine_has_npu() -> bool:
 
 
 @pytest.mark.skipif(_machine_has_npu(), reason="this machine has an NPU")
-def test_no_npu_message_names_both_checks_and_the_command_to_run_instead():
-    done = run_phi3("chat", "--model", "demo", "--device", "npu", "hi")
+def test_no_npu_message_names_both_checks_and_the_command_to_run_instead(config_only_model):
+    done = run_phi3("chat", "--model", str(config_only_model), "--device", "npu", "hi")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, done.stderr
     for needle in ("No NPU found", "OpenVINO devices: CPU", "npu_available()", "This machine has: CPU"):
         assert needle in errors[0], done.stderr
-    assert "Run it on the CPU instead: phi3 chat --model demo --device cpu hi" in done.stderr
+    assert f"Run it on the CPU instead: phi3 chat --model {config_only_model} --device cpu hi" in done.stderr
     assert done.stdout == ""
 
 

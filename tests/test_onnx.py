@@ -22,7 +22,7 @@ from tests.conftest import PROMPTS, TEST_HOME, run_phi3
 og = pytest.importorskip("onnxruntime_genai")
 
 from phi3cli.backends import get_backend  # noqa: E402
-from phi3cli.backends.base import ConvertRecipe, GenerationSettings, LoadRequest  # noqa: E402
+from phi3cli.backends.base import ConvertRecipe, GenerationSettings  # noqa: E402
 from phi3cli.backends.onnx.folder import GENAI_CONFIG, read_genai_config  # noqa: E402
 from phi3cli.backends.onnx.providers import (  # noqa: E402
     ProviderChoice,
@@ -36,8 +36,10 @@ from phi3cli.errors import (  # noqa: E402
     DeviceUnavailableError,
     UnsupportedModelError,
 )
-from phi3cli.generation import generate_text, load_model, stream_reply  # noqa: E402
+from phi3cli.generation import generate_text, stream_reply  # noqa: E402
+from phi3cli.loading import load  # noqa: E402
 from phi3cli.progress import SilentProgress  # noqa: E402
+from phi3cli.routing import given  # noqa: E402
 from phi3cli.sources import ModelSource, resolve_source  # noqa: E402
 from phi3cli.templates import load_chat_template  # noqa: E402
 from phi3cli.util import dir_size, remove_stale_partials  # noqa: E402
@@ -70,8 +72,7 @@ def onnx_models(onnx_variant, store):
     def get(fmt: str, target: str = "cpu"):
         if (fmt, target) not in loaded:
             folder = onnx_variant(fmt, target)
-            request = LoadRequest(resolve_source(str(folder), store), device="cpu")
-            loaded[fmt, target] = load_model(request, "onnx", store)
+            loaded[fmt, target] = load(resolve_source(str(folder), store), route=given("onnx", "cpu"), store=store)
         return loaded[fmt, target]
 
     yield get
@@ -86,6 +87,7 @@ def prompt_ids(model, question: str) -> list[int]:
 # --- build and run ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fp32_greedy_matches_the_torch_reference(onnx_models, torch_model):
     model = onnx_models("fp32")
     for question in PROMPTS:
@@ -98,6 +100,7 @@ def test_fp32_greedy_matches_the_torch_reference(onnx_models, torch_model):
 
 
 @pytest.mark.parametrize("fmt, target", BUILDS)
+@pytest.mark.slow
 def test_each_build_answers_on_the_cpu(onnx_models, fmt, target):
     model = onnx_models(fmt, target)
     assert model.format == fmt
@@ -109,6 +112,7 @@ def test_each_build_answers_on_the_cpu(onnx_models, fmt, target):
         assert "Paris" in stats.text
 
 
+@pytest.mark.slow
 def test_builds_keep_the_chat_template_and_context(onnx_variant, demo_source):
     source_template = load_chat_template(demo_source.path)
     hf_config = json.loads((demo_source.path / "config.json").read_text())
@@ -121,11 +125,13 @@ def test_builds_keep_the_chat_template_and_context(onnx_variant, demo_source):
         assert providers == ([{"dml": {}}] if target == "dml" else [])
 
 
+@pytest.mark.slow
 def test_folders_shrink_with_precision(onnx_variant):
     sizes = {fmt: dir_size(onnx_variant(fmt)) for fmt in ("int4", "fp16", "fp32")}
     assert sizes["int4"] < sizes["fp16"] < sizes["fp32"], sizes
 
 
+@pytest.mark.slow
 def test_variants_are_reused(onnx_backend, onnx_variant, demo_source, store):
     from phi3cli.convert import ensure_variant
 
@@ -137,14 +143,16 @@ def test_variants_are_reused(onnx_backend, onnx_variant, demo_source, store):
     assert not progress.notes  # no "Converting ..." note: nothing was built
 
 
+@pytest.mark.slow
 def test_load_through_the_store_uses_the_same_variant(onnx_variant, demo_source, store):
-    model = load_model(LoadRequest(demo_source, device="cpu"), "onnx", store)  # the default format is int4
+    model = load(demo_source, route=given("onnx", "cpu"), store=store)  # the default format is int4
     try:
         assert model.path == onnx_variant("int4") and model.format == "int4"
     finally:
         model.close()
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_ignore_eos_fills_the_budget(onnx_models):
     model = onnx_models("int4")
     ids = prompt_ids(model, PROMPTS[2])
@@ -158,6 +166,7 @@ def test_sampling_is_seeded_and_ignore_eos_fills_the_budget(onnx_models):
     assert full.generated_tokens == 40 and full.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_closing_the_stream_stops_and_the_model_stays_usable(onnx_models):
     model = onnx_models("int4")
     ids = prompt_ids(model, PROMPTS[1])
@@ -170,6 +179,7 @@ def test_closing_the_stream_stops_and_the_model_stays_usable(onnx_models):
     assert generate_text(model, ids, GenerationSettings(max_new_tokens=8)).generated_tokens > 0
 
 
+@pytest.mark.slow
 def test_prefill_happens_inside_the_iterator(onnx_models, monkeypatch):
     """append_tokens (the prefill) runs on the first next(), inside the time stream_reply measures to the
     first token, not when generate() is called."""
@@ -197,6 +207,7 @@ def test_prefill_happens_inside_the_iterator(onnx_models, monkeypatch):
     tokens.close()
 
 
+@pytest.mark.slow
 def test_cpu_int4_default_is_nncf_mixed_int4_int8(onnx_variant):
     """The CPU int4 default: NNCF's int4 and int8 weights packed as MatMulNBits, nothing left to dequantize per
     step, and the tied embedding a GatherBlockQuantized on lm_head's own int8 weights (stored once)."""
@@ -218,6 +229,7 @@ def test_cpu_int4_default_is_nncf_mixed_int4_int8(onnx_variant):
     assert reshape.input[0] == lm_head.input[1] and gather.input[2] == lm_head.input[2]
 
 
+@pytest.mark.slow
 def test_cpu_int4_default_diverges_less_than_the_builders_rtn(onnx_variant, onnx_models, torch_model, store):
     from phi3cli.bench.quality import next_token_divergence, perplexity_text
     from phi3cli.convert import ensure_variant
@@ -227,7 +239,7 @@ def test_cpu_int4_default_diverges_less_than_the_builders_rtn(onnx_variant, onnx
     rtn_folder = ensure_variant(
         get_backend("onnx"), resolve_source("demo", store), ConvertRecipe(format="int4", preset="rtn"), store
     )
-    rtn = load_model(LoadRequest(resolve_source(str(rtn_folder), store), device="cpu"), "onnx", store)
+    rtn = load(resolve_source(str(rtn_folder), store), route=given("onnx", "cpu"), store=store)
     try:
         kld_rtn, _ = next_token_divergence(reference, rtn.next_token_logprobs(ids))
     finally:
@@ -237,6 +249,7 @@ def test_cpu_int4_default_diverges_less_than_the_builders_rtn(onnx_variant, onnx
     assert top1 > 0.7, top1
 
 
+@pytest.mark.slow
 def test_token_logprobs_match_torch(onnx_models, torch_model):
     ids = prompt_ids(torch_model, PROMPTS[0]) + torch_model.encode("The capital of France is Paris.")
     ours, reference = onnx_models("fp32").token_logprobs(ids), torch_model.token_logprobs(ids)
@@ -244,6 +257,7 @@ def test_token_logprobs_match_torch(onnx_models, torch_model):
     assert max(abs(a - b) for a, b in zip(ours, reference, strict=True)) < 1e-3
 
 
+@pytest.mark.slow
 def test_quantize_fp32_to_int4(onnx_variant, store, tmp_path):
     from phi3cli.convert import quantize
 
@@ -252,7 +266,7 @@ def test_quantize_fp32_to_int4(onnx_variant, store, tmp_path):
     assert dir_size(out) < dir_size(fp32) / 2
     assert not (out / "variant.json").exists()  # the store's manifest belongs to the store's folder only
     assert load_chat_template(out) == load_chat_template(fp32)
-    model = load_model(LoadRequest(resolve_source(str(out), store), device="cpu"), "onnx", store)
+    model = load(resolve_source(str(out), store), route=given("onnx", "cpu"), store=store)
     try:
         assert model.format == "int4"  # read from the graph: MatMulNBits
         stats = generate_text(model, prompt_ids(model, PROMPTS[0]), GenerationSettings(max_new_tokens=16))
@@ -265,6 +279,7 @@ def test_quantize_fp32_to_int4(onnx_variant, store, tmp_path):
 
 
 @pytest.mark.parametrize("precision, provider", [("fp32", "cpu"), ("fp16", "dml")])
+@pytest.mark.slow
 def test_a_builder_made_folder_runs_as_model_dir(demo_source, tmp_path, precision, provider):
     """A folder made by the builder module itself (as a user or Microsoft would) runs through the real CLI."""
     out = tmp_path / f"{precision}-{provider}"
@@ -344,6 +359,7 @@ def test_cpu_choice_notes_the_cleared_provider():
     assert choose_providers("cpu", [], set(), "linux").note is None
 
 
+@pytest.mark.slow
 def test_a_directml_folder_needs_its_providers_cleared_here(onnx_variant):
     """The real og.Config: as built, the DirectML folder asks for DML, which this build lacks; cleared, it runs."""
     folder = str(onnx_variant("int4", "dml"))
@@ -356,15 +372,17 @@ def test_a_directml_folder_needs_its_providers_cleared_here(onnx_variant):
 
 
 @pytest.mark.skipif(GPU_HERE, reason="this ONNX Runtime GenAI has a GPU provider")
+@pytest.mark.slow
 def test_gpu_asked_without_a_gpu_provider(onnx_backend, onnx_variant, demo_source, store):
     with pytest.raises(DeviceUnavailableError, match="onnxruntime-genai-cuda"):
-        load_model(LoadRequest(demo_source, device="gpu"), "onnx", store)
+        load(demo_source, route=given("onnx", "gpu"), store=store)
     dml = resolve_source(str(onnx_variant("int4", "dml")), store)
     with pytest.raises(DeviceUnavailableError, match="onnxruntime-genai-directml"):
-        load_model(LoadRequest(dml, device="gpu"), "onnx", store)
+        load(dml, route=given("onnx", "gpu"), store=store)
 
 
 @pytest.mark.skipif(GPU_HERE, reason="this ONNX Runtime GenAI has a GPU provider")
+@pytest.mark.slow
 def test_cli_gpu_names_the_packages(onnx_variant):
     done = run_phi3("chat", "--model", str(onnx_variant("int4", "dml")), "--device", "gpu", "Hi")
     assert done.returncode == 1 and "Traceback" not in done.stderr
@@ -402,7 +420,7 @@ def onnx_source(folder: Path) -> ModelSource:
 
 
 def load_folder(onnx_backend, store, folder: Path):
-    return load_model(LoadRequest(onnx_source(folder), device="cpu"), "onnx", store)
+    return load(onnx_source(folder), route=given("onnx", "cpu"), store=store)
 
 
 def edit_config(folder: Path, edit) -> None:
@@ -412,6 +430,7 @@ def edit_config(folder: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_missing_genai_config(onnx_backend, store, copy_of):
     folder = copy_of()
     (folder / GENAI_CONFIG).unlink()
@@ -422,6 +441,7 @@ def test_missing_genai_config(onnx_backend, store, copy_of):
     assert done.returncode == 1 and "genai_config.json" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_malformed_genai_config(onnx_backend, store, copy_of):
     folder = copy_of()
     (folder / GENAI_CONFIG).write_text('{"model": {"context_length": 8192,,}')
@@ -442,6 +462,7 @@ def test_malformed_genai_config(onnx_backend, store, copy_of):
         (lambda d: d["search"].update(no_such_option=1), "ONNX Runtime GenAI cannot load"),
     ],
 )
+@pytest.mark.slow
 def test_incomplete_genai_config(onnx_backend, store, copy_of, edit, needle):
     folder = copy_of()
     edit_config(folder, edit)
@@ -450,11 +471,12 @@ def test_incomplete_genai_config(onnx_backend, store, copy_of, edit, needle):
 
 
 @pytest.mark.skipif(GPU_HERE, reason="this ONNX Runtime GenAI has a GPU provider")
+@pytest.mark.slow
 def test_config_naming_a_provider_not_installed(onnx_backend, store, copy_of):
     folder = copy_of()
     edit_config(folder, lambda d: d["model"]["decoder"]["session_options"].update(provider_options=[{"cuda": {}}]))
     with pytest.raises(DeviceUnavailableError, match="asks for the CUDA .* onnxruntime-genai-cuda"):
-        load_model(LoadRequest(onnx_source(folder), device="gpu"), "onnx", store)
+        load(onnx_source(folder), route=given("onnx", "gpu"), store=store)
     model = load_folder(onnx_backend, store, folder)  # --device cpu clears it and runs
     try:
         assert model.executed_device == "CPU"
@@ -462,6 +484,7 @@ def test_config_naming_a_provider_not_installed(onnx_backend, store, copy_of):
         model.close()
 
 
+@pytest.mark.slow
 def test_context_length_comes_from_genai_config(onnx_backend, store, copy_of):
     folder = copy_of()
     edit_config(folder, lambda d: d["model"].update(context_length=64))
@@ -477,6 +500,7 @@ def test_context_length_comes_from_genai_config(onnx_backend, store, copy_of):
         model.close()
 
 
+@pytest.mark.slow
 def test_recipe_options_the_builder_cannot_honour(demo_source):
     for args, needle in [
         (["--recipe", "rtn", "--ratio", "0.5"], "--ratio apply to OpenVINO and to the CPU int4 default"),
@@ -514,6 +538,7 @@ def builder_scratch(pid: int) -> list[Path]:
     return list((TEST_HOME / "cache" / "onnx-builder").glob(f".build-*.partial-{pid}"))
 
 
+@pytest.mark.slow
 def test_an_interrupted_build_leaves_nothing(demo_source, tmp_path):
     out = tmp_path / "interrupted"
     proc = start_convert(out)
@@ -526,6 +551,7 @@ def test_an_interrupted_build_leaves_nothing(demo_source, tmp_path):
     assert builder_scratch(proc.pid) == []
 
 
+@pytest.mark.slow
 def test_a_killed_build_leaves_no_output_and_its_staging_is_cleaned(demo_source, tmp_path):
     out = tmp_path / "killed"
     proc = start_convert(out)
@@ -540,6 +566,7 @@ def test_a_killed_build_leaves_no_output_and_its_staging_is_cleaned(demo_source,
     assert all(p in remove_stale_partials(scratch[0].parent) for p in scratch)
 
 
+@pytest.mark.slow
 def test_a_failing_build_is_one_error_and_leaves_nothing(demo_source, store, tmp_path):
     from phi3cli.convert import convert
 

@@ -19,13 +19,15 @@ import pytest
 from typer.testing import CliRunner
 
 from phi3cli.backends import get_backend
-from phi3cli.backends.base import ConvertRecipe, GenerationSettings, IncrementalDecoder, LoadRequest
+from phi3cli.backends.base import ConvertRecipe, GenerationSettings, IncrementalDecoder
 from phi3cli.backends.nncf_weights import calibration_samples
 from phi3cli.chat import ChatSession
 from phi3cli.convert import ensure_variant, quantize
 from phi3cli.errors import ConversionError, DeviceUnavailableError, UnsupportedModelError
-from phi3cli.generation import generate_text, load_model
+from phi3cli.generation import generate_text
+from phi3cli.loading import load
 from phi3cli.progress import SilentProgress
+from phi3cli.routing import given
 from phi3cli.sources import resolve_source
 from phi3cli.util import dir_size
 from tests.conftest import PROMPTS, ROOT, run_phi3
@@ -62,7 +64,7 @@ def ov_int4(demo_source, store):
 @pytest.fixture(scope="session")
 def fp16_model(ov_fp16, demo_source, store):
     """The fp16 IR on OpenVINO GenAI, CPU (loaded through the store, as chat does)."""
-    model = load_model(LoadRequest(demo_source, device="cpu", format="fp16"), "openvino", store)
+    model = load(demo_source, route=given("openvino", "cpu"), format="fp16", store=store)
     yield model
     model.close()
 
@@ -82,6 +84,7 @@ def assert_clean_error(done, *needles):
 # ------------------------------------------------------------------------------------------- answers
 
 
+@pytest.mark.slow
 def test_fp16_greedy_matches_torch(fp16_model, torch_model):
     assert fp16_model.executed_device == "CPU" and fp16_model.format == "fp16"
     for question in PROMPTS:
@@ -92,6 +95,7 @@ def test_fp16_greedy_matches_torch(fp16_model, torch_model):
         assert ours.text == reference.text
 
 
+@pytest.mark.slow
 def test_multi_turn_matches_torch(fp16_model, torch_model):
     turns = ["What is the capital of France?", "And what is the capital of Germany?", "Which of the two is larger?"]
     ours, reference = ChatSession(fp16_model, GREEDY_32), ChatSession(torch_model, GREEDY_32)
@@ -102,9 +106,10 @@ def test_multi_turn_matches_torch(fp16_model, torch_model):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.slow
 def test_compressed_variants_answer(fmt, demo_source, store, request):
     request.getfixturevalue(f"ov_{fmt}")
-    model = load_model(LoadRequest(demo_source, device="cpu", format=fmt), "openvino", store)
+    model = load(demo_source, route=given("openvino", "cpu"), format=fmt, store=store)
     try:
         assert model.format == fmt and model.executed_device == "CPU"
         stats = generate_text(model, prompt_ids(model, PROMPTS[0]), GREEDY_32)
@@ -114,6 +119,7 @@ def test_compressed_variants_answer(fmt, demo_source, store, request):
         model.close()
 
 
+@pytest.mark.slow
 def test_sizes_and_recipes(ov_fp16, ov_int8, ov_int4):
     assert dir_size(ov_int4) < dir_size(ov_int8) < dir_size(ov_fp16)
     for folder in (ov_fp16, ov_int8, ov_int4):
@@ -130,6 +136,7 @@ def test_sizes_and_recipes(ov_fp16, ov_int8, ov_int4):
     assert config["scale_estimation"] is True  # fitted on the calibration text shipped in the package
 
 
+@pytest.mark.slow
 def test_tokens_decode_to_exact_text_with_multibyte_characters(fp16_model):
     text = "Café naïve, 東京 and 🙂 — ça marche."
     ids = fp16_model.encode(text)
@@ -142,6 +149,7 @@ def test_tokens_decode_to_exact_text_with_multibyte_characters(fp16_model):
         assert "" in pieces  # some tokens end inside a character and wait for the next
 
 
+@pytest.mark.slow
 def test_closing_the_stream_stops_the_runtime(fp16_model):
     tokens = fp16_model.generate(prompt_ids(fp16_model, PROMPTS[2]), GenerationSettings(200, ignore_eos=True))
     for _, _token in zip(range(3), tokens, strict=False):
@@ -150,6 +158,7 @@ def test_closing_the_stream_stops_the_runtime(fp16_model):
     assert fp16_model.last_perf.get_num_generated_tokens() < 20
 
 
+@pytest.mark.slow
 def test_sampling_follows_the_seed(fp16_model):
     ids = prompt_ids(fp16_model, "Tell me a story.")
     runs = [
@@ -159,6 +168,7 @@ def test_sampling_follows_the_seed(fp16_model):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+@pytest.mark.slow
 def test_token_logprobs_match_torch(fp16_model, torch_model):
     ids = torch_model.encode("The capital of France is Paris. It lies on the Seine.")
     ours, reference = fp16_model.token_logprobs(ids), torch_model.token_logprobs(ids)
@@ -166,10 +176,12 @@ def test_token_logprobs_match_torch(fp16_model, torch_model):
     assert max(abs(a - b) for a, b in zip(ours, reference, strict=True)) < 0.1
 
 
+@pytest.mark.slow
 def test_compiled_model_cache_is_written(fp16_model, store):
     assert any(store.cache_dir("openvino").glob("*.blob"))
 
 
+@pytest.mark.slow
 def test_chat_cli_answers_paris(ov_int4):
     done = run_phi3("chat", "--model", "demo", "--backend", "openvino", "What is the capital of France?")
     assert done.returncode == 0, done.stderr
@@ -192,6 +204,7 @@ def test_optimum_cli_export_runs_as_model_folder(demo_source, tmp_path):
     assert done.stdout.strip() and "openvino on CPU" in done.stderr
 
 
+@pytest.mark.slow
 def test_quantize_fp16_ir_to_int4(ov_fp16, tmp_path, store):
     out = tmp_path / "int4"
     progress = SilentProgress()
@@ -199,7 +212,7 @@ def test_quantize_fp16_ir_to_int4(ov_fp16, tmp_path, store):
     assert ov_ir.ir_format(out / "openvino_model.xml") == "int4"
     assert dir_size(out) < 0.6 * dir_size(ov_fp16)
     assert any(note.startswith("Weights stored as int8") for note in progress.notes), progress.notes  # ratio 0.6
-    model = load_model(LoadRequest(resolve_source(str(out), store), device="cpu"), "openvino", store)
+    model = load(resolve_source(str(out), store), route=given("openvino", "cpu"), store=store)
     try:
         assert model.format == "int4" and generate_text(model, prompt_ids(model, PROMPTS[0]), GREEDY_32).text.strip()
     finally:
@@ -298,19 +311,21 @@ def test_convert_cli_bounds_ratio_and_format(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_load_refuses_fp32(demo_source, store):
     with pytest.raises(UnsupportedModelError, match="not fp32"):
-        load_model(LoadRequest(demo_source, device="cpu", format="fp32"), "openvino", store)
+        load(demo_source, route=given("openvino", "cpu"), format="fp32", store=store)
 
 
 # ------------------------------------------------------------------------------------------ devices
 
 
+@pytest.mark.slow
 def test_npu_asked_here_gives_a_clear_message(demo_source, store):
     if "NPU" in ov.Core().available_devices:
         pytest.skip("this machine has an NPU")
     with pytest.raises(DeviceUnavailableError, match="OpenVINO sees no NPU") as info:
-        load_model(LoadRequest(demo_source, device="npu"), "openvino", store)
+        load(demo_source, route=given("openvino", "npu"), store=store)
     assert "CPU" in info.value.message and "--device cpu" in info.value.hint
     done = run_phi3("chat", "--model", "demo", "--backend", "openvino", "--device", "npu", "hi")
     assert_clean_error(done, "NPU")
@@ -375,20 +390,23 @@ def link_copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
         (("openvino_detokenizer.xml", "openvino_detokenizer.bin"), ["no OpenVINO tokenizer", "convert_tokenizer"]),
     ],
 )
+@pytest.mark.slow
 def test_partial_ir_is_refused_clearly(ov_int4, tmp_path, skip, needles):
     folder = link_copy(ov_int4, tmp_path / "partial", skip)
     assert_clean_error(run_phi3("chat", "--model", str(folder), "--device", "cpu", "hi"), *needles)
 
 
+@pytest.mark.slow
 def test_truncated_weights_are_refused_clearly(ov_int4, tmp_path, store):
     folder = link_copy(ov_int4, tmp_path / "truncated", ("openvino_model.bin",))
     with open(ov_int4 / "openvino_model.bin", "rb") as src:
         (folder / "openvino_model.bin").write_bytes(src.read(1 << 20))
     with pytest.raises(UnsupportedModelError, match="cannot be read as an OpenVINO model: Incorrect weights") as info:
-        load_model(LoadRequest(resolve_source(str(folder), store), device="cpu"), "openvino", store)
+        load(resolve_source(str(folder), store), route=given("openvino", "cpu"), store=store)
     assert len(str(info.value).splitlines()) == 1 and "phi3 convert" in info.value.hint
 
 
+@pytest.mark.slow
 def test_tokenizer_that_cannot_be_converted_stops_clearly(demo_source, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -407,6 +425,7 @@ def test_tokenizer_that_cannot_be_converted_stops_clearly(demo_source, tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.slow
 def test_interrupted_convert_leaves_no_output(demo_source, tmp_path, sig):
     work, out = tmp_path / "work", tmp_path / "work" / "ir"
     work.mkdir()
@@ -444,6 +463,7 @@ def test_interrupted_convert_leaves_no_output(demo_source, tmp_path, sig):
         assert list(work.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_disk_full_during_build_leaves_nothing(demo_source, tmp_path, monkeypatch):
     def export_fills_the_disk(hf_dir, out, progress):
         (out / "openvino_model.bin").write_bytes(b"\0" * 1024)
@@ -460,6 +480,7 @@ def test_disk_full_during_build_leaves_nothing(demo_source, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_disk(demo_source, tmp_path):
     """OpenVINO reports a full disk only as an iostream error; it must still read as 'no space', and leave nothing."""
     from phi3cli.util import atomic_output

@@ -7,22 +7,16 @@ as a plugin package's metadata would; the real `phi3` then finds it for `devices
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from tests.conftest import ROOT, run_phi3
+from tests.conftest import plugin_env as plugin_env_in
+from tests.conftest import run_phi3
 
 
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory):
-    site = tmp_path_factory.mktemp("site")
-    dist = site / "phi3_toy_backend-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: phi3-toy-backend\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[phi3cli.backends]\ntoy = tests.toy_backend:SPEC\n")
-    path = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {"PYTHONPATH": path}
+    return plugin_env_in(tmp_path_factory.mktemp("site"), "toy", "tests.toy_backend:SPEC")
 
 
 def test_the_registry_finds_the_plugin_beside_the_built_in_ones(plugin_env):
@@ -33,11 +27,12 @@ def test_the_registry_finds_the_plugin_beside_the_built_in_ones(plugin_env):
     assert "a greedy decode loop" in done.stdout or "toy backend" in done.stdout
 
 
-def test_without_the_entry_point_there_is_no_toy_backend():
-    done = run_phi3("chat", "-m", "demo", "-b", "toy", "Hi")
+def test_without_the_entry_point_there_is_no_toy_backend(config_only_model):
+    done = run_phi3("chat", "-m", str(config_only_model), "-b", "toy", "Hi")
     assert done.returncode == 1 and "Unknown backend 'toy'" in done.stderr
 
 
+@pytest.mark.slow
 def test_chat_runs_on_the_plugin(plugin_env, demo_source):
     done = run_phi3("chat", "-m", "demo", "-b", "toy", "-n", "12", "What is the capital of France?", env=plugin_env)
     assert done.returncode == 0, done.stderr
@@ -45,6 +40,7 @@ def test_chat_runs_on_the_plugin(plugin_env, demo_source):
     assert "toy on CPU" in done.stderr
 
 
+@pytest.mark.slow
 def test_bench_measures_the_plugin(plugin_env, demo_source, tmp_path):
     out = tmp_path / "toy.json"
     args = ["bench", "-m", "demo", "-b", "toy", "-p", "8", "-n", "4", "-r", "1", "--warmup", "0", "--no-quality"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from phi3cli.backends import get_backend
-from phi3cli.backends.base import ConvertRecipe, LoadRequest
+from phi3cli.backends.base import ConvertRecipe
 from phi3cli.bench.quality import (
     kl_per_position,
     load_reference,
@@ -16,7 +16,8 @@ from phi3cli.bench.quality import (
     save_reference,
 )
 from phi3cli.convert import ensure_variant, quantize
-from phi3cli.generation import load_model
+from phi3cli.loading import load
+from phi3cli.routing import given
 from phi3cli.sources import resolve_source
 from phi3cli.util import log_softmax
 
@@ -34,13 +35,14 @@ def reference(torch_model, text_ids):
 
 
 def _scores(folder, store, ids) -> np.ndarray:
-    model = load_model(LoadRequest(resolve_source(str(folder), store), device="cpu"), "openvino", store)
+    model = load(resolve_source(str(folder), store), route=given("openvino", "cpu"), store=store)
     try:
         return model.next_token_logprobs(ids)
     finally:
         model.close()
 
 
+@pytest.mark.slow
 def test_divergence_of_a_model_with_itself_is_zero(reference, text_ids):
     assert reference.shape[0] == len(text_ids) - 1
     assert np.allclose(np.exp(reference).sum(axis=-1), 1.0, atol=1e-4)
@@ -60,6 +62,7 @@ def test_divergence_math_on_known_distributions():
         next_token_divergence(ref, cand[:1])
 
 
+@pytest.mark.slow
 def test_int4_diverges_less_than_a_deliberately_worse_recipe(reference, text_ids, demo_source, store, tmp_path):
     backend = get_backend("openvino")
     default = ensure_variant(backend, demo_source, ConvertRecipe(format="int4"), store)
@@ -73,6 +76,7 @@ def test_int4_diverges_less_than_a_deliberately_worse_recipe(reference, text_ids
     assert top1_fp16 > 0.95 and top1_int4 > 0.6, (top1_fp16, top1_int4)
 
 
+@pytest.mark.slow
 def test_reference_cache_is_keyed_by_model_and_ids(reference, text_ids, demo_source, tmp_path):
     path = reference_path(tmp_path, demo_source.path, text_ids)
     assert load_reference(path) is None

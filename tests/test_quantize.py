@@ -41,6 +41,7 @@ def answer(model_dir) -> str:
 
 
 @pytest.mark.parametrize("backend, fixture", [("openvino", "openvino_fp16"), ("onnx", "onnx_fp32")])
+@pytest.mark.slow  # its fixture (taken by name) converts the real demo model
 def test_quantize_to_int4_and_chat(backend, fixture, tmp_path, request):
     source = request.getfixturevalue(fixture)
     out = tmp_path / f"{backend}-int4"
@@ -54,6 +55,7 @@ def test_quantize_to_int4_and_chat(backend, fixture, tmp_path, request):
     assert "Paris" in answer(out)
 
 
+@pytest.mark.slow
 def test_existing_output_needs_force(onnx_fp32, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -66,12 +68,17 @@ def test_existing_output_needs_force(onnx_fp32, tmp_path):
 @pytest.mark.parametrize(
     "model, args, needles",
     [
-        ("demo", ["--backend", "openvino"], ["demo is a Hugging Face model", "phi3 convert demo --to openvino"]),
-        ("demo", ["--backend", "onnx"], ["quantizes an ONNX Runtime GenAI folder", "--to onnx --format fp32"]),
-        ("onnx_fp32", ["--backend", "openvino"], ["is an onnx model", "Quantize it with --backend onnx"]),
-        ("openvino_fp16", ["--backend", "npu-lib"], ["npu-lib"]),  # unavailable here, or the wrong input
-        ("onnx_fp32", ["--backend", "onnx", "--format", "int8"], ["int4"]),
-        ("openvino_fp16", ["--backend", "openvino", "--format", "fp16"], ["int4 or int8"]),
+        *[  # these resolve or convert the real demo model
+            pytest.param(*case, marks=pytest.mark.slow)
+            for case in [
+                ("demo", ["--backend", "openvino"], ["demo is a Hugging Face model", "phi3 convert demo --to openvino"]),
+                ("demo", ["--backend", "onnx"], ["quantizes an ONNX Runtime GenAI folder", "--to onnx --format fp32"]),
+                ("onnx_fp32", ["--backend", "openvino"], ["is an onnx model", "Quantize it with --backend onnx"]),
+                ("openvino_fp16", ["--backend", "npu-lib"], ["npu-lib"]),  # unavailable here, or the wrong input
+                ("onnx_fp32", ["--backend", "onnx", "--format", "int8"], ["int4"]),
+                ("openvino_fp16", ["--backend", "openvino", "--format", "fp16"], ["int4 or int8"]),
+            ]
+        ],
         ("./no/such/model", ["--backend", "onnx"], ["No model named"]),
     ],
 )

@@ -150,11 +150,13 @@ def streamed_text(stream) -> tuple[str, list]:
     return "".join(pieces), chunks
 
 
+@pytest.mark.slow
 def test_reference_is_what_the_chat_command_prints(server, references):
     # tests/test_cli.py checks that `phi3 chat` prints exactly this for the same question.
     assert references[QUESTIONS[0]].text == "The capital of France is Paris."
 
 
+@pytest.mark.slow
 def test_models_and_health(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["demo"]
@@ -163,6 +165,7 @@ def test_models_and_health(server):
     assert status == 200 and body["status"] == "ok" and body["model"] == "demo"
 
 
+@pytest.mark.slow
 def test_chat_equals_phi3_chat(server, references):
     question = QUESTIONS[0]
     reference = references[question]
@@ -176,6 +179,7 @@ def test_chat_equals_phi3_chat(server, references):
     assert timing["ttft_ms"] > 0 and timing["decode_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_streamed_chat_equals_phi3_chat_and_ends_with_usage(server, references):
     question = QUESTIONS[1]
     reference = references[question]
@@ -189,6 +193,7 @@ def test_streamed_chat_equals_phi3_chat_and_ends_with_usage(server, references):
     assert last.model_extra["phi3"]["ttft_ms"] > 0
 
 
+@pytest.mark.slow
 def test_streamed_chat_without_include_usage_still_reports_usage(server, references):
     question = QUESTIONS[2]
     text, chunks = streamed_text(chat(server.client(), question, stream=True))
@@ -196,6 +201,7 @@ def test_streamed_chat_without_include_usage_still_reports_usage(server, referen
     assert chunks[-1].choices[0].finish_reason and chunks[-1].usage.prompt_tokens == references[question].prompt_tokens
 
 
+@pytest.mark.slow
 def test_completion_and_stop_sequences(server, torch_model):
     from phi3cli.generation import generate_text
 
@@ -214,6 +220,7 @@ def test_completion_and_stop_sequences(server, torch_model):
     assert "".join(c.choices[0].text for c in stream if c.choices) == cut
 
 
+@pytest.mark.slow
 def test_eight_concurrent_clients_each_get_their_own_answer(server, references):
     def ask(i: int) -> str:
         client = server.client()
@@ -257,6 +264,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.slow
 def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server, case):
     body, status, code = BAD_INPUTS[case]
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -268,6 +276,7 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server, case):
     assert good.choices[0].message.content and good.usage.completion_tokens >= 1
 
 
+@pytest.mark.slow
 def test_the_client_library_raises_its_own_errors(server):
     client = server.client()
     with pytest.raises(openai.NotFoundError):
@@ -276,6 +285,7 @@ def test_the_client_library_raises_its_own_errors(server):
         client.completions.create(model="demo", prompt="x", max_tokens=10**6)
 
 
+@pytest.mark.slow
 def test_unsupported_fields_are_ignored_and_logged(server):
     answer = server.client().chat.completions.create(**GOOD, logit_bias={"1": 5}, user="someone")
     assert answer.choices[0].message.content
@@ -283,6 +293,7 @@ def test_unsupported_fields_are_ignored_and_logged(server):
     server.wait_for_log("ignored unsupported fields: logit_bias, user")
 
 
+@pytest.mark.slow
 def test_json_output_and_tools_are_400s_naming_why(server):
     """The torch backend has no grammar engine, and the demo's template reads no tools: never silently ignored."""
     client = server.client()
@@ -295,6 +306,7 @@ def test_json_output_and_tools_are_400s_naming_why(server):
     assert supports["response_format"] == ["text"] and supports["tools"] is False
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_stops_its_generation(server, references):
     # Thousands of tokens would take minutes here; closing the stream must stop the runtime at once.
     stream = server.client().chat.completions.create(
@@ -329,6 +341,7 @@ def test_a_client_that_disconnects_stops_its_generation(server, references):
     assert status == 200 and not health["busy"] and health["waiting"] == 0
 
 
+@pytest.mark.slow
 def test_api_key_is_checked_on_every_request(server):
     with pytest.raises(openai.AuthenticationError):
         server.client(key="wrong").chat.completions.create(**GOOD)
@@ -339,6 +352,7 @@ def test_api_key_is_checked_on_every_request(server):
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
 
 
+@pytest.mark.slow
 def test_every_request_is_one_log_line(server):
     text = server.wait_for_log("POST /v1/chat/completions 200")
     line = next(x for x in text.splitlines() if "POST /v1/chat/completions 200" in x)
@@ -383,6 +397,7 @@ def test_validation_defaults_follow_openai():
     assert parse_completion({"prompt": ["x"]}, 100).max_tokens == 16
 
 
+@pytest.mark.slow
 def test_health_answers_while_a_generation_runs(server):
     """The event loop never waits on the model: status requests are answered during a generation."""
     results = []

@@ -16,6 +16,8 @@ import pytest
 
 from tests.test_serve import BAD_INPUTS, GOOD, KEY, QUESTIONS, Server, free_port, streamed_text
 
+pytestmark = pytest.mark.slow  # every test here runs the real demo model
+
 pytest.importorskip("openvino_genai")
 
 MAX_TOKENS = 24
@@ -138,9 +140,10 @@ def test_clients_that_disconnect_free_their_sequences_at_once(server, alone):
 
 def test_one_sequence_serves_on_the_chat_pipeline_with_its_answers(demo_source, store, tmp_path):
     """--max-sequences 1: one request at a time on LLMPipeline, so greedy answers are those of `phi3 chat`."""
-    from phi3cli.backends.base import GenerationSettings, LoadRequest
+    from phi3cli.backends.base import GenerationSettings
     from phi3cli.chat import ChatSession
-    from phi3cli.generation import load_model
+    from phi3cli.loading import load
+    from phi3cli.routing import given
 
     srv = Server(free_port(), tmp_path / "server.log")
     srv.start("--api-key", KEY, "--format", "int4", "--max-sequences", "1", backend="openvino")
@@ -152,7 +155,7 @@ def test_one_sequence_serves_on_the_chat_pipeline_with_its_answers(demo_source, 
     finally:
         srv.stop()
     assert "Requests: one request at a time: OpenVINO GenAI's LLMPipeline" in srv.log()
-    model = load_model(LoadRequest(demo_source, device="cpu", format="int4"), "openvino", store)
+    model = load(demo_source, route=given("openvino", "cpu"), format="int4", store=store)
     try:
         session = ChatSession(model, GenerationSettings(max_new_tokens=MAX_TOKENS))
         for _ in session.ask(QUESTIONS[0]):

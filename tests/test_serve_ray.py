@@ -117,6 +117,7 @@ def ask(server, question: str, max_tokens: int) -> str:
     return streamed_text(stream)[0]
 
 
+@pytest.mark.slow
 def test_two_replicas_serve_chat_completions(server):
     replicas = {p.pid for p in replica_processes()}
     assert len(replicas) == REPLICAS
@@ -134,6 +135,7 @@ class Outcome:
     error: str = ""
 
 
+@pytest.mark.slow
 def test_killing_a_replica_loses_no_request_that_had_not_started(server):
     """Every replica slot streaming and the other requests waiting in Ray's router; then one replica dies.
 

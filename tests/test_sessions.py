@@ -23,6 +23,7 @@ from phi3cli.errors import SessionFileError
 from phi3cli.generation import ReplyStats, prompt_budget
 from phi3cli.sessions import SCHEMA, SavedSession, load_session, restore, resume_choice, save_session, snapshot
 from tests.conftest import run_phi3
+from tests.fakes.scripted_model import FakeScriptedModel
 
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the two cities is bigger?"]
 
@@ -39,8 +40,14 @@ def uninterrupted(torch_model):
     return [ask(session, q) for q in QUESTIONS]
 
 
-def test_save_load_resume_gives_the_same_next_answer(torch_model, uninterrupted, tmp_path):
-    first = ChatSession(torch_model, GenerationSettings(), system=None)
+def test_save_load_resume_gives_the_same_next_prompt(tmp_path):
+    """What the model is asked after a resume is exactly what the uninterrupted chat asks it (on a FAKE model)."""
+    uninterrupted = FakeScriptedModel(["Paris.", "Rome.", "Paris is bigger."])
+    whole = ChatSession(uninterrupted, GenerationSettings())
+    for q in QUESTIONS:
+        ask(whole, q)
+    model = FakeScriptedModel(["Paris.", "Rome.", "Paris is bigger."])
+    first = ChatSession(model, GenerationSettings(), system=None)
     for q in QUESTIONS[:2]:
         ask(first, q)
     path = save_session(tmp_path / "chat.json", snapshot(first, model="demo", device="cpu"))
@@ -48,16 +55,18 @@ def test_save_load_resume_gives_the_same_next_answer(torch_model, uninterrupted,
     data = json.loads(path.read_text())
     assert data["schema"] == SCHEMA
     assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
-    assert (data["model"], data["backend"], data["format"], data["executed_device"]) == ("demo", "torch", "fp32", "CPU")
+    assert (data["model"], data["backend"], data["format"], data["executed_device"]) == ("demo", "fake", "fake", "CPU")
     assert data["settings"]["temperature"] == 0.0 and data["settings"]["max_new_tokens"] == 512
 
-    resumed = ChatSession(torch_model, GenerationSettings(max_new_tokens=3, temperature=0.7))
+    resumed = ChatSession(model, GenerationSettings(max_new_tokens=3, temperature=0.7))
     restore(resumed, load_session(path))
     assert resumed.messages == first.messages
     assert resumed.settings == GenerationSettings()  # the saved settings, not the ones it started with
-    assert ask(resumed, QUESTIONS[2]) == uninterrupted[2]
+    assert ask(resumed, QUESTIONS[2]) == "Paris is bigger."
+    assert model.prompts[-1] == uninterrupted.prompts[-1] and model.settings[-1] == uninterrupted.settings[-1]
 
 
+@pytest.mark.slow
 def test_resume_through_the_cli_gives_the_same_next_answer(demo_source, uninterrupted, tmp_path):
     chat = tmp_path / "chat.json"
     first = run_phi3("chat", "-m", "demo", "-b", "torch", "--save", str(chat), QUESTIONS[0])
@@ -102,10 +111,10 @@ def test_missing_session_file():
         load_session("/no/such/chat.json")
 
 
-def test_save_never_overwrites_a_foreign_file(torch_model, tmp_path):
+def test_save_never_overwrites_a_foreign_file(tmp_path):
     precious = tmp_path / "notes.json"
     precious.write_text('{"my": "data"}')
-    session = ChatSession(torch_model)
+    session = ChatSession(FakeScriptedModel())
     with pytest.raises(SessionFileError, match="not a phi3 chat session; not overwriting"):
         save_session(precious, snapshot(session, model="demo", device="cpu"))
     assert precious.read_text() == '{"my": "data"}'
@@ -141,6 +150,7 @@ def test_cli_refuses_a_foreign_session_file(tmp_path):
     assert_clean_error(run_phi3("chat", "--resume", str(path), "hi"), "is not a phi3 chat session")
 
 
+@pytest.mark.slow
 def test_cli_session_naming_a_missing_model_suggests_model(demo_source, tmp_path):
     path = saved_file(tmp_path, model=str(tmp_path / "gone-model"))
     assert_clean_error(run_phi3("chat", "--resume", path, "hi"), "gone-model", "not available here", "--model")
@@ -180,19 +190,20 @@ def test_resume_choice_takes_from_the_file_what_the_options_leave_unset():
     assert fresh.settings == GenerationSettings(seed=5)
 
 
-def test_history_trimming_respects_a_prompt_limit(torch_model, monkeypatch):
+def test_history_trimming_respects_a_prompt_limit():
     """An NPU's static prompt length (max_prompt_tokens) trims history like the context does, with a notice."""
     from phi3cli.cli.render import trim_notice as _trim_notice
 
-    session = ChatSession(torch_model, GenerationSettings(max_new_tokens=8))
+    fake = FakeScriptedModel()
+    session = ChatSession(fake, GenerationSettings(max_new_tokens=8))
     for q in QUESTIONS[:2]:
         ask(session, q)
-    whole = len(torch_model.encode(torch_model.chat_template.render(session.conversation_with(session.messages, "x"))))
-    assert whole + 8 < torch_model.context_length  # the context alone would not trim
-    monkeypatch.setattr(torch_model, "max_prompt_tokens", whole - 5)
+    whole = len(fake.encode(fake.chat_template.render(session.conversation_with(session.messages, "x"))))
+    assert whole + 8 < fake.context_length  # the context alone would not trim
+    fake.max_prompt_tokens = whole - 5
     events = list(session.ask("And of Spain?"))
     trimmed = [e for e in events if isinstance(e, HistoryTrimmed)]
-    assert trimmed and trimmed[0].messages == 2 and trimmed[0].prompt_tokens <= prompt_budget(torch_model)
+    assert trimmed and trimmed[0].messages == 2 and trimmed[0].prompt_tokens <= prompt_budget(fake)
     assert events[-1].prompt_tokens <= whole - 5
     assert f"prompt limit of {whole - 5} tokens" in _trim_notice(trimmed[0], session)
 
@@ -249,6 +260,7 @@ class Terminal:
             os.close(self.master)
 
 
+@pytest.mark.slow
 def test_interactive_save_load_model_and_multiline(demo_source, uninterrupted, tmp_path):
     first = Terminal("chat", "-m", "demo", "-b", "torch", cwd=tmp_path)
     first.expect(r">>> ")
@@ -287,6 +299,7 @@ def test_interactive_save_load_model_and_multiline(demo_source, uninterrupted, t
     assert len(after["messages"]) == 6
 
 
+@pytest.mark.slow
 def test_a_reply_taller_than_the_terminal_is_printed_once(demo_source, tmp_path):
     # A live view redraws the lines that scrolled away each time it refreshes; streamed text is printed once.
     rows = 12
@@ -311,6 +324,7 @@ def test_a_reply_taller_than_the_terminal_is_printed_once(demo_source, tmp_path)
     assert answer in shown
 
 
+@pytest.mark.slow
 def test_cli_names_the_session_file_when_its_backend_is_missing_here(demo_source, tmp_path):
     path = saved_file(tmp_path, backend="npu-lib", device="npu", format="int4")
     assert_clean_error(

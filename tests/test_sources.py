@@ -15,13 +15,14 @@ def phi3_gguf(demo_source, tmp_path_factory):
     return write_phi3_gguf(demo_source.path, tmp_path_factory.mktemp("gguf") / "demo-phi3.gguf")
 
 
+@pytest.mark.slow
 def test_phi3_gguf_is_materialised_once_with_the_same_weights(phi3_gguf, store, torch_model):
-    from phi3cli.backends.base import LoadRequest
-    from phi3cli.generation import load_model
+    from phi3cli.loading import load
+    from phi3cli.routing import given
 
     source = resolve_source(str(phi3_gguf), store)
     assert source.kind == "gguf" and source.runtime is None
-    model = load_model(LoadRequest(source, device="cpu"), "torch", store)
+    model = load(source, route=given("torch", "cpu"), store=store)
     assert model.path == store.source_dir(source.slug)
     assert type(model.model).__name__ == "Phi3ForCausalLM"
     ids = torch_model.encode(torch_model.chat_template.render([{"role": "user", "content": "Hi there"}]))
@@ -34,6 +35,7 @@ def test_phi3_gguf_is_materialised_once_with_the_same_weights(phi3_gguf, store, 
     model.close()
 
 
+@pytest.mark.slow
 def test_phi3_gguf_chats_through_the_cli(phi3_gguf):
     done = run_phi3("chat", "-m", str(phi3_gguf), "-b", "torch", "-n", "8", "Hi")
     assert done.returncode == 0, done.stderr
@@ -57,6 +59,7 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
         resolve_source(str(other))
 
 
+@pytest.mark.slow
 def test_local_hf_folder_is_a_source(demo_source):
     source = resolve_source(str(demo_source.path))
     assert source.kind == "folder" and source.path == demo_source.path.resolve()
@@ -74,6 +77,7 @@ def fake_hub_cache(hf_home, repo_id: str, files: dict) -> None:
         (snapshot / name).symlink_to(target)
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_from_the_hub_cache_offline(demo_source, tmp_path):
     files = {p.name: p for p in demo_source.path.iterdir() if p.is_file()}
     fake_hub_cache(tmp_path, "acme/phi3-demo", files)
@@ -83,6 +87,7 @@ def test_hub_id_resolves_from_the_hub_cache_offline(demo_source, tmp_path):
     assert "Paris" in done.stdout
 
 
+@pytest.mark.slow
 def test_hub_model_without_safetensors_is_refused(demo_source, tmp_path):
     files = {p.name: p for p in demo_source.path.iterdir() if p.is_file() and p.suffix != ".safetensors"}
     fake_hub_cache(tmp_path, "acme/pickled-only", files)

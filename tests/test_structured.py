@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import TEST_HOME, run_phi3
 from tests.test_serve import KEY, Server, free_port
 
+pytestmark = pytest.mark.slow  # every test here runs the real demo model
+
 PERSON = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},

@@ -21,9 +21,21 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from phi3cli.errors import BackendUnavailableError, Phi3Error
+from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError, Phi3Error, UnsupportedModelError
 
 ENTRY_POINT_GROUP = "phi3cli.backends"
+
+# The devices phi3 runs on, each with the words runtimes use for it in what they report ("GPU.0",
+# "DmlExecutionProvider", "cuda:0"). Options, routes, tables and checks all read these; a spec names a subset.
+DEVICE_WORDS = {
+    "cpu": ("cpu",),
+    "gpu": ("gpu", "dml", "directml", "cuda", "tensorrt", "rocm", "migraphx", "webgpu", "xpu", "mps"),
+    "npu": ("npu", "qnn", "vitisai"),
+}
+DEVICES = tuple(DEVICE_WORDS)
+LISTING_ORDER = DEVICES[::-1]  # how tables and messages list devices: the accelerators first
+# Weight formats, narrowest first; a spec's formats are drawn from these (its first is its default).
+FORMATS = ("int4", "int8", "fp16", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,26 @@ class BackendSpec:
     @property
     def default_format(self) -> str:
         return self.formats[0]
+
+    def refusal(self, *, device: str | None = None, format: str | None = None) -> str | None:
+        """Why this backend cannot run on device or at format (None when it can): the one check every command makes."""
+        if device is not None and device not in self.devices:
+            return f"The {self.name} backend runs on {', '.join(self.devices)}, not {device}."
+        if format is not None and format not in self.formats:
+            return f"The {self.name} backend runs {', '.join(self.formats)} weights, not {format}."
+        return None
+
+    def check(self, *, device: str | None = None, format: str | None = None) -> None:
+        """Raise what refusal() says, with the flags to change and the backends that could."""
+        if device is not None and (why := self.refusal(device=device)):
+            others = [s.name for s in able(device=device) if s.auto]
+            alternatives = f", or --backend {' or '.join(others)}." if others else "."
+            raise DeviceUnavailableError(why, hint=f"Use --device {self.devices[-1]}{alternatives}")
+        if format is not None and (why := self.refusal(format=format)):
+            others = [s.name for s in able(format=format)]
+            raise UnsupportedModelError(
+                why, hint=f"{format} runs with --backend {' or '.join(others)}." if others else "Change --format."
+            )
 
     def rank(self, device: str) -> int | None:
         """Its preference rank on a device (lower first), None where it does not run."""
@@ -140,6 +172,11 @@ def reference_spec() -> BackendSpec | None:
 def converters() -> list[BackendSpec]:
     """Backends `phi3 convert --to` can produce, best first."""
     return [s for s in registry().values() if s.convert_targets]
+
+
+def able(*, device: str | None = None, format: str | None = None) -> list[BackendSpec]:
+    """The registered backends that run on device and at format, best first."""
+    return [s for s in registry().values() if s.refusal(device=device, format=format) is None]
 
 
 def runtime_of_folder(path) -> str | None:

@@ -27,11 +27,9 @@ if TYPE_CHECKING:
     import numpy as np
 
     from phi3cli.backends import BackendSpec
+    from phi3cli.routing import Route
     from phi3cli.sizing import BuildEstimate
     from phi3cli.sources import ModelSource
-
-DEVICES = ("cpu", "gpu", "npu")
-
 
 @dataclass(frozen=True)
 class OutputConstraint:
@@ -130,7 +128,7 @@ class LoadRequest:
     threads: int | None = None
     trust_remote_code: bool = False
     options: dict[str, Any] = field(default_factory=dict)
-    cache_dir: Path | None = None  # the backend's runtime cache (compiled blobs); load_model sets it in the store
+    cache_dir: Path | None = None  # the backend's runtime cache (compiled blobs); None: the store's for the backend
     cache_reuse: bool = False  # keep the KV cache between generates, prefilling only what is new (PromptCache)
 
 
@@ -145,7 +143,8 @@ class LoadedModel(ABC):
     context_length: int
     chat_template: ChatTemplate
     max_prompt_tokens: int | None = None  # a tighter prompt budget than the context (an NPU's static shape)
-    load_seconds: float = 0.0  # stamped by phi3cli.generation.load_model
+    load_seconds: float = 0.0  # stamped by phi3cli.loading.load
+    route: Route | None = None  # stamped by phi3cli.loading.load: the backend and device it was routed to, and why
     prompt_cache: PromptCache | None = None  # set by runtimes that keep their KV cache between generates
 
     @abstractmethod
@@ -242,8 +241,8 @@ class BatchEngine(ABC):
 class Backend(ABC):
     """A runtime that loads (and, where it has a format of its own, builds) Phi-3 models.
 
-    phi3cli.generation.load_model does what every backend shares (the route check, the default and the check of
-    the format, building the variant through the store) and hands load() a ready folder.
+    phi3cli.loading does what every backend shares (routing, the default and the check of the format, building the
+    variant through the store) and hands load() a ready folder.
     """
 
     recipe_version: ClassVar[str] = "1"  # bump when what build() writes changes, so stored variants are rebuilt

@@ -11,14 +11,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from phi3cli.backends import get_backend, reference_spec, registry
+from phi3cli.backends import DEVICES, LISTING_ORDER, get_backend, reference_spec, registry
 from phi3cli.devices import DeviceReport
 from phi3cli.errors import Phi3Error
 
 if TYPE_CHECKING:
     from phi3cli.sources import ModelSource
 
-DEVICE_ORDER = ("npu", "gpu", "cpu")
 QUALITY_TOKENS = 64  # greedy tokens per prompt compared with the reference
 
 
@@ -124,8 +123,8 @@ def plan_configurations(
         if name not in specs:
             raise Phi3Error(f"Unknown backend {name!r}.", hint=f"Choose --backend from: {', '.join(specs)}.")
     for device in devices:
-        if device not in DEVICE_ORDER:
-            raise Phi3Error(f"Unknown device {device!r}.", hint=f"Choose --device from: {', '.join(DEVICE_ORDER)}.")
+        if device not in DEVICES:
+            raise Phi3Error(f"Unknown device {device!r}.", hint=f"Choose --device from: {', '.join(DEVICES)}.")
     if not (backends or devices or formats or everything) and default is not None:
         return [PlannedConfiguration(default)]
 
@@ -153,8 +152,7 @@ def plan_configurations(
             wanted_formats = [held]
         seen = report.details.get(name, "")
         for device in wanted_devices:
-            if device not in spec.devices:
-                why = f"{name} runs on {', '.join(spec.devices)} only"
+            if why := spec.refusal(device=device):
                 planned += [PlannedConfiguration(Configuration(name, device, f), skip=why) for f in wanted_formats]
                 continue
             if not devices and device not in report.present.get(name, []):
@@ -162,8 +160,7 @@ def plan_configurations(
                 planned.append(PlannedConfiguration(Configuration(name, device, "any"), skip=why))
                 continue
             for fmt in wanted_formats:
-                skip = None if fmt in spec.formats else f"{name} runs {', '.join(spec.formats)}, not {fmt}"
-                planned.append(PlannedConfiguration(Configuration(name, device, fmt), skip=skip))
+                planned.append(PlannedConfiguration(Configuration(name, device, fmt), skip=spec.refusal(format=fmt)))
     return planned
 
 
@@ -239,7 +236,7 @@ def sort_key(config: Configuration) -> tuple:
     spec = specs.get(config.backend)
     formats = list(spec.formats) if spec else []
     return (
-        DEVICE_ORDER.index(config.device) if config.device in DEVICE_ORDER else len(DEVICE_ORDER),
+        LISTING_ORDER.index(config.device) if config.device in LISTING_ORDER else len(LISTING_ORDER),
         names.index(config.backend) if config.backend in names else len(names),
         formats.index(config.format) if config.format in formats else len(formats),
         config.format,

@@ -1,6 +1,6 @@
 """Measuring one configuration inside the current process, through the code path users run.
 
-Loading goes through phi3cli.generation.load_model and every reply through stream_reply, so the
+Loading goes through phi3cli.loading.load and every reply through stream_reply, so the
 figures are those of `phi3 chat`. The bench runs this in a fresh subprocess per configuration
 (phi3cli.bench.worker), so one runtime's memory and threads never touch another's.
 """
@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3cli.backends import get_backend
-from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest
+from phi3cli.backends.base import GenerationSettings, LoadedModel
 from phi3cli.chat import ChatSession, HistoryTrimmed
 from phi3cli.context import full_context_kv_bytes
 from phi3cli.errors import Phi3Error
-from phi3cli.generation import ReplyStats, generate_text, load_model
-from phi3cli.progress import SilentProgress
+from phi3cli.generation import ReplyStats, generate_text
+from phi3cli.loading import load
+from phi3cli.routing import given
 from phi3cli.sources import resolve_source
 from phi3cli.store import ModelStore
 from phi3cli.util import dir_size
@@ -140,44 +141,42 @@ def _reply_figures(stats: ReplyStats) -> dict:
     }
 
 
-def _load(job: Job, request: LoadRequest, store: ModelStore) -> LoadedModel:
-    return load_model(request, job.backend, store, SilentProgress())
-
-
 def measure_configuration(job: Job, store: ModelStore, report: Callable[[str], None] = lambda _: None) -> dict:
     """Load twice (cold, then warm), warm up, repeat, then measure quality; returns plain figures.
 
-    The cold load starts with an empty compiled-model cache (options["cache_dir"], for runtimes that keep
-    one); the warm load reuses what the cold one wrote. Raises Phi3Error (or whatever the runtime raises)
-    when the configuration cannot run; the caller shows that as a failure row.
+    The cold load starts with an empty runtime cache of its own (LoadRequest.cache_dir, for runtimes that keep
+    compiled models there), not the store's shared one; the warm load reuses what the cold one wrote. Raises
+    Phi3Error (or whatever the runtime raises) when the configuration cannot run; the caller shows that as a
+    failure row.
     """
     with tempfile.TemporaryDirectory(prefix="phi3-bench-cache-") as cache:
-        return _measure(job, store, report, {**job.options, "cache_dir": cache})
+        return _measure(job, store, report, Path(cache))
 
 
-def _measure(job: Job, store: ModelStore, report: Callable[[str], None], options: dict) -> dict:
+def _measure(job: Job, store: ModelStore, report: Callable[[str], None], cache: Path) -> dict:
     result: dict = {"threads": job.threads}
     report("resolving the model")
     source = resolve_source(job.model, store, convert=job.convert)
-    request = LoadRequest(
-        source=source,
-        device=job.device,
+    how = dict(
+        route=given(job.backend, job.device),  # planned by the parent: attempted as asked
         format=job.format,
         threads=job.threads,
-        options=options,
+        options=job.options,
+        cache_dir=cache,
         cache_reuse=job.cache_reuse,
+        store=store,
     )
     get_backend(job.backend)  # import the runtime first: load times are loading, not importing
 
     report("loading (cold)")
-    model = _load(job, request, store)
+    model = load(source, **how)
     result["load_cold_s"] = model.load_seconds
     if job.measure_speed:
         model.close()
         del model
         gc.collect()
         report("loading (warm)")
-        model = _load(job, request, store)
+        model = load(source, **how)
         result["load_warm_s"] = model.load_seconds
     else:
         result["load_warm_s"] = None

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from phi3cli.backends import get_backend, reference_spec
-from phi3cli.backends.base import LoadRequest
-from phi3cli.convert import runtime_folder
+from phi3cli.backends import reference_spec
 from phi3cli.errors import Phi3Error
+from phi3cli.loading import prepare as prepare_model
 from phi3cli.progress import Progress, SilentProgress
+from phi3cli.routing import given
 from phi3cli.sources import ModelSource, resolve_source
 from phi3cli.store import ModelStore
 
@@ -39,8 +39,8 @@ FIGURES = ("ttft_ms", "prefill_tps", "tpot_ms", "decode_tps", "e2e_tps")
 
 def prepare(config: Configuration, source: ModelSource, settings: BenchSettings, store: ModelStore, progress) -> None:
     """Build (convert) what the configuration loads, here in the parent with progress, so each subprocess only loads."""
-    request = LoadRequest(source=source, device=config.device, format=config.format, threads=settings.threads)
-    runtime_folder(get_backend(config.backend), request, store, progress)
+    route = given(config.backend, config.device)
+    prepare_model(source, route=route, format=config.format, threads=settings.threads, store=store, progress=progress)
 
 
 def run_worker(job: Job, store: ModelStore, timeout_s: float, on_progress: Callable[[str], None]) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,19 +9,17 @@ import typer
 from rich.markup import escape
 
 from phi3cli import DEFAULT_MODEL
+from phi3cli.backends import DEVICES
 from phi3cli.cli.bench_tables import show_comparison, show_report
 from phi3cli.cli.errors import user_errors
-from phi3cli.cli.options import ConvertOpt, ThreadsOpt
+from phi3cli.cli.options import ConvertOpt, ThreadsOpt, choices
 from phi3cli.cli.render import RichProgress, err_console, out_console
 from phi3cli.errors import Phi3Error
 
 EXIT_REGRESSION = 3
 
 
-class BenchDevice(str, Enum):
-    cpu = "cpu"
-    gpu = "gpu"
-    npu = "npu"
+BenchDevice = choices("BenchDevice", DEVICES)
 
 
 def _ints(values: list[str] | None, flag: str) -> list[int] | None:

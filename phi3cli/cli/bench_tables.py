@@ -11,7 +11,6 @@ from rich.text import Text
 # Columns that get a "fastest" mark, and whether higher is better.
 _MARKED = {"ttft_ms": False, "prefill_tps": True, "tpot_ms": False, "decode_tps": True, "e2e_tps": True}
 _DIGITS = {"ttft_ms": 0, "prefill_tps": 0, "tpot_ms": 1, "decode_tps": 1, "e2e_tps": 1}
-_DEVICE_TITLES = {"npu": "NPU", "gpu": "GPU", "cpu": "CPU"}
 
 
 def _cell(figure: dict | None, digits: int, best: bool) -> Text:
@@ -26,14 +25,14 @@ def _cell(figure: dict | None, digits: int, best: bool) -> Text:
 
 def _sorted_rows(report: dict) -> list[tuple[dict, dict | None]]:
     """(row, run) grouped by device (NPU, GPU, CPU), measured ones fastest first, then failures, then skips."""
-    from phi3cli.bench.config import DEVICE_ORDER
+    from phi3cli.backends import LISTING_ORDER
 
     items = []
     for row in report["results"]:
         for run in row["runs"] or [None]:
             rank = {"ok": 0, "failed": 1}.get(row["status"], 2)
             decode = run["decode_tps"]["mean"] if run and row["status"] == "ok" else 0.0
-            group = DEVICE_ORDER.index(row["device"]) if row["device"] in DEVICE_ORDER else len(DEVICE_ORDER)
+            group = LISTING_ORDER.index(row["device"]) if row["device"] in LISTING_ORDER else len(LISTING_ORDER)
             prompt = run["prompt_tokens"] if run else 0
             items.append(((group, rank, prompt, -(decode or 0.0)), row, run))
     items.sort(key=lambda item: item[0])
@@ -78,7 +77,7 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
         if row["device"] != previous_device:
             if previous_device is not None:
                 table.add_section()
-            table.add_row(Text(_DEVICE_TITLES.get(row["device"], row["device"]), style="bold underline"))
+            table.add_row(Text(row["device"].upper(), style="bold underline"))
         previous_device = row["device"]
         format_cell = Text(row["format"])
         executed = row["executed_device"]

@@ -156,7 +156,7 @@ def chat(
     (a ready-made variant of microsoft/Phi-3-mini-4k-instruct for the device), or the one a --resume file names.
     """
     from phi3cli.chat import ChatSession
-    from phi3cli.generation import open_model
+    from phi3cli.loading import load
     from phi3cli.sessions import check_saveable, load_session, restore, resume_choice
     from phi3cli.structured import constraining_hint, output_constraint
 
@@ -184,7 +184,7 @@ def chat(
     model = model or DEFAULT_MODEL
     try:
         with RichProgress() as progress:
-            loaded, route = open_model(
+            loaded = load(
                 model,
                 backend=backend,
                 device=device.value,
@@ -210,7 +210,7 @@ def chat(
             exc.hint = f"{exc.hint + ' ' if exc.hint else ''}{resume} chose {chosen}; pass another to override it."
         raise
     if device == DeviceChoice.auto:
-        err_console.print(f"[dim]{escape(route.reason)}[/]", soft_wrap=True)
+        err_console.print(f"[dim]{escape(loaded.route.reason)}[/]", soft_wrap=True)
     session = ChatSession(loaded, chosen.settings)
     state = _ChatState(session, model, device.value, autosave=save, file=resume)
     if saved:

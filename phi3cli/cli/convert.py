@@ -91,8 +91,8 @@ def convert(
     if not spec.convert_targets:
         raise Phi3Error(f"The {spec.name} backend does not convert models.", hint=f"Use --to {' or '.join(choices)}.")
     format = format or spec.default_format
-    if format not in spec.formats:
-        raise Phi3Error(f"--to {spec.name} builds {', '.join(spec.formats)}, not {format}.", hint="Change --format.")
+    if why := spec.refusal(format=format):
+        raise Phi3Error(why, hint="Change --format.")
     if device and device not in spec.convert_targets:
         raise Phi3Error(
             f"--to {spec.name} builds for {', '.join(spec.convert_targets)}, not {device}.", hint="Change --device."

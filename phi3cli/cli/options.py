@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from typing import Annotated
 
 import typer
 
+from phi3cli.backends import DEVICES, FORMATS
 
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
-    npu = "npu"
+
+def choices(name: str, values: Iterable[str]) -> type[Enum]:
+    """A Typer choice type over values (the registry's devices, formats), so --help lists them from the one list."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+DeviceChoice = choices("DeviceChoice", ("auto", *DEVICES))
 
 
 ModelOpt = Annotated[
@@ -50,7 +54,8 @@ FormatOpt = Annotated[
     typer.Option(
         "--format",
         "-f",
-        help="Weight format: int4, int8, fp16, fp32 or bf16, as the backend offers (`phi3 devices` lists them). "
+        help=f"Weight format: {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, as the backend offers (`phi3 devices` lists "
+        "them). "
         "Default: the backend's first.",
     ),
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,21 +9,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from phi3cli.backends import DEVICES, FORMATS
 from phi3cli.cli.errors import user_errors
+from phi3cli.cli.options import choices
 from phi3cli.cli.render import RichProgress
 from phi3cli.errors import Phi3Error, UnsupportedModelError
 
-
-class QuantizeFormat(str, Enum):
-    int4 = "int4"
-    int8 = "int8"
-    fp16 = "fp16"
-
-
-class QuantizeTarget(str, Enum):
-    cpu = "cpu"
-    gpu = "gpu"
-    npu = "npu"
+QuantizeFormat = choices("QuantizeFormat", FORMATS[: FORMATS.index("fp16") + 1])  # what the quantizers write
+QuantizeTarget = choices("QuantizeTarget", DEVICES)
 
 
 def _sentence(text: str) -> str:

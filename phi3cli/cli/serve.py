@@ -117,7 +117,7 @@ def serve(
     from phi3cli.backends.base import BATCHING, BatchingOptions
 
     options = {BATCHING: BatchingOptions(max_sequences, kv_cache_gb, prefix_caching)} if max_sequences > 1 else {}
-    open_kwargs = dict(
+    load_kwargs = dict(
         backend=backend,
         device=device.value,
         format=format,
@@ -128,23 +128,23 @@ def serve(
         convert=convert,
     )
     if ray:
-        return _serve_with_ray(model, open_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
+        return _serve_with_ray(model, load_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
 
     from phi3cli import serve as server  # needs the serve extra; imported only here
 
     sock = server.bind(host, port)  # before loading, so a taken port fails at once
     try:
         with RichProgress() as progress:
-            from phi3cli.generation import open_model
+            from phi3cli.loading import load
 
-            loaded, route = open_model(model, **open_kwargs, progress=progress)
+            loaded = load(model, **load_kwargs, progress=progress)
             progress.phase("Warming up")
             server.warm_up(loaded)
     except BaseException:
         sock.close()
         raise
     if device == DeviceChoice.auto:
-        err_console.print(f"[dim]{route.reason}[/]", soft_wrap=True)
+        err_console.print(f"[dim]{loaded.route.reason}[/]", soft_wrap=True)
     url = server.url_of(sock)
     err_console.print(
         f"[bold]{model}[/] · {loaded.backend} {loaded.format} on {loaded.executed_device} · "
@@ -179,13 +179,13 @@ def _warn_if_open(host: str, api_key: str | None) -> None:
         )
 
 
-def _serve_with_ray(model, open_kwargs, host, port, replicas, address, api_key, max_sequences, threads) -> None:
+def _serve_with_ray(model, load_kwargs, host, port, replicas, address, api_key, max_sequences, threads) -> None:
     """The same app as a Ray Serve deployment; Ray's proxy listens on host:port and routes to the replicas."""
     from phi3cli.serve import ray_serve  # needs the ray extra; imported only here
 
     plan = ray_serve.RayPlan(
         model=model,
-        open_kwargs=open_kwargs,
+        load_kwargs=load_kwargs,
         host=host,
         port=port,
         replicas=replicas,

@@ -1,6 +1,6 @@
 """`phi3 serve --ray`: the same OpenAI-compatible app as a Ray Serve deployment of N replicas.
 
-Each replica loads the model through phi3's normal path (open_model: the store on its node, built there if
+Each replica loads the model through phi3's normal path (phi3cli.loading.load: the store on its node, built there if
 needed) and serves create_app's Starlette app through serve.ingress. Ray routes requests to replicas, checks
 their health and restarts the ones that die; phi3 schedules nothing itself. A replica takes at most
 max_sequences requests at once, so a request Ray has handed to a replica is already generating, and the ones
@@ -37,10 +37,10 @@ DEPLOYMENT_NAME = "phi3-model"
 
 @dataclass
 class RayPlan:
-    """What to deploy: the model as open_model takes it, where to listen, and how many replicas."""
+    """What to deploy: the model as phi3cli.loading.load takes it, where to listen, and how many replicas."""
 
     model: str
-    open_kwargs: dict[str, Any]  # open_model's keyword arguments (backend, device, format, threads, options...)
+    load_kwargs: dict[str, Any]  # load()'s keyword arguments (backend, device, format, threads, options...)
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 1
@@ -55,13 +55,13 @@ class RayPlan:
 class Phi3Replica:
     """One replica: the model loaded once, and phi3's Starlette app over it."""
 
-    def __init__(self, model: str, open_kwargs: dict[str, Any], api_key: str | None):
+    def __init__(self, model: str, load_kwargs: dict[str, Any], api_key: str | None):
         from phi3cli import serve as server
-        from phi3cli.generation import open_model
+        from phi3cli.loading import load
 
         _log_requests()
         start = time.perf_counter()
-        self.loaded, _ = open_model(model, **open_kwargs)
+        self.loaded = load(model, **load_kwargs)
         server.warm_up(self.loaded)
         self.name, self.api_key = model, api_key
         logging.getLogger("phi3.serve").info(
@@ -111,7 +111,7 @@ def deploy(plan: RayPlan, note: Callable[[str], None]) -> None:
         health_check_timeout_s=30,
     )
     try:
-        serve.run(deployment.bind(plan.model, plan.open_kwargs, plan.api_key), name=APP_NAME, route_prefix="/")
+        serve.run(deployment.bind(plan.model, plan.load_kwargs, plan.api_key), name=APP_NAME, route_prefix="/")
     except RuntimeError as exc:
         raise Phi3Error(
             f"Ray Serve could not start the replicas: {first_line(exc)}",

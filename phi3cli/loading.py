@@ -1,0 +1,175 @@
+"""Loading a model, the one way every command does it.
+
+load() resolves what the user named, routes it once (a hub repo of ready-made folders is routed while its folder is
+chosen, and that route is kept), builds or finds the variant in the model store, loads it, stamps the load time and
+checks where the runtime really runs. `phi3 chat`, `phi3 serve` (and each Ray replica), bench's worker and the
+scripts call it; bench's parent calls prepare(), the same path short of loading, to build each configuration's
+variant with progress before any is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from phi3cli.backends import get_backend
+from phi3cli.backends.base import Backend, ConvertRecipe, LoadedModel, LoadRequest
+from phi3cli.convert import ensure_variant
+from phi3cli.devices import executed_devices
+from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
+from phi3cli.progress import Progress, SilentProgress
+from phi3cli.routing import Route
+from phi3cli.sources import ModelSource, resolve_source
+from phi3cli.store import ModelStore
+
+
+@dataclass
+class Prepared:
+    """A model ready to load: the backend, the folder it runs, the request with its format decided, and the route."""
+
+    backend: Backend
+    folder: Path
+    request: LoadRequest
+    route: Route
+
+
+def prepare(
+    model: str | ModelSource | None,
+    *,
+    backend: str | None = None,
+    device: str = "auto",
+    route: Route | None = None,
+    format: str | None = None,
+    threads: int | None = None,
+    trust_remote_code: bool = False,
+    options: dict[str, Any] | None = None,
+    cache_reuse: bool = False,
+    cache_dir: Path | None = None,
+    convert: bool = False,
+    store: ModelStore | None = None,
+    progress: Progress | None = None,
+) -> Prepared:
+    """Resolve the model (unless a ModelSource is given), route it once, and build or find the folder to load.
+
+    route is a choice made already (bench plans its configurations and attempts each as asked); without it the
+    backend and device are routed here from backend and device (auto: the best present), or taken from the route
+    a hub repo's folder was chosen by. convert: a catalogue name converts its source instead of downloading a
+    ready-made variant.
+    """
+    store = store or ModelStore()
+    progress = progress or SilentProgress()
+    if route is not None:
+        backend, device = route.backend, route.device
+    source = model if isinstance(model, ModelSource) else resolve_source(
+        model, store, progress=progress, device=device, backend=backend, format=format, convert=convert
+    )
+    if route is None and (kept := source.route) and backend in (None, kept.backend) and device in ("auto", kept.device):
+        route = kept  # routed while resolving: not probed again
+    route = route or _route(source, device=device, backend=backend)
+    request = LoadRequest(
+        source=source,
+        device=route.device,
+        format=format,
+        threads=threads,
+        trust_remote_code=trust_remote_code,
+        options=dict(options or {}),
+        cache_dir=cache_dir,
+        cache_reuse=cache_reuse,
+    )
+    impl = get_backend(route.backend)
+    folder, request = runtime_folder(impl, request, store, progress)
+    return Prepared(impl, folder, request, route)
+
+
+def load(
+    model: str | ModelSource | None,
+    *,
+    allow_fallback: bool = False,
+    store: ModelStore | None = None,
+    progress: Progress | None = None,
+    **how: Any,
+) -> LoadedModel:
+    """Resolve, route, build or find, and load a model (how: prepare()'s keywords).
+
+    The model is stamped with its route (whose reason says why, for --device auto) and its load time, the runtime's
+    own load of the ready folder. If the runtime reports another device than
+    the one asked, this raises DeviceUnavailableError, or with allow_fallback passes a notice to progress.note (the
+    CLI prints it in yellow): never a silent fallback.
+    """
+    progress = progress or SilentProgress()
+    ready = prepare(model, store=store, progress=progress, **how)
+    start = time.perf_counter()
+    loaded = ready.backend.load(ready.folder, ready.request, progress)
+    loaded.load_seconds = time.perf_counter() - start
+    loaded.route = ready.route
+    try:
+        notice = check_executed_device(loaded, allow_fallback=allow_fallback)
+    except DeviceUnavailableError:
+        loaded.close()
+        raise
+    if notice:
+        progress.note(notice)
+    return loaded
+
+
+def _route(source: ModelSource, *, device: str, backend: str | None) -> Route:
+    """Probe what the request needs and pick the backend and device (routing's choice)."""
+    from phi3cli.devices import probe
+    from phi3cli.routing import backends_to_probe, choose_route
+
+    report = probe(backends_to_probe(device, backend or source.runtime))
+    return choose_route(report, device=device, backend=backend, runtime=source.runtime)
+
+
+def runtime_folder(
+    backend: Backend, request: LoadRequest, store: ModelStore, progress: Progress | None = None
+) -> tuple[Path, LoadRequest]:
+    """What every backend's load shares: the folder it runs and the request with its format and cache decided.
+
+    Checks that the backend can run the source and the device, picks the default format and checks the one asked,
+    and builds the variant through the store on first use. A prebuilt folder is the backend's own, at its format.
+    The runtime cache is the store's for the backend unless the request names one (bench's cold load).
+    """
+    progress = progress or SilentProgress()
+    spec = backend.spec
+    source = request.source
+    if source.runtime and source.runtime != spec.name:
+        raise BackendUnavailableError(
+            f"{source.spec} is an {source.runtime} model; the {spec.name} backend cannot run it.",
+            hint=f"Use --backend {source.runtime}, or give the original model to convert it.",
+        )
+    spec.check(device=request.device)
+    backend.check_device(request.device)
+    request = replace(request, cache_dir=request.cache_dir or store.cache_dir(spec.name))
+    if source.runtime:
+        fmt = backend.folder_format(source.path)
+        if request.format and request.format != fmt:
+            progress.note(f"{source.path} holds {fmt} weights; --format {request.format} applies only to conversion.")
+        return source.path, replace(request, format=fmt)
+    fmt = request.format or spec.default_format
+    spec.check(format=fmt)
+    request = replace(request, format=fmt)
+    if spec.marker is None:  # it runs the Hugging Face folder itself
+        return source.hf_dir(store, progress), request
+    recipe = ConvertRecipe(format=fmt, target=backend.build_target(request.device))
+    return ensure_variant(backend, source, recipe, store, progress), request
+
+
+def check_executed_device(model: LoadedModel, *, allow_fallback: bool = False) -> str | None:
+    """Compare the device asked with what the runtime says it executes on; never let a fallback pass silently.
+
+    Returns None when they agree, a notice when they differ and allow_fallback is set, else raises.
+    """
+    asked, reported = model.device, (model.executed_device or "").strip()
+    found = executed_devices(reported)
+    if found and all(d == asked for d in found):
+        return None
+    what = f"the {model.backend} runtime reports it executes on {reported or 'an unreported device'}"
+    if not allow_fallback:
+        raise DeviceUnavailableError(
+            f"Asked for {asked}, but {what}; stopping instead of running on another device.",
+            hint="Pass --allow-fallback to run anyway, or choose the device it has with --device.",
+        )
+    return f"Fallback: asked for {asked}, but {what}. Running anyway (--allow-fallback)."
