@@ -26,7 +26,10 @@ of the per-round ratios), size on disk, bytes read per decoded token (every weig
 its stored precision, plus the KV cache at the mean context), the share of the measured bandwidth that decode
 reaches, and, for models with real weights, quality under teacher forcing on phi3's shipped text against
 transformers in fp32: perplexity, mean KL divergence and top-1 agreement (phi3cli.bench.quality). Models marked
-timing-only (scripts/make_shaped_model.py) get no quality.
+timing-only (scripts/make_shaped_model.py) get no quality. Every configuration also gets the wall time and peak
+RSS of making its artifact, each built in a worker of its own (llama.cpp's quantize from the f16 .gguf, which is
+written first and not timed; phi3's whole convert, export included: point PHI3_HOME at an empty store to time
+it, else it is found and shown as cached), and its peak RSS while running.
 
     python scripts/bench_peers.py MODEL [MODEL ...] [--config SPEC ...] [--rounds 2] [--reps 3]
         [--prompt-tokens 512] [--gen-tokens 64] [--threads 2] [--work DIR] [--markdown FILE] [--json FILE]
