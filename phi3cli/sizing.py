@@ -25,7 +25,7 @@ _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def parameter_count(config: dict) -> int:
     """The parameters of a decoder-only transformer, from its config.json (embedding and lm_head included)."""
     hidden = int(config["hidden_size"])
-    layers = int(config["num_hidden_layers"])
+    layers = int(config.get("num_hidden_layers") or 0)
     heads = int(config.get("num_attention_heads") or 1)
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)

@@ -19,8 +19,10 @@ from tests.hub_repos import demo_variants, publish
 pytest.importorskip("openvino_genai")
 pytest.importorskip("onnxruntime_genai")
 
-from phi3cli.backends import registry  # noqa: E402
-from phi3cli.backends.base import DEVICES  # noqa: E402
+from phi3cli.backends import (
+    DEVICES,  # noqa: E402
+    registry,  # noqa: E402
+)
 from phi3cli.catalog import catalog, choose, find  # noqa: E402
 from phi3cli.devices import DeviceReport  # noqa: E402
 from phi3cli.hub import HUB_ID  # noqa: E402
@@ -139,6 +141,7 @@ def test_a_folder_for_a_provider_missing_here_is_passed_over():
     assert choose(catalog()["phi-4-mini-reasoning"], report(**BOTH_CPU), device="cpu") is None
 
 
+@pytest.mark.slow
 def test_format_picks_the_variant_at_that_precision_or_none(built, demo_source, in_cache, tmp_path):
     chosen = choose(catalog()["phi-3-mini"], report(**BOTH_CPU), device="cpu", precision="int8")
     assert chosen is not None and chosen[0].repo == "OpenVINO/Phi-3-mini-4k-instruct-int8-ov"
@@ -148,6 +151,7 @@ def test_format_picks_the_variant_at_that_precision_or_none(built, demo_source, 
     assert source.spec == SOURCE and any("at fp16" in n and "converting its source" in n for n in notes), notes
 
 
+@pytest.mark.slow
 def test_a_name_runs_the_ready_made_variant_for_the_device(hub_env):
     done = run_phi3("chat", "-m", "phi-3-mini", "-d", "cpu", "-n", "24", QUESTION, env=hub_env)
     assert done.returncode == 0, done.stderr
@@ -158,6 +162,7 @@ def test_a_name_runs_the_ready_made_variant_for_the_device(hub_env):
     assert f"Reading {IR} from the hub cache" in done.stderr
 
 
+@pytest.mark.slow
 def test_the_source_id_behaves_as_the_name(hub_env):
     done = run_phi3("chat", "-m", SOURCE, "-d", "cpu", "-b", "onnx", "-n", "24", QUESTION, env=hub_env)
     assert done.returncode == 0, done.stderr
@@ -165,6 +170,7 @@ def test_the_source_id_behaves_as_the_name(hub_env):
     assert f"Reading {ONNX}:{CPU_ACC} from the hub cache" in done.stderr
 
 
+@pytest.mark.slow
 def test_only_the_chosen_folder_is_read(built, in_cache, tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -185,6 +191,7 @@ def test_only_the_chosen_folder_is_read(built, in_cache, tmp_path, monkeypatch):
     assert {repo for repo, _ in asked} == {ONNX}
 
 
+@pytest.mark.slow
 def test_offline_with_nothing_cached_says_what_to_pull_and_which_folder_to_copy(hub_env, tmp_path):
     env = {**hub_env, "HF_HUB_CACHE": str(tmp_path / "empty")}
     done = run_phi3("chat", "-m", "phi-3.5-mini", "-d", "cpu", "Hi", env=env)
@@ -196,6 +203,7 @@ def test_offline_with_nothing_cached_says_what_to_pull_and_which_folder_to_copy(
     assert "models--OpenVINO--Phi-3.5-mini-instruct-int4-ov" in text and str(tmp_path / "empty") in text
 
 
+@pytest.mark.slow
 def test_offline_the_variant_the_cache_holds_is_taken(built, in_cache, tmp_path):
     publish_mini(in_cache, built, ir=False)  # the IR preferred on the CPU is not there; the ONNX folders are
     source, notes = resolve("phi-3-mini", tmp_path, device="cpu")
@@ -203,6 +211,7 @@ def test_offline_the_variant_the_cache_holds_is_taken(built, in_cache, tmp_path)
     assert any(f"{IR}, preferred here, is not" in n and "offline" in n for n in notes), notes
 
 
+@pytest.mark.slow
 def test_with_no_variant_for_the_device_the_cached_source_is_converted(demo_source, in_cache, tmp_path):
     publish(in_cache, REASONING, {"": demo_source.path})
     source, notes = resolve("phi-4-mini-reasoning", tmp_path, device="cpu")
@@ -210,6 +219,7 @@ def test_with_no_variant_for_the_device_the_cached_source_is_converted(demo_sour
     assert any(f"converting its source {REASONING} instead" in n for n in notes), notes
 
 
+@pytest.mark.slow
 def test_convert_takes_the_source(built, demo_source, in_cache, tmp_path):
     publish_mini(in_cache, built)
     publish(in_cache, SOURCE, {"": demo_source.path})
@@ -217,6 +227,7 @@ def test_convert_takes_the_source(built, demo_source, in_cache, tmp_path):
     assert source.kind == "hub" and source.spec == SOURCE and "converting its source" in notes[0]
 
 
+@pytest.mark.slow
 def test_models_catalog_marks_what_is_on_disk(hub_env):
     done = run_phi3("models", "catalog", "--json", env=hub_env)
     assert done.returncode == 0, done.stderr
@@ -231,6 +242,7 @@ def test_models_catalog_marks_what_is_on_disk(hub_env):
     assert re.search(r"openvino int4\s+cpu, gpu\s+2.15 GB\s+yes", row), row
 
 
+@pytest.mark.slow
 def test_pull_fetches_the_variant_for_a_device_this_machine_lacks(hub_env):
     done = run_phi3("models", "pull", "phi-3.5-mini", "--device", "npu", env=hub_env)
     assert done.returncode == 0, done.stderr
@@ -246,6 +258,7 @@ def test_pull_fetches_the_variant_for_a_device_this_machine_lacks(hub_env):
         (["-m", "phi-3-mini", "-d", "gpu"], ["phi-3-mini has no GPU variant that runs here", "Windows with DirectML"]),
     ],
 )
+@pytest.mark.slow
 def test_bad_names_and_devices_give_one_line(hub_env, args, needles):
     done = run_phi3("chat", *args, "Hi", env=hub_env)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

@@ -300,10 +300,8 @@ class Backend(ABC):
 
 # Named int4 recipes every converting backend knows, beside its default; `--recipe NAME` picks one.
 RECIPE_NAMES = {
-    "calibrated": "the int4 default up to 1B parameters: scales fitted on phi3's calibration text with NNCF's scale "
-    "estimation (asymmetric, group 64; OpenVINO 60 % of the layers int4, ONNX Runtime GenAI 50 %)",
-    "data-free": "the int4 default above 1B parameters: no calibration pass (OpenVINO: every layer int4, asymmetric, "
-    "group 64; ONNX Runtime GenAI: its builder's round-to-nearest, asymmetric, block 32, quantized layer by layer)",
+    "calibrated": "the int4 default up to 1B parameters: scales fitted on phi3's text (NNCF scale estimation)",
+    "data-free": "the int4 default above 1B parameters: no calibration pass, every layer int4",
     "cookbook": "the Phi-3 Cookbook's: OpenVINO --group-size 128 --ratio 0.6 --sym; ONNX Runtime GenAI's builder "
     "defaults (symmetric, block 32, int4 lm_head)",
 }
