@@ -347,3 +347,22 @@ def test_onnx_int4_made_layer_by_layer_equals_the_builders_own(family, tmp_path)
             diff = np.abs(codes(a, attrs_w["bits"]) - codes(b, attrs_w["bits"]))
             assert diff.max() <= (1 if attrs_w["bits"] == 4 else 2) and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     assert layered[-1][0]["bits"] == 8  # rtn_last: the lm_head in int8
+
+    # The untied embedding table is int8 (the builder keeps it float32), and both folders run to the same logits
+    # within what that and the tie-breaking cost.
+    embedding = [n for n in onnx.load(str(tmp_path / "layered" / "model.onnx")).graph.node if "embed_tokens" in n.name]
+    assert [n.op_type for n in embedding] == ["GatherBlockQuantized"], embedding
+
+    def logits(folder: Path):
+        import onnxruntime_genai as og
+
+        model = og.Model(str(folder))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=32, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(list(range(5, 21)))
+        return np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(16, -1)
+
+    expected, got = logits(tmp_path / "whole"), logits(tmp_path / "layered")
+    diff, spread = got - expected, expected.std()
+    assert np.sqrt((diff**2).mean()) < 0.05 * spread and np.abs(diff).max() < 0.2 * spread, (diff, spread)

@@ -7,6 +7,8 @@ MatMul weight is block-quantized as the builder writes it (with ONNX Runtime's o
 pass would run, with the same block size, symmetry and accuracy level), and each layer's float weights are freed
 once the layer is written. The lm_head too (int8 where the recipe says so), unless the embedding is tied to it:
 then it is left to the builder's final pass, whose naming the tied embedding's GatherBlockQuantized refers to.
+An untied embedding table, which the builder keeps in float32 (604 MB at Phi-3-mini's widths), is stored int8
+in blocks along the hidden size and read with GatherBlockQuantized, as the builder does for a tied one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def layer_by_layer() -> Iterator[None]:
     make_matmul_int4 = base.Model.make_matmul_int4
     make_layer = base.Model.make_layer
     to_int4 = base.Model.to_int4
+    make_embedding = base.Model.make_embedding
+    ir = base.ir
 
     class AtCheckpointDtype:
         @staticmethod
@@ -70,6 +74,26 @@ def layer_by_layer() -> Iterator[None]:
     def to_int4_unless_done(self):
         return self.model if getattr(self, "phi3_quantized_all", False) else to_int4(self)
 
+    def embedding_int8(self, embedding):
+        if self.shared_embeddings or self.embed_attrs["scale"] != 1 or self.io_dtype != ir.DataType.FLOAT:
+            return make_embedding(self, embedding)  # the builder's own (a tied one is shared with the lm_head)
+        block, symmetric = int(self.quant_attrs["int4"]["qdq_block_size"]), bool(self.quant_attrs["int4"]["is_symmetric"])
+        table = _QuantizedLinear(embedding, 8, block, symmetric)  # one row a token, blocks along the hidden size
+        names = ["model.embed_tokens.qweight", self.input_names["input_ids"], "model.embed_tokens.scales"]
+        self.make_initializer(table.qweight.reshape(table.out_features, table.in_features), names[0])
+        self.make_initializer(table.scales, names[2], to=self.io_dtype)
+        if table.qzeros is not None:
+            names.append("model.embed_tokens.qzeros")
+            self.make_initializer(table.qzeros, names[3])
+        name = "/model/embed_tokens/GatherBlockQuantized"
+        output = f"{name}/output_0"
+        self.make_node(
+            "GatherBlockQuantized", inputs=names, outputs=[output], name=name, domain="com.microsoft",
+            bits=8, block_size=block, gather_axis=0, quantize_axis=1,
+        )
+        self.make_value(output, self.io_dtype, shape=["batch_size", "sequence_length", table.in_features])
+        self.layernorm_attrs["root_input"] = self.layernorm_attrs["skip_input"] = output
+
     def make_layer_and_free(self, layer_id, layer):
         make_layer(self, layer_id, layer)
         for param in layer.parameters():
@@ -80,6 +104,7 @@ def layer_by_layer() -> Iterator[None]:
     base.Model.make_matmul_int4 = quantize_now
     base.Model.make_layer = make_layer_and_free
     base.Model.to_int4 = to_int4_unless_done
+    base.Model.make_embedding = embedding_int8
     try:
         yield
     finally:
@@ -87,3 +112,4 @@ def layer_by_layer() -> Iterator[None]:
         base.Model.make_matmul_int4 = make_matmul_int4
         base.Model.make_layer = make_layer
         base.Model.to_int4 = to_int4
+        base.Model.make_embedding = make_embedding
