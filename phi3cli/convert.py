@@ -10,7 +10,7 @@ from pathlib import Path
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import Backend, ConvertRecipe
 from phi3cli.progress import Progress, SilentProgress
-from phi3cli.sizing import check_memory, model_config
+from phi3cli.sizing import GB, BuildEstimate, check_memory, model_config
 from phi3cli.sources import ModelSource
 from phi3cli.store import MANIFEST, ModelStore, VariantKey
 from phi3cli.util import atomic_output
@@ -40,16 +40,17 @@ def ensure_variant(
         if variant := store.find_variant(key):
             return variant.path
         hf_dir = source.hf_dir(store, progress)
-        check_build_memory(backend, hf_dir, recipe, source.spec)
+        estimate = check_build_memory(backend, hf_dir, recipe, source.spec)
+        needs = f", about {estimate.peak_bytes / GB:.1f} GB of memory" if estimate else ""
         progress.note(
-            f"Converting {source.spec} for {backend.name} ({recipe.format}, {recipe.target}); once, then reused."
+            f"Converting {source.spec} for {backend.name} ({recipe.format}, {recipe.target}{needs}); once, then reused."
         )
         with store.build_variant(key, source_spec=source.spec, versions=backend.runtime_versions(), force=True) as out:
             backend.build(hf_dir, recipe, out, progress, store.cache_dir(backend.name))
     return store.variant_dir(key)
 
 
-def check_build_memory(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, what: str) -> None:
+def check_build_memory(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, what: str) -> BuildEstimate | None:
     """The pre-flight check: refuse, in one line, a build that would run out of memory, before it starts."""
     estimate = backend.build_estimate(model_config(hf_dir), recipe)
     check_memory(
@@ -58,6 +59,7 @@ def check_build_memory(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, wh
         hint="Close other programs, or run a ready-made variant instead of converting (`phi3 models catalog` "
         "lists them; `phi3 chat -m NAME` downloads the one for your device).",
     )
+    return estimate
 
 
 def convert(
