@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -67,6 +68,16 @@ class Server:
             time.sleep(0.5)
         raise AssertionError(f"the server did not answer /health within {timeout} s:\n{self.log()}")
 
+    def ready(self, *first: Callable[[], object]) -> None:
+        """Run first (work that overlaps the server's start), then wait for /health; stop the server if either fails."""
+        try:
+            for step in first:
+                step()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -108,12 +119,7 @@ class Server:
 def server(demo_source, tmp_path_factory, request):
     srv = Server(free_port(), tmp_path_factory.mktemp("serve") / "server.log")
     srv.start("--api-key", KEY)
-    try:
-        request.getfixturevalue("references")  # computed while the server loads
-        srv.wait_ready()
-    except BaseException:
-        srv.stop()
-        raise
+    srv.ready(lambda: request.getfixturevalue("references"))  # computed while the server loads
     yield srv
     srv.stop()
     assert srv.process.returncode == 0, srv.log()

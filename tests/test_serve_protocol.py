@@ -71,11 +71,7 @@ def fake():
 def server(fake, tmp_path_factory):
     srv = InProcessServer(fake, tmp_path_factory.mktemp("serve-fake") / "server.log")
     srv.start()
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.stop()
-        raise
+    srv.ready()
     yield srv
     srv.stop()
     assert not srv.thread.is_alive()

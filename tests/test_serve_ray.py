@@ -58,12 +58,7 @@ def server(cluster, demo_source, tmp_path_factory):
     srv = Server(free_port(), tmp_path_factory.mktemp("serve-ray") / "server.log")
     srv.start("--api-key", KEY, "--format", "int4", "--ray", "--ray-address", cluster.address,
               "--replicas", str(REPLICAS), "--max-sequences", str(PER_REPLICA), backend="openvino")  # fmt: skip
-    try:
-        srv.wait_for_log("Ray Serve replica(s)", timeout=300)
-        srv.wait_ready()
-    except BaseException:
-        srv.stop()
-        raise
+    srv.ready(lambda: srv.wait_for_log("Ray Serve replica(s)", timeout=300))
     yield srv
     srv.stop()
     assert srv.process.returncode == 0, srv.log()[-5000:]

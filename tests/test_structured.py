@@ -73,11 +73,7 @@ TOOLS = [
 def start(backend: str, tmp_path_factory, *extra: str) -> Server:
     srv = Server(free_port(), tmp_path_factory.mktemp(f"structured-{backend}") / "server.log")
     srv.start("--api-key", KEY, *extra, backend=backend)
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.stop()
-        raise
+    srv.ready()
     return srv
 
 
@@ -211,11 +207,7 @@ def tiny(demo_source, tmp_path_factory):
         staging.rename(folder)
     srv = Server(free_port(), tmp_path_factory.mktemp("structured-tools") / "server.log")
     srv.start("--api-key", KEY, backend="onnx", model=str(folder))
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.stop()
-        raise
+    srv.ready()
     yield srv, str(folder)
     srv.stop()
     assert "Traceback" not in srv.log(), srv.log()
