@@ -112,12 +112,13 @@ def test_progress_lines_when_piped(monkeypatch):
 
     from phi3cli.cli import render
 
-    clock = iter(range(0, 1000, 10))
-    monkeypatch.setattr(render, "_now", lambda: float(next(clock)))
+    clock = [0.0]
+    monkeypatch.setattr(render, "_now", lambda: clock[0])
     buffer = io.StringIO()
     with render.RichProgress(Console(file=buffer, force_terminal=False, width=200)) as progress:
         progress.phase("Compressing weights", total=4)
         for _ in range(4):
+            clock[0] += 10
             progress.advance()
     lines = buffer.getvalue().splitlines()
     shares = [line for line in lines if line.strip().startswith("Compressing weights:")]

@@ -43,7 +43,7 @@ class RichProgress:
         self.console = console
         self._progress: Progress | None = None
         self._task = None
-        self._plain: _PlainPhase | None = None
+        self._last_line = 0.0  # when the current phase last printed a plain line (piped)
 
     def __enter__(self) -> RichProgress:
         self._progress = Progress(
@@ -56,7 +56,8 @@ class RichProgress:
             TimeRemainingColumn(),
             console=self.console,
             transient=True,
-            disable=not self.console.is_terminal,  # piped: plain lines instead of redraws
+            disable=not self.console.is_terminal,  # piped: plain lines instead of redraws (tasks still count)
+            get_time=_now,
         )
         self._progress.start()
         return self
@@ -73,48 +74,35 @@ class RichProgress:
             return
         self._finish_task()
         self._task = self._progress.add_task(description, total=total)
-        self._plain = _PlainPhase(description, total) if not self.console.is_terminal else None
+        self._last_line = _now()
 
     def _finish_task(self) -> None:
         if self._progress and self._task is not None:
             task = self._progress.tasks[-1]
-            elapsed = task.elapsed if task.elapsed is not None else (self._plain.elapsed() if self._plain else 0)
-            self.console.print(f"[green]✓[/] [dim]{escape(task.description)} ({elapsed:.1f} s)[/]", soft_wrap=True)
+            self.console.print(
+                f"[green]✓[/] [dim]{escape(task.description)} ({task.elapsed or 0:.1f} s)[/]", soft_wrap=True
+            )
             self._progress.remove_task(self._task)
             self._task = None
-            self._plain = None
 
     def advance(self, amount: float = 1.0) -> None:
         if self._progress and self._task is not None:
             self._progress.advance(self._task, amount)
-            if self._plain and (line := self._plain.advance(amount, self.PLAIN_EVERY_S)):
+            if not self.console.is_terminal and (line := self._plain_line()):
                 self.console.print(f"  {escape(line)}", soft_wrap=True, highlight=False)
+
+    def _plain_line(self) -> str | None:
+        """The phase's share done and time left, at most every PLAIN_EVERY_S seconds (for a log, where no bar is drawn)."""
+        task, now = self._progress.tasks[-1], _now()
+        if not task.total or now - self._last_line < self.PLAIN_EVERY_S:
+            return None
+        self._last_line = now
+        share, elapsed = min(task.completed / task.total, 1.0), task.elapsed or 0.0
+        estimate = f", about {_duration(elapsed * (1 - share) / share)} left" if share > 0 else ""
+        return f"{task.description}: {share:.0%} after {_duration(elapsed)}{estimate}"
 
     def note(self, message: str) -> None:
         self.console.print(f"[yellow]{escape(message)}[/]", soft_wrap=True)
-
-
-class _PlainPhase:
-    """A phase's share done and time left, as a line of text now and then (for a log, where no bar is drawn)."""
-
-    def __init__(self, description: str, total: float | None):
-        self.description, self.total = description, total
-        self.done = 0.0
-        self.start = self.last = _now()
-
-    def elapsed(self) -> float:
-        return _now() - self.start
-
-    def advance(self, amount: float, every_s: float) -> str | None:
-        self.done += amount
-        now = _now()
-        if not self.total or now - self.last < every_s:
-            return None
-        self.last = now
-        share = min(self.done / self.total, 1.0)
-        left = (now - self.start) * (1 - share) / share if share > 0 else None
-        estimate = f", about {_duration(left)} left" if left is not None else ""
-        return f"{self.description}: {share:.0%} after {_duration(now - self.start)}{estimate}"
 
 
 def _now() -> float:
