@@ -48,10 +48,8 @@ def layer_by_layer() -> Iterator[None]:
     base = importlib.import_module("builders.base")  # the module the builder runs, not a second copy of it
 
     auto_class = base.AutoModelForCausalLM
-    make_matmul_int4 = base.Model.make_matmul_int4
-    make_layer = base.Model.make_layer
-    to_int4 = base.Model.to_int4
-    make_embedding = base.Model.make_embedding
+    model = base.Model
+    original = {name: getattr(model, name) for name in ("make_matmul_int4", "make_layer", "to_int4", "make_embedding")}
     ir = base.ir
 
     class AtCheckpointDtype:
@@ -60,25 +58,27 @@ def layer_by_layer() -> Iterator[None]:
             kwargs.setdefault("dtype", "auto")  # fp16 stays fp16: half the memory of the builder's float32
             return auto_class.from_pretrained(*args, **kwargs)
 
+    def quantized(self, weight, bits: int) -> _QuantizedLinear:
+        attrs = self.quant_attrs["int4"]  # the block size and symmetry the builder's final pass would use
+        return _QuantizedLinear(weight, bits, int(attrs["qdq_block_size"]), bool(attrs["is_symmetric"]))
+
     def quantize_now(self, matmul, basename, root_input, **kwargs):
-        attrs = self.quant_attrs["int4"]
         lm_head = bool(kwargs.get("logits"))
-        if hasattr(matmul, "qweight") or basename in attrs["nodes_to_exclude"] or (lm_head and self.shared_embeddings):
-            return make_matmul_int4(self, matmul, basename, root_input, **kwargs)  # float now, the final pass later
-        bits = 8 if lm_head and self.int8_lm_head else 4
-        quantized = _QuantizedLinear(matmul.weight, bits, int(attrs["qdq_block_size"]), bool(attrs["is_symmetric"]))
+        excluded = basename in self.quant_attrs["int4"]["nodes_to_exclude"]
+        if hasattr(matmul, "qweight") or excluded or (lm_head and self.shared_embeddings):  # float now, final pass later
+            return original["make_matmul_int4"](self, matmul, basename, root_input, **kwargs)
+        quantized_matmul = quantized(self, matmul.weight, 8 if lm_head and self.int8_lm_head else 4)
         if lm_head:
             self.phi3_quantized_all = True  # nothing left for the final whole-graph pass
-        return make_matmul_int4(self, quantized, basename, root_input, **kwargs)
+        return original["make_matmul_int4"](self, quantized_matmul, basename, root_input, **kwargs)
 
     def to_int4_unless_done(self):
-        return self.model if getattr(self, "phi3_quantized_all", False) else to_int4(self)
+        return self.model if getattr(self, "phi3_quantized_all", False) else original["to_int4"](self)
 
     def embedding_int8(self, embedding):
         if self.shared_embeddings or self.embed_attrs["scale"] != 1 or self.io_dtype != ir.DataType.FLOAT:
-            return make_embedding(self, embedding)  # the builder's own (a tied one is shared with the lm_head)
-        block, symmetric = int(self.quant_attrs["int4"]["qdq_block_size"]), bool(self.quant_attrs["int4"]["is_symmetric"])
-        table = _QuantizedLinear(embedding, 8, block, symmetric)  # one row a token, blocks along the hidden size
+            return original["make_embedding"](self, embedding)  # the builder's own (a tied one: the lm_head's)
+        table = quantized(self, embedding, 8)  # one row a token, blocks along the hidden size
         names = ["model.embed_tokens.qweight", self.input_names["input_ids"], "model.embed_tokens.scales"]
         self.make_initializer(table.qweight.reshape(table.out_features, table.in_features), names[0])
         self.make_initializer(table.scales, names[2], to=self.io_dtype)
@@ -89,27 +89,29 @@ def layer_by_layer() -> Iterator[None]:
         output = f"{name}/output_0"
         self.make_node(
             "GatherBlockQuantized", inputs=names, outputs=[output], name=name, domain="com.microsoft",
-            bits=8, block_size=block, gather_axis=0, quantize_axis=1,
+            bits=8, block_size=table.group_size, gather_axis=0, quantize_axis=1,
         )
         self.make_value(output, self.io_dtype, shape=["batch_size", "sequence_length", table.in_features])
         self.layernorm_attrs["root_input"] = self.layernorm_attrs["skip_input"] = output
 
     def make_layer_and_free(self, layer_id, layer):
-        make_layer(self, layer_id, layer)
+        original["make_layer"](self, layer_id, layer)
         for param in layer.parameters():
             if param.dim() >= 2:  # the MatMul weights, now quantized; norms are read again when saving
                 param.data = torch.empty(0, dtype=param.dtype)
 
+    patched = {
+        "make_matmul_int4": quantize_now,
+        "make_layer": make_layer_and_free,
+        "to_int4": to_int4_unless_done,
+        "make_embedding": embedding_int8,
+    }
     base.AutoModelForCausalLM = AtCheckpointDtype
-    base.Model.make_matmul_int4 = quantize_now
-    base.Model.make_layer = make_layer_and_free
-    base.Model.to_int4 = to_int4_unless_done
-    base.Model.make_embedding = embedding_int8
+    for name, method in patched.items():
+        setattr(model, name, method)
     try:
         yield
     finally:
         base.AutoModelForCausalLM = auto_class
-        base.Model.make_matmul_int4 = make_matmul_int4
-        base.Model.make_layer = make_layer
-        base.Model.to_int4 = to_int4
-        base.Model.make_embedding = make_embedding
+        for name, method in original.items():
+            setattr(model, name, method)
