@@ -19,7 +19,6 @@ MEMORY_LIMIT_ENV = "PHI3_MEMORY_LIMIT_GB"
 # Models up to this size get the calibrated int4 default (scale estimation on phi3's text); larger ones the
 # data-free one, which needs no inference pass over the full model (measured at Phi-3-mini's size: docs/results).
 CALIBRATED_MAX_PARAMETERS = 1_000_000_000
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def parameter_count(config: dict) -> int:
@@ -47,11 +46,6 @@ def model_config(hf_dir: Path) -> dict:
 def checkpoint_dtype(config: dict) -> str:
     """The dtype the checkpoint's weights are stored in (float32 when config.json does not say)."""
     return str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
-
-
-def checkpoint_bytes(config: dict) -> int:
-    """Bytes of the weights at the checkpoint's own dtype (what loading it in that dtype takes)."""
-    return parameter_count(config) * _BYTES.get(checkpoint_dtype(config), 4)
 
 
 def calibrated_by_default(config: dict) -> bool:

@@ -143,7 +143,7 @@ def build_artifact(config: pb.Config, hf_dir: Path, work: Path, model: str) -> d
     if "error" in out:
         sys.exit(f"Building {config.name} failed: {out['error']}")
     out["cached"] = out["build_s"] < 1.0  # found, not built: no figure
-    print(f"{hf_dir.name}: {config.name}: built in {out['build_s']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
+    print(f"{hf_dir.name}: {config.name}: built in {out['build_s']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MiB",
           file=sys.stderr)
     return out
 
@@ -254,7 +254,7 @@ def table(rows: list[dict], bandwidth: float, scores: dict | None) -> str:
     if scores:
         cols += ["PPL", "vs fp32", "mean KLD", "top-1"]
     cols += ["prefill tok/s", "decode tok/s", "prefill ×", "decode ×", "MB read/token", "% of bandwidth"]
-    cols += ["peak RSS running MB", "make int4: s", "make int4: peak RSS MB"]
+    cols += ["peak RSS running MiB", "make int4: s", "make int4: peak RSS MiB"]
     lines = ["| " + " | ".join(cols) + " |", "| --- |" + " --: |" * (len(cols) - 1)]
     ref_ppl = scores["reference"]["ppl"] if scores else None
     if scores:

@@ -356,16 +356,6 @@ def run_build(job: dict) -> dict:
     return {"path": str(path), "build_s": time.perf_counter() - start}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started (VmHWM; ru_maxrss would carry the parent's over exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     if job.get("mode") == "build":
@@ -376,7 +366,9 @@ def main(job_file: str) -> None:
         result = run_phi3(job)
     else:
         result = RUNNERS[job["runtime"]](Path(job["path"]), job["knobs"], job["threads"], job["prompts"], job["gen"])
-    result["peak_rss_mb"] = peak_rss_mb()
+    from phi3cli.bench.measure import peak_rss_bytes  # after the run: its import is not in the peak
+
+    result["peak_rss_mb"] = peak_rss_bytes() / 2**20
     print("RESULT " + json.dumps(result))
 
 
