@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from phi3cli.backends import get_backend
-from phi3cli.backends.base import Backend, ConvertRecipe, LoadedModel, LoadRequest
+from phi3cli.backends import BackendSpec, get_backend, get_spec
+from phi3cli.backends.base import BATCHING, Backend, ConvertRecipe, LoadedModel, LoadRequest
+from phi3cli.backends.options import check_options
 from phi3cli.convert import ensure_variant
 from phi3cli.devices import executed_devices
 from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
@@ -62,19 +63,22 @@ def prepare(
     progress = progress or SilentProgress()
     if route is not None:
         backend, device = route.backend, route.device
+    if backend:  # a wrong option fails before the model is fetched or built
+        check_options(get_spec(backend), options or {}, skip=(BATCHING,))
     source = model if isinstance(model, ModelSource) else resolve_source(
         model, store, progress=progress, device=device, backend=backend, format=format, convert=convert
     )
     if route is None and (kept := source.route) and backend in (None, kept.backend) and device in ("auto", kept.device):
         route = kept  # routed while resolving: not probed again
     route = route or _route(source, device=device, backend=backend)
+    options = backend_options(get_spec(route.backend), route.device, options or {}, progress)
     request = LoadRequest(
         source=source,
         device=route.device,
         format=format,
         threads=threads,
         trust_remote_code=trust_remote_code,
-        options=dict(options or {}),
+        options=options,
         cache_dir=cache_dir,
         cache_reuse=cache_reuse,
     )
@@ -112,6 +116,18 @@ def load(
     if notice:
         progress.note(notice)
     return loaded
+
+
+def backend_options(spec: BackendSpec, device: str, options: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """The options checked against what the backend declares (a one-line error naming what it takes), typed; one
+    that does not apply on this device is noted and dropped. phi3's own (BATCHING, set by serve) pass as they are."""
+    checked = check_options(spec, options, skip=(BATCHING,))
+    declared = {o.name: o for o in spec.options}
+    idle = [k for k in checked if k in declared and declared[k].devices and device not in declared[k].devices]
+    for key in idle:
+        where = " and ".join(declared[key].devices)
+        progress.note(f"--option {key} applies on {where} only; ignored on {device}.")
+    return {k: v for k, v in checked.items() if k not in idle}
 
 
 def _route(source: ModelSource, *, device: str, backend: str | None) -> Route:

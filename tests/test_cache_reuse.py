@@ -158,17 +158,17 @@ def test_prompt_cache_keeps_the_common_prefix():
     assert off.keep(list(range(40)) + [1]) == 0
 
 
-def test_openvino_cache_properties_are_checked():
+def test_openvino_cache_properties_are_set_from_the_checked_options():
+    from phi3cli.backends import get_spec
     from phi3cli.backends.openvino.kvcache import kv_cache_properties
+    from phi3cli.backends.options import check_options
     from phi3cli.errors import Phi3Error
 
     assert kv_cache_properties({}) == {}
-    assert kv_cache_properties({"kv_cache_precision": "F16", "dynamic_quantization_group_size": "0"}) == {
-        "KV_CACHE_PRECISION": "f16",
-        "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
-    }
-    with pytest.raises(Phi3Error, match="KV cache precision"):
-        kv_cache_properties({"kv_cache_precision": "int3"})
+    checked = check_options(get_spec("openvino"), {"kv_cache_precision": "F16", "dynamic_quantization_group_size": "0"})
+    assert kv_cache_properties(checked) == {"KV_CACHE_PRECISION": "f16", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    with pytest.raises(Phi3Error, match="kv_cache_precision takes"):
+        check_options(get_spec("openvino"), {"kv_cache_precision": "int3"})
 
 
 @pytest.mark.slow

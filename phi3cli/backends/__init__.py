@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from phi3cli.backends.options import BackendOption
 from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError, Phi3Error, UnsupportedModelError
 
 ENTRY_POINT_GROUP = "phi3cli.backends"
@@ -70,6 +71,7 @@ class BackendSpec:
     platform_note: str = ""  # why it installs only there
     instead: str = ""  # what to use where it is unavailable (a hint naming the flags)
     constrains: bool = False  # its runtime has a grammar engine: it honours GenerationSettings.constraint
+    options: tuple[BackendOption, ...] = ()  # what `--option KEY=VALUE` may set (backends/options.py)
     origin: str = field(default="", compare=False)  # the entry point that registered it
 
     def missing(self) -> str | None:

@@ -66,6 +66,7 @@ class BenchSettings:
     quality_tokens: int = QUALITY_TOKENS
     turns: int = 0  # the multi-turn test: conversations of this many user messages of each prompt length (0: none)
     cache_reuse: bool = True  # whether the multi-turn test keeps the KV cache between turns, as `phi3 chat` does
+    options: dict[str, str] = field(default_factory=dict)  # --option: each configuration gets those its backend takes
 
     def validate(self) -> None:
         """Refuse counts that cannot give a measurement, naming the flag to change."""
@@ -188,6 +189,7 @@ def settings_with_baseline(
     timeout_s: float | None = None,
     turns: int | None = None,
     cache_reuse: bool | None = None,
+    options: dict[str, str] | None = None,
 ) -> BenchSettings:
     """Checked settings: the options given (not None), the --compare baseline's for those unset, else the defaults.
 
@@ -210,6 +212,7 @@ def settings_with_baseline(
         quality_tokens=pick(quality_tokens, "quality_tokens"),
         turns=pick(turns, "turns"),
         cache_reuse=pick(cache_reuse, "cache_reuse"),
+        options=dict(pick(options, "options")),
     )
     settings.validate()
     return settings

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from phi3cli.backends import reference_spec
+from phi3cli.backends import get_spec, reference_spec
+from phi3cli.backends.options import check_declared, check_options, options_for
 from phi3cli.errors import Phi3Error
 from phi3cli.loading import prepare as prepare_model
 from phi3cli.progress import Progress, SilentProgress
@@ -41,6 +42,17 @@ def prepare(config: Configuration, source: ModelSource, settings: BenchSettings,
     """Build (convert) what the configuration loads, here in the parent with progress, so each subprocess only loads."""
     route = given(config.backend, config.device)
     prepare_model(source, route=route, format=config.format, threads=settings.threads, store=store, progress=progress)
+
+
+def _check_options(settings: BenchSettings, runnable: list[Configuration]) -> None:
+    """--option: each key one a measured backend takes, each value one it accepts (a one-line error before anything
+    runs); a configuration whose backend does not take a key runs without it."""
+    if not settings.options:
+        return
+    specs = {c.backend: get_spec(c.backend) for c in runnable}
+    check_declared(specs.values(), settings.options)
+    for spec in specs.values():
+        check_options(spec, options_for(spec, settings.options))
 
 
 def run_worker(job: Job, store: ModelStore, timeout_s: float, on_progress: Callable[[str], None]) -> dict:
@@ -125,6 +137,7 @@ def _job(
         reference=config.is_reference,
         turns=settings.turns,
         cache_reuse=settings.cache_reuse,
+        options=options_for(get_spec(config.backend), settings.options),
     )
 
 
@@ -187,13 +200,9 @@ def run_bench(
     store = store or ModelStore()
     progress = progress or SilentProgress()
     source = source or resolve_source(model, store, progress=progress)
-    rows: dict[Configuration, dict] = {}
-    runnable: list[Configuration] = []
-    for item in planned:
-        if item.skip:
-            rows[item.config] = {**empty_row(item.config), "status": "skipped", "reason": item.skip}
-        elif item.config not in runnable:
-            runnable.append(item.config)
+    rows = {i.config: {**empty_row(i.config), "status": "skipped", "reason": i.skip} for i in planned if i.skip}
+    runnable = list(dict.fromkeys(i.config for i in planned if not i.skip))
+    _check_options(settings, runnable)
 
     for config in runnable:
         progress.phase(f"Preparing {config.label}")

@@ -32,7 +32,8 @@ COMMANDS = {
     "devices": (
         "phi3cli.cli.devices",
         "devices",
-        "Show the CPU, the devices each installed runtime sees, which extras are missing, and every NPU check.",
+        "Show the CPU, the devices each installed runtime sees, which extras are missing, each backend's options, "
+        "and every NPU check.",
     ),
     "quantize": (
         "phi3cli.cli.quantize",

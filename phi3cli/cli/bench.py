@@ -12,7 +12,7 @@ from phi3cli import DEFAULT_MODEL
 from phi3cli.backends import DEVICES
 from phi3cli.cli.bench_tables import show_comparison, show_report
 from phi3cli.cli.errors import user_errors
-from phi3cli.cli.options import ConvertOpt, ThreadsOpt, choices
+from phi3cli.cli.options import ConvertOpt, OptionOpt, ThreadsOpt, backend_options, choices
 from phi3cli.cli.render import RichProgress, err_console, out_console
 from phi3cli.errors import Phi3Error
 
@@ -84,6 +84,7 @@ def bench(
         int | None, typer.Option("--repetitions", "-r", help="Measured runs per prompt length.", show_default="5")
     ] = None,
     threads: ThreadsOpt = None,
+    option: OptionOpt = None,
     turns: Annotated[
         int | None,
         typer.Option(
@@ -153,15 +154,8 @@ def bench(
     Each configuration runs in its own process, on the code path `phi3 chat` uses, with a new synthetic prompt
     every run. Figures are mean ± standard deviation. Missing variants are converted into the model store first.
     """
-    from phi3cli.bench import (
-        baseline_configurations,
-        load_report,
-        parse_margin,
-        plan_configurations,
-        run_bench,
-        settings_with_baseline,
-    )
     from phi3cli.bench import compare as compare_reports
+    from phi3cli.bench import load_report, parse_margin, settings_with_baseline
 
     margin = parse_margin(max_regression)
     baseline = load_report(compare) if compare else None
@@ -182,36 +176,11 @@ def bench(
             timeout_s=timeout,
             turns=turns,
             cache_reuse=cache_reuse,
+            options=backend_options(option) if option else None,
         )
-        spec = model or (baseline["model"]["spec"] if baseline else DEFAULT_MODEL)
-        selected = bool(backend or device or format or everything)
-        from phi3cli.bench.config import default_configuration
-        from phi3cli.devices import probe
-        from phi3cli.sources import resolve_source
-
-        with RichProgress() as progress:
-            one_device = device[0].value if device and len(device) == 1 else "auto"
-            one_backend = backend[0] if backend and len(backend) == 1 else None
-            one_format = format[0] if format and len(format) == 1 else None
-            convert = convert or (model is None and baseline is not None)  # a baseline's model as it was measured
-            asked = dict(device=one_device, backend=one_backend, format=one_format, convert=convert)
-            source = resolve_source(spec, progress=progress, **asked)
-            spec = source.spec  # a catalogue name: the hub repo (and folder) it stands for, which every worker loads
-            progress.phase("Looking for devices")
-            found = probe()
-            if baseline and not selected:  # the baseline's configurations, each checked against this machine
-                planned = baseline_configurations(found, baseline, source)
-            else:
-                planned = plan_configurations(
-                    found,
-                    backends=backend or (),
-                    devices=[d.value for d in device or ()],
-                    formats=format or (),
-                    everything=everything,
-                    default=default_configuration(found, source),
-                    source=source,
-                )
-            report = run_bench(spec, planned, settings, progress=progress, source=source)
+        convert = convert or (model is None and baseline is not None)  # a baseline's model as it was measured
+        selection = dict(backends=backend or [], devices=[d.value for d in device or ()], formats=format or [])
+        report = _measure(model, baseline, settings, selection, everything=everything, convert=convert)
 
     show_report(report, console, chart=chart)
     _write_outputs(report, json_out, csv_out, markdown_out, plot)
@@ -221,6 +190,35 @@ def bench(
             raise typer.Exit(EXIT_REGRESSION)
     if not load and not any(r["status"] == "ok" for r in report["results"]):
         raise Phi3Error("No configuration could be measured; the table says why.")
+
+
+def _measure(model, baseline: dict | None, settings, selection: dict, *, everything: bool, convert: bool) -> dict:
+    """Resolve the model, plan the configurations (those asked, the baseline's, or what chat would run) and run them."""
+    from phi3cli.bench import baseline_configurations, plan_configurations, run_bench
+    from phi3cli.bench.config import default_configuration
+    from phi3cli.devices import probe
+    from phi3cli.sources import resolve_source
+
+    spec = model or (baseline["model"]["spec"] if baseline else DEFAULT_MODEL)
+    only = {key[:-1]: values[0] if len(values) == 1 else None for key, values in selection.items()}
+    with RichProgress() as progress:
+        source = resolve_source(
+            spec,
+            progress=progress,
+            device=only["device"] or "auto",
+            backend=only["backend"],
+            format=only["format"],
+            convert=convert,
+        )
+        spec = source.spec  # a catalogue name: the hub repo (and folder) it stands for, which every worker loads
+        progress.phase("Looking for devices")
+        found = probe()
+        if baseline and not (everything or any(selection.values())):  # the baseline's, each checked against here
+            planned = baseline_configurations(found, baseline, source)
+        else:
+            default = default_configuration(found, source)
+            planned = plan_configurations(found, **selection, everything=everything, default=default, source=source)
+        return run_bench(spec, planned, settings, progress=progress, source=source)
 
 
 def _write_outputs(report: dict, json_out, csv_out, markdown_out, plot) -> None:

@@ -39,22 +39,41 @@ def _sorted_rows(report: dict) -> list[tuple[dict, dict | None]]:
     return [(row, run) for _, row, run in items]
 
 
-def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
-    """The results table, grouped by device and sorted by decode speed, best per column starred."""
-    from phi3cli.bench.formats import fmt_agreement, fmt_context, fmt_divergence, fmt_perplexity, fmt_top1
-    from phi3cli.bench.report import run_label
-
+def _show_header(report: dict, console: Console) -> None:
+    """The model, the machine and the settings every row shares."""
     s, m = report["settings"], report["machine"]
+    options = " · " + " ".join(f"{k}={v}" for k, v in s["options"].items()) if s.get("options") else ""
     console.print(
         f"[bold]phi3 bench[/] · {escape(report['model']['spec'])} · {escape(m['cpu'] or '')} "
         f"({m['cores_physical']} cores) · {s['warmup']} warm-up + {s['repetitions']} runs · "
-        f"threads {s['threads'] or 'runtime default'} · greedy, end of text ignored · mean ± std",
+        f"threads {s['threads'] or 'runtime default'}{escape(options)} · greedy, end of text ignored · mean ± std",
         soft_wrap=True,
     )
     if report["model"].get("timing_only"):
         console.print(
             f"[yellow]timing only: {escape(report['model']['timing_only'])}[/] (answers and quality mean nothing)"
         )
+
+
+def _legend(s: dict) -> str:
+    legend = "★ best in its column among the configurations measured on the same test."
+    if s["quality"]:
+        legend += (
+            f" On a fixed English text, teacher-forced: PPL its perplexity; KLD the mean KL divergence (nats) of "
+            f"the next-token distributions from {s['reference']}'s; top-1 the share of positions with the same most "
+            f"likely token. free-run agree: share of the first {s['quality_tokens']} greedy answer tokens equal to "
+            "the reference's over fixed prompts (one early difference shifts all later ones)."
+        )
+    return legend
+
+
+def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
+    """The results table, grouped by device and sorted by decode speed, best per column starred."""
+    from phi3cli.bench.formats import fmt_agreement, fmt_context, fmt_divergence, fmt_perplexity, fmt_top1
+    from phi3cli.bench.report import run_label
+
+    s = report["settings"]
+    _show_header(report, console)
     rows = _sorted_rows(report)
     ok = [(r, run) for r, run in rows if r["status"] == "ok" and run]
     best = _best_per_column(ok)
@@ -110,15 +129,7 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
     console.print(table)
     for i, text in enumerate(notes, 1):
         console.print(f"[dim]\\[{i}][/] {escape(text)}", soft_wrap=True)
-    legend = "★ best in its column among the configurations measured on the same test."
-    if s["quality"]:
-        legend += (
-            f" On a fixed English text, teacher-forced: PPL its perplexity; KLD the mean KL divergence (nats) of "
-            f"the next-token distributions from {s['reference']}'s; top-1 the share of positions with the same most "
-            f"likely token. free-run agree: share of the first {s['quality_tokens']} greedy answer tokens equal to "
-            "the reference's over fixed prompts (one early difference shifts all later ones)."
-        )
-    console.print(f"[dim]{legend}[/]", soft_wrap=True)
+    console.print(f"[dim]{_legend(s)}[/]", soft_wrap=True)
     if chart and ok:
         show_chart(ok, console)
     show_multi_turn(report, console)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +12,7 @@ from rich.markup import escape
 
 from phi3cli import DEFAULT_MODEL
 from phi3cli.backends.base import GenerationSettings
+from phi3cli.cli.chat_repl import HELP, ChatState, interactive
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import (
     AllowFallbackOpt,
@@ -28,9 +27,10 @@ from phi3cli.cli.options import (
     MinResponseLenOpt,
     ModelOpt,
     NpuHintOpt,
+    OptionOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
-    openvino_options,
+    backend_options,
 )
 from phi3cli.cli.render import RichProgress, err_console, stats_line, trim_notice
 from phi3cli.errors import (
@@ -44,37 +44,9 @@ from phi3cli.errors import (
 )
 
 if TYPE_CHECKING:  # imported where used, so `phi3 --help` does not load the core
-    from phi3cli.chat import ChatSession
-    from phi3cli.sessions import SavedSession
-
-HELP = """\
-Commands: /reset clears the history · /system TEXT sets the system prompt · /stats shows the last reply's
-figures · /model shows what is loaded and where it runs · /save [FILE] and /load FILE keep and restore the
-conversation · /clear clears the screen · \"\"\" starts and ends a multi-line message · /exit or Ctrl-D leaves ·
-Ctrl-C stops a reply and keeps the session."""
+    from phi3cli.sessions import ResumeChoice, SavedSession
 
 DEFAULTS = GenerationSettings()
-
-
-@dataclass
-class _ChatState:
-    """The session plus what /save needs to write it: the model as named, the device asked, the files."""
-
-    session: ChatSession
-    model_spec: str
-    device_asked: str
-    autosave: Path | None = None  # --save: written after every reply
-    file: Path | None = None  # the last file resumed, loaded or saved: where a bare /save writes without --save
-
-    def save(self, path: Path | None = None) -> Path:
-        from phi3cli.sessions import save_session, snapshot
-
-        path = path or self.autosave or self.file
-        assert path is not None
-        written = save_session(path, snapshot(self.session, model=self.model_spec, device=self.device_asked))
-        if path != self.autosave:
-            self.file = written
-        return written
 
 
 @user_errors
@@ -111,6 +83,7 @@ def chat(
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
+    option: OptionOpt = None,
     max_prompt_len: MaxPromptLenOpt = None,
     min_response_len: MinResponseLenOpt = None,
     npu_hint: NpuHintOpt = None,
@@ -155,15 +128,10 @@ def chat(
     the figures go to stderr. Without, it starts an interactive session. The model defaults to phi-3-mini
     (a ready-made variant of microsoft/Phi-3-mini-4k-instruct for the device), or the one a --resume file names.
     """
-    from phi3cli.chat import ChatSession
-    from phi3cli.loading import load
-    from phi3cli.sessions import check_saveable, load_session, restore, resume_choice
-    from phi3cli.structured import constraining_hint, output_constraint
+    from phi3cli.sessions import check_saveable, load_session, resume_choice
+    from phi3cli.structured import output_constraint
 
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read().strip()
-        if not prompt:
-            raise typer.BadParameter("stdin was empty; give a prompt.", param_hint="PROMPT")
+    prompt = _prompt_or_stdin(prompt)
     constraint = output_constraint(json_schema, json_object)
     saved = load_session(resume) if resume else None
     if save:
@@ -179,23 +147,55 @@ def chat(
         top_p=top_p,
         seed=seed,
     )
-    model, backend, format, device = chosen.model, chosen.backend, chosen.format, DeviceChoice(chosen.device)
+    options = backend_options(
+        option,
+        max_prompt_len=max_prompt_len,
+        min_response_len=min_response_len,
+        generate_hint=npu_hint,
+        inference_precision=inference_precision,
+    )
+    how = dict(
+        threads=threads,
+        trust_remote_code=trust_remote_code,
+        allow_fallback=allow_fallback,
+        options=options,
+        cache_reuse=cache_reuse and prompt is None,  # one answer: no next turn to reuse it
+        convert=convert,
+    )
+    loaded = _load(chosen, saved, resume, how)
+    try:
+        state = _start(loaded, chosen, saved, resume, save, system, constraint)
+        if prompt is not None:
+            _answer_once(state, prompt)
+        else:
+            err_console.print(
+                f"[bold]{escape(state.model_spec)}[/] · {loaded.backend} on {loaded.executed_device} · loaded in "
+                f"{loaded.load_seconds:.1f} s\n[dim]{HELP}[/]"
+            )
+            interactive(state, Console(highlight=False))
+    finally:
+        loaded.close()
+
+
+def _prompt_or_stdin(prompt: str | None) -> str | None:
+    """The prompt given, else text piped on stdin (one answer), else None (an interactive session)."""
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise typer.BadParameter("stdin was empty; give a prompt.", param_hint="PROMPT")
+    return prompt
+
+
+def _load(chosen: ResumeChoice, saved: SavedSession | None, resume: Path | None, how: dict):
+    """Load the model chosen; an error caused by what a --resume file chose says which flag overrides it."""
+    from phi3cli.loading import load
+
     from_file = chosen.from_file  # named in errors, so the user knows which flag overrides the file
-    model = model or DEFAULT_MODEL
+    model = chosen.model or DEFAULT_MODEL
     try:
         with RichProgress() as progress:
             loaded = load(
-                model,
-                backend=backend,
-                device=device.value,
-                format=format,
-                threads=threads,
-                trust_remote_code=trust_remote_code,
-                allow_fallback=allow_fallback,
-                options=openvino_options(max_prompt_len, min_response_len, npu_hint, inference_precision),
-                cache_reuse=cache_reuse and prompt is None,  # one answer: no next turn to reuse it
-                progress=progress,
-                convert=convert,
+                model, backend=chosen.backend, device=chosen.device, format=chosen.format, progress=progress, **how
             )
     except (ModelNotFoundError, OfflineError, UnsupportedModelError) as exc:
         if saved and "--model" in from_file:
@@ -206,13 +206,22 @@ def chat(
         raise
     except (BackendUnavailableError, DeviceUnavailableError) as exc:
         if saved and (flags := [f for f in ("--backend", "--device", "--format") if f in from_file]):
-            chosen = ", ".join(f"{f} {from_file[f]}" for f in flags)
-            exc.hint = f"{exc.hint + ' ' if exc.hint else ''}{resume} chose {chosen}; pass another to override it."
+            named = ", ".join(f"{f} {from_file[f]}" for f in flags)
+            exc.hint = f"{exc.hint + ' ' if exc.hint else ''}{resume} chose {named}; pass another to override it."
         raise
-    if device == DeviceChoice.auto:
+    if chosen.device == DeviceChoice.auto.value:
         err_console.print(f"[dim]{escape(loaded.route.reason)}[/]", soft_wrap=True)
+    return loaded
+
+
+def _start(loaded, chosen: ResumeChoice, saved, resume, save, system, constraint) -> ChatState:
+    """The session on the loaded model: the saved history restored, the system prompt and the JSON constraint set."""
+    from phi3cli.chat import ChatSession
+    from phi3cli.sessions import restore
+    from phi3cli.structured import constraining_hint
+
     session = ChatSession(loaded, chosen.settings)
-    state = _ChatState(session, model, device.value, autosave=save, file=resume)
+    state = ChatState(session, chosen.model or DEFAULT_MODEL, chosen.device, autosave=save, file=resume)
     if saved:
         restore(session, saved)
         err_console.print(f"[dim]{escape(_resumed_line(resume, saved, loaded))}[/]", soft_wrap=True)
@@ -220,20 +229,9 @@ def chat(
         session.system = system
     if constraint is not None:
         if why := loaded.constraint_refusal():
-            loaded.close()
             raise Phi3Error(f"Cannot constrain the answer to JSON: {why}.", hint=constraining_hint())
         session.settings.constraint = constraint
-    try:
-        if prompt is not None:
-            _answer_once(state, prompt)
-        else:
-            err_console.print(
-                f"[bold]{escape(model)}[/] · {loaded.backend} on {loaded.executed_device} · loaded in "
-                f"{loaded.load_seconds:.1f} s\n[dim]{HELP}[/]"
-            )
-            _interactive(state, Console(highlight=False))
-    finally:
-        loaded.close()
+    return state
 
 
 def _resumed_line(path: Path, saved: SavedSession, loaded) -> str:
@@ -246,7 +244,7 @@ def _resumed_line(path: Path, saved: SavedSession, loaded) -> str:
     return line + "."
 
 
-def _answer_once(state: _ChatState, prompt: str) -> None:
+def _answer_once(state: ChatState, prompt: str) -> None:
     """Plain text on stdout as it streams; notices and figures on stderr."""
     from phi3cli.chat import HistoryTrimmed
     from phi3cli.generation import ReplyStats, TokenEvent
@@ -265,129 +263,3 @@ def _answer_once(state: _ChatState, prompt: str) -> None:
             err_console.print(f"[dim]{stats_line(event)}[/]")
     if state.autosave:
         err_console.print(f"[dim]Saved {len(session.messages)} messages to {escape(str(state.save()))}.[/]")
-
-
-def _read_message(console: Console) -> str:
-    """One message; \"\"\" opens and closes a multi-line one (as in Ollama), on its own line or around text."""
-    line = console.input("[bold green]>>> [/]")
-    if not line.lstrip().startswith('"""'):
-        return line
-    first = line.lstrip()[3:]
-    if first.rstrip().endswith('"""'):
-        return first.rstrip()[:-3]
-    lines = [first] if first.strip() else []
-    while True:
-        more = console.input("[dim]... [/]")
-        if more.rstrip().endswith('"""'):
-            if last := more.rstrip()[:-3]:
-                lines.append(last)
-            return "\n".join(lines)
-        lines.append(more)
-
-
-def _interactive(state: _ChatState, console: Console) -> None:
-    session = state.session
-    while True:
-        try:
-            text = _read_message(console).strip()
-        except EOFError:
-            console.print()
-            return
-        except KeyboardInterrupt:
-            console.print("\n[dim]Use /exit or Ctrl-D to leave.[/]")
-            continue
-        if not text:
-            continue
-        if text.startswith("/"):
-            try:
-                if _command(state, text, console):
-                    return
-            except Phi3Error as exc:  # a bad file name must not end the chat
-                console.print(
-                    f"[bold red]Error:[/] {escape(exc.message)}" + (f" [dim]{escape(exc.hint)}[/]" if exc.hint else "")
-                )
-            continue
-        _stream(session, text, console)
-        if state.autosave and session.last_stats:
-            state.save()
-
-
-def _stream(session: ChatSession, text: str, console: Console) -> None:
-    """Print the reply once, as it streams (as llama.cpp and mlx-lm do); a live view redraws a tall one."""
-    from phi3cli.chat import HistoryTrimmed
-    from phi3cli.generation import TokenEvent
-
-    answer = ""
-    events = session.ask(text)
-    with contextlib.closing(events):  # closing stops the runtime when Ctrl-C ends the loop
-        try:
-            for event in events:
-                if isinstance(event, TokenEvent):
-                    answer += event.text
-                    console.out(event.text, end="", highlight=False)
-                elif isinstance(event, HistoryTrimmed):
-                    console.print(f"[yellow]{trim_notice(event, session)}[/]")
-        except KeyboardInterrupt:
-            console.print(("\n" if answer and not answer.endswith("\n") else "") + "[dim]\\[stopped][/]")
-            return
-    if answer and not answer.endswith("\n"):
-        console.out("")
-    if session.last_stats:
-        console.print(f"[dim]{stats_line(session.last_stats)}[/]")
-
-
-def _command(state: _ChatState, text: str, console: Console) -> bool:
-    """Run a slash command; True means leave."""
-    from phi3cli.context import describe_context
-    from phi3cli.generation import prompt_budget
-    from phi3cli.sessions import load_session, restore
-
-    name, _, arg = text.partition(" ")
-    session = state.session
-    model = session.model
-    if name in ("/exit", "/quit", "/bye"):
-        return True
-    if name == "/reset":
-        session.reset()
-        console.print("[dim]History cleared.[/]")
-    elif name == "/system":
-        session.system = arg.strip() or None
-        console.print(f"[dim]System prompt {'set' if session.system else 'removed'}.[/]")
-    elif name == "/stats":
-        console.print(f"[dim]{stats_line(session.last_stats)}[/]" if session.last_stats else "[dim]No reply yet.[/]")
-    elif name == "/model":
-        console.print(
-            f"[dim]{escape(state.model_spec)} ({escape(str(model.path))}) · {model.backend} · {model.format} · "
-            f"asked {model.device}, running on {model.executed_device} · "
-            f"{describe_context(model.context_length, model.path)}, "
-            f"prompt up to {prompt_budget(model)} · {len(session.messages)} messages[/]"
-        )
-    elif name == "/save":
-        path = Path(arg.strip()).expanduser() if arg.strip() else state.autosave or state.file
-        if path is None:
-            console.print("[yellow]Usage: /save FILE[/] [dim](JSON; continue it with /load FILE or --resume)[/]")
-        else:
-            console.print(f"[dim]Saved {len(session.messages)} messages to {escape(str(state.save(path)))}.[/]")
-    elif name == "/load":
-        if not arg.strip():
-            console.print("[yellow]Usage: /load FILE[/]")
-        else:
-            path = Path(arg.strip()).expanduser()
-            saved = load_session(path)
-            restore(session, saved)
-            state.file = path
-            console.print(f"[dim]Loaded {len(saved.messages)} messages from {escape(str(path))}.[/]")
-            if (saved.backend, saved.format) != (model.backend, model.format) or saved.model != state.model_spec:
-                console.print(
-                    f"[yellow]It was saved with {escape(saved.model)} ({saved.backend}, {saved.format}); continuing "
-                    f"with the loaded {escape(state.model_spec)} ({model.backend}, {model.format}).[/] "
-                    f"[dim]To use its model: phi3 chat --resume {escape(str(path))}[/]"
-                )
-    elif name == "/clear":
-        console.clear()
-    elif name == "/help":
-        console.print(f"[dim]{HELP}[/]")
-    else:
-        console.print(f"[yellow]Unknown command {name}.[/] [dim]/help lists them.[/]")
-    return False
-

@@ -77,70 +77,34 @@ AllowFallbackOpt = Annotated[
 ]
 
 
-class NpuHint(str, Enum):
-    fast_compile = "fast_compile"
-    best_perf = "best_perf"
+def _options_help() -> str:
+    from phi3cli.backends import registry
+
+    takes = "; ".join(f"{s.name}: {', '.join(o.name for o in s.options)}" for s in registry().values() if s.options)
+    return (
+        "A setting of the backend, KEY=VALUE; repeat for several. The backend declares what it takes and phi3 "
+        f"checks it before loading ({takes or 'none takes any'}). `phi3 devices` lists each with its values."
+    )
 
 
-class InferencePrecision(str, Enum):
-    auto = "auto"
-    f32 = "f32"
-    bf16 = "bf16"
-    f16 = "f16"
-
-
-MaxPromptLenOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-prompt-len",
-        min=1,
-        help="OpenVINO on NPU: the longest prompt, chat history included, the static-shape model is compiled "
-        "for (default 1024).",
-        rich_help_panel="OpenVINO",
-    ),
-]
-MinResponseLenOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--min-response-len",
-        min=1,
-        help="OpenVINO on NPU: room kept for the reply beyond the prompt (default 128).",
-        rich_help_panel="OpenVINO",
-    ),
-]
-NpuHintOpt = Annotated[
-    NpuHint | None,
-    typer.Option(
-        "--npu-hint",
-        help="OpenVINO on NPU: fast_compile (default) starts sooner; best_perf compiles longer for faster tokens.",
-        rich_help_panel="OpenVINO",
-    ),
-]
-InferencePrecisionOpt = Annotated[
-    InferencePrecision | None,
-    typer.Option(
-        "--inference-precision",
-        help="OpenVINO: precision of the computation. Default f32 on the CPU (answers match the reference); "
-        "bf16 is faster on CPUs that have it; auto leaves OpenVINO's choice (the default on GPU and NPU).",
-        rich_help_panel="OpenVINO",
-    ),
+OptionOpt = Annotated[
+    list[str] | None, typer.Option("--option", "-o", metavar="KEY=VALUE", help=_options_help(), show_default=False)
 ]
 
 
-def openvino_options(
-    max_prompt_len: int | None = None,
-    min_response_len: int | None = None,
-    npu_hint: NpuHint | None = None,
-    inference_precision: InferencePrecision | None = None,
-) -> dict:
-    """LoadRequest.options for the OpenVINO backend, from the options above (only those given)."""
-    given = {
-        "max_prompt_len": max_prompt_len,
-        "min_response_len": min_response_len,
-        "generate_hint": npu_hint.value if npu_hint else None,
-        "inference_precision": inference_precision.value if inference_precision else None,
-    }
-    return {k: v for k, v in given.items() if v is not None}
+def backend_options(pairs: list[str] | None, **shorthands) -> dict[str, str]:
+    """--option KEY=VALUE pairs as a dict, with the shorthand flags given (--npu-hint X is --option generate_hint=X)."""
+    from phi3cli.backends.options import parse_pairs
+
+    given = {key: str(value.value if isinstance(value, Enum) else value) for key, value in shorthands.items() if value}
+    return {**given, **parse_pairs(pairs or [])}
+
+
+# Flags from before --option, kept working (hidden from --help): each sets the backend option named in the comment.
+MaxPromptLenOpt = Annotated[int | None, typer.Option("--max-prompt-len", hidden=True)]  # max_prompt_len
+MinResponseLenOpt = Annotated[int | None, typer.Option("--min-response-len", hidden=True)]  # min_response_len
+NpuHintOpt = Annotated[str | None, typer.Option("--npu-hint", hidden=True)]  # generate_hint
+InferencePrecisionOpt = Annotated[str | None, typer.Option("--inference-precision", hidden=True)]  # inference_precision
 
 
 CacheReuseOpt = Annotated[

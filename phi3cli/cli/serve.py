@@ -16,8 +16,10 @@ from phi3cli.cli.options import (
     DeviceOpt,
     FormatOpt,
     ModelOpt,
+    OptionOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
+    backend_options,
 )
 from phi3cli.cli.render import RichProgress, err_console
 
@@ -50,6 +52,7 @@ def serve(
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
+    option: OptionOpt = None,
     max_sequences: Annotated[
         int,
         typer.Option(
@@ -116,7 +119,9 @@ def serve(
         raise typer.BadParameter("--ray-address and --replicas apply with --ray only.")
     from phi3cli.backends.base import BATCHING, BatchingOptions
 
-    options = {BATCHING: BatchingOptions(max_sequences, kv_cache_gb, prefix_caching)} if max_sequences > 1 else {}
+    options = backend_options(option)
+    if max_sequences > 1:
+        options[BATCHING] = BatchingOptions(max_sequences, kv_cache_gb, prefix_caching)
     load_kwargs = dict(
         backend=backend,
         device=device.value,
@@ -129,23 +134,25 @@ def serve(
     )
     if ray:
         return _serve_with_ray(model, load_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
+    _serve_here(model, load_kwargs, host, port, api_key)
 
+
+def _serve_here(model: str, load_kwargs: dict, host: str, port: int, api_key: str | None) -> None:
+    """Bind the port, load and warm up the model, then serve until Ctrl-C."""
     from phi3cli import serve as server  # needs the serve extra; imported only here
+    from phi3cli.loading import load
 
     sock = server.bind(host, port)  # before loading, so a taken port fails at once
     try:
         with RichProgress() as progress:
-            from phi3cli.loading import load
-
             loaded = load(model, **load_kwargs, progress=progress)
             progress.phase("Warming up")
             server.warm_up(loaded)
     except BaseException:
         sock.close()
         raise
-    if device == DeviceChoice.auto:
+    if load_kwargs["device"] == DeviceChoice.auto.value:
         err_console.print(f"[dim]{loaded.route.reason}[/]", soft_wrap=True)
-    url = server.url_of(sock)
     err_console.print(
         f"[bold]{model}[/] · {loaded.backend} {loaded.format} on {loaded.executed_device} · "
         f"context {loaded.context_length} tokens · loaded in {loaded.load_seconds:.1f} s",
@@ -154,7 +161,7 @@ def serve(
     err_console.print(f"Requests: {server.describe(loaded)}.", soft_wrap=True, markup=False)
     _warn_if_open(host, api_key)
     err_console.print(
-        f"Serving [bold]{model}[/] at [bold]{url}/v1[/]"
+        f"Serving [bold]{model}[/] at [bold]{server.url_of(sock)}/v1[/]"
         + (" (API key required)" if api_key else "")
         + ". Ctrl-C stops.",
         soft_wrap=True,

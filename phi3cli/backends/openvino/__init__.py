@@ -11,6 +11,71 @@ recipe (NNCF settings), export (building), ir (reading a folder), runtime (LLMPi
 from __future__ import annotations
 
 from phi3cli.backends import BackendSpec
+from phi3cli.backends.options import BackendOption
+
+# What `--option KEY=VALUE` sets on this backend; each is the OpenVINO property of the same name in capitals (runtime.py
+# and kvcache.py turn them into compile properties). Checked by the core before anything loads.
+OPTIONS = (
+    BackendOption(
+        "inference_precision",
+        "Precision of the computation (INFERENCE_PRECISION_HINT). Default f32 on the CPU, so answers match the "
+        "reference; bf16 is faster on CPUs that have it; auto leaves OpenVINO's choice (the default elsewhere).",
+        choices=("auto", "f32", "bf16", "f16"),
+    ),
+    BackendOption(
+        "kv_cache_precision",
+        "Precision of the KV cache (KV_CACHE_PRECISION). Default f16 for one conversation on the CPU (faster decoding "
+        "than OpenVINO's u8), u8 when `phi3 serve` batches.",
+        choices=("u8", "u4", "f16", "bf16", "f32"),
+    ),
+    BackendOption(
+        "dynamic_quantization_group_size",
+        "Group size of the CPU's dynamic quantization of activations (DYNAMIC_QUANTIZATION_GROUP_SIZE); 0 turns it "
+        "off (prefill slower, a kept KV cache then equals a full prefill's). Default: OpenVINO's (32).",
+        type=int,
+        minimum=0,
+    ),
+    BackendOption(
+        "attention_backend",
+        "ATTENTION_BACKEND: pa (PagedAttention, the default on the CPU: keeps the KV cache between turns), sdpa (the "
+        "stateful pipeline, every prompt read whole) or auto (OpenVINO's choice, the default elsewhere).",
+        choices=("auto", "sdpa", "pa"),
+    ),
+    BackendOption(
+        "performance_hint",
+        "PERFORMANCE_HINT: latency (OpenVINO's default for one stream) or throughput.",
+        choices=("latency", "throughput"),
+    ),
+    BackendOption(
+        "max_prompt_len",
+        "The longest prompt, chat history included, the static-shape NPU model is compiled for (MAX_PROMPT_LEN).",
+        type=int,
+        minimum=1,
+        default=1024,
+        devices=("npu",),
+    ),
+    BackendOption(
+        "min_response_len",
+        "Room kept for the reply beyond the prompt on the NPU (MIN_RESPONSE_LEN).",
+        type=int,
+        minimum=1,
+        default=128,
+        devices=("npu",),
+    ),
+    BackendOption(
+        "generate_hint",
+        "NPU compilation (GENERATE_HINT): fast_compile starts sooner; best_perf compiles longer for faster tokens.",
+        choices=("fast_compile", "best_perf"),
+        default="fast_compile",
+        devices=("npu",),
+    ),
+    BackendOption(
+        "prefill_hint",
+        "NPU prefill model (PREFILL_HINT): dynamic or static shapes. Default: the NPU plugin's (dynamic).",
+        choices=("dynamic", "static"),
+        devices=("npu",),
+    ),
+)
 
 
 def probe() -> tuple[list[str], str]:
@@ -48,4 +113,5 @@ SPEC = BackendSpec(
         "transformers",
     ),
     constrains=True,  # XGrammar, through GenerationConfig.structured_output_config
+    options=OPTIONS,
 )

@@ -42,6 +42,7 @@ from phi3cli.backends.openvino.runtime import (
     OpenVINOModel,
     _compile_log,
     compile_properties,
+    compiled_properties,
     execution_devices,
     generation_config,
     ov_device_for,
@@ -353,6 +354,7 @@ def load_batched(folder: Path, fmt: str, request: LoadRequest, progress: Progres
         ) from exc
     executed = execution_devices(compile_lines) or device
     model = OpenVINOBatchedModel(folder, pipe, fmt, request.device, executed, context, None)
+    model.compiled_properties = compiled_properties(compile_lines)
     grammar = GrammarCheck(folder, {k: v for k, v in properties.items() if k == "CACHE_DIR"})
     model.engine = ContinuousBatchingEngine(model, pipe, pool, options, notes, grammar)
     return model

@@ -35,6 +35,7 @@ from phi3cli.backends.base import (
     RawToken,
     pull_from_push,
 )
+from phi3cli.backends.openvino import SPEC
 from phi3cli.backends.openvino.ir import context_length
 from phi3cli.backends.openvino.kvcache import BLOCK_TOKENS, decode_properties, kv_cache_properties
 from phi3cli.errors import ConstraintError, DeviceUnavailableError, Phi3Error
@@ -43,14 +44,13 @@ from phi3cli.templates import ChatTemplate, load_chat_template
 from phi3cli.util import first_line, log_softmax
 
 OV_DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
-# NPU pipeline properties (static shapes), by the option names LoadRequest.options uses, with their defaults.
-NPU_OPTIONS = {
-    "max_prompt_len": ("MAX_PROMPT_LEN", 1024),
-    "min_response_len": ("MIN_RESPONSE_LEN", 128),
-    "generate_hint": ("GENERATE_HINT", "FAST_COMPILE"),
-    "prefill_hint": ("PREFILL_HINT", None),  # None: the plugin's default (DYNAMIC)
+# NPU pipeline properties (static shapes), by the option names the spec declares (their defaults are the spec's).
+NPU_PROPERTIES = {
+    "max_prompt_len": "MAX_PROMPT_LEN",
+    "min_response_len": "MIN_RESPONSE_LEN",
+    "generate_hint": "GENERATE_HINT",
+    "prefill_hint": "PREFILL_HINT",
 }
-PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 
 def ov_device_for(device: str, available: list[str]) -> str:
@@ -71,19 +71,13 @@ def ov_device_for(device: str, available: list[str]) -> str:
 
 
 def npu_properties(options: dict[str, Any]) -> dict[str, Any]:
-    """LLMPipeline properties for the NPU (static shapes), from LoadRequest.options with OpenVINO's defaults."""
+    """LLMPipeline properties for the NPU (static shapes), from the checked options, else the spec's defaults."""
+    defaults = {o.name: o.default for o in SPEC.options}
     props: dict[str, Any] = {}
-    for option, (prop, default) in NPU_OPTIONS.items():
-        value = options.get(option, default)
-        if value is None:
-            continue
-        if prop in ("MAX_PROMPT_LEN", "MIN_RESPONSE_LEN"):
-            value = int(value)
-            if value < 1:
-                raise Phi3Error(f"--{option.replace('_', '-')} must be at least 1, not {value}.")
-        else:
-            value = str(value).upper()
-        props[prop] = value
+    for option, prop in NPU_PROPERTIES.items():
+        value = options.get(option, defaults[option])
+        if value is not None:
+            props[prop] = value if isinstance(value, int) else str(value).upper()
     return props
 
 
@@ -94,21 +88,16 @@ def precision_properties(device: str, options: dict[str, Any]) -> dict[str, Any]
     small models; "auto" leaves OpenVINO's choice, bf16/f16 trade accuracy for speed. Other devices keep theirs.
     """
     value = str(options.get("inference_precision") or ("f32" if device == "cpu" else "auto")).lower()
-    if value not in PRECISIONS:
-        raise Phi3Error(f"Unknown inference precision {value!r}.", hint=f"Use one of: {', '.join(PRECISIONS)}.")
     return {} if value == "auto" else {"INFERENCE_PRECISION_HINT": value}
 
 
 def attention_properties(device: str, options: dict[str, Any]) -> dict[str, Any]:
     """ATTENTION_BACKEND: PagedAttention by default on the CPU (what keeps the KV cache between turns, see above).
 
-    It prefilled faster than the stateful SDPA pipeline on the demo and as fast at Phi-3-mini's widths, and decodes
-    as fast; it costs about a second more at start, since it rebuilds the model rather than loading the compiled
-    one from the cache. "sdpa" asks for the stateful pipeline (every prompt then read whole).
+    It costs about a second more at start than the stateful SDPA pipeline, since it rebuilds the model rather than
+    loading the compiled one from the cache. "sdpa" asks for the stateful pipeline (every prompt then read whole).
     """
     value = str(options.get("attention_backend") or ("pa" if device == "cpu" else "auto")).lower()
-    if value not in ("auto", "sdpa", "pa"):
-        raise Phi3Error(f"Unknown attention backend {value!r}.", hint="Use sdpa, pa or auto.")
     return {} if value == "auto" else {"ATTENTION_BACKEND": value.upper()}
 
 
@@ -120,6 +109,8 @@ def compile_properties(request: LoadRequest) -> dict[str, Any]:
     if request.threads:
         properties["INFERENCE_NUM_THREADS"] = int(request.threads)
     properties.update(precision_properties(request.device, request.options))
+    if hint := request.options.get("performance_hint"):
+        properties["PERFORMANCE_HINT"] = str(hint).upper()
     return properties
 
 
@@ -145,18 +136,24 @@ def _compile_log() -> Iterator[list[str]]:
             lines.extend(tmp.read().decode(errors="replace").splitlines())
 
 
-def execution_devices(log: list[str]) -> str | None:
-    """The EXECUTION_DEVICES of the LLM's compiled model, from GenAI's compile log (not the tokenizers')."""
+def compiled_properties(log: list[str]) -> dict[str, str]:
+    """The properties OpenVINO compiled the LLM with (KV_CACHE_PRECISION, EXECUTION_DEVICES...), from GenAI's compile
+    log; the tokenizers' models are left out (where GenAI compiles several, the last one's value of each)."""
     model = None
-    found = None
+    found: dict[str, str] = {}
     for line in log:
         if line.startswith("Model:"):
             model = line.split(":", 1)[1].strip()
-        elif line.strip().startswith("EXECUTION_DEVICES:") and model and "okenizer" not in model:
-            value = line.split(":", 1)[1].strip()
-            if value:
-                found = value
+        elif line.startswith("  ") and ":" in line and model and "okenizer" not in model:
+            key, _, value = line.strip().partition(":")
+            if key.isupper() and value.strip():
+                found[key] = value.strip()
     return found
+
+
+def execution_devices(log: list[str]) -> str | None:
+    """The EXECUTION_DEVICES of the LLM's compiled model, from GenAI's compile log (not the tokenizers')."""
+    return compiled_properties(log).get("EXECUTION_DEVICES")
 
 
 class _TokenStreamer(ov_genai.StreamerBase):
@@ -241,6 +238,7 @@ class OpenVINOModel(LoadedModel):
         self.chat_template = _chat_template(path, self.tokenizer)
         self.last_perf = None  # openvino_genai.PerfMetrics of the last generate, for cross-checking our timings
         self.scorer_properties: dict[str, Any] = {}  # how token_logprobs compiles the IR (on the CPU)
+        self.compiled_properties: dict[str, str] = {}  # what OpenVINO compiled the LLM with, read from its log
         self._scorer = None
         # What the paged KV cache holds for this conversation, kept (and counted) only with prefix caching on.
         self.prompt_cache = PromptCache(enabled=reuse, block=BLOCK_TOKENS["cpu"])
@@ -325,10 +323,6 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
     properties.update(kv_cache_properties(request.options))
     context = context_length(folder)
     prompt_limit = None
-    ignored = [f"--{o.replace('_', '-')}" for o in NPU_OPTIONS if o in request.options and request.device != "npu"]
-    if ignored:
-        verb = "apply" if len(ignored) > 1 else "applies"
-        progress.note(f"{', '.join(ignored)} {verb} to the NPU only; ignored on {request.device}.")
     if request.device == "npu":
         npu = npu_properties(request.options)
         properties.update(npu)
@@ -353,6 +347,7 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
         ) from exc
     executed = execution_devices(log) or device
     model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit, reuse=reuse)
+    model.compiled_properties = compiled_properties(log)
     scorer = {"CACHE_DIR": properties["CACHE_DIR"]} if "CACHE_DIR" in properties else {}
     model.scorer_properties = {**scorer, **precision_properties("cpu", request.options)}
     return model
