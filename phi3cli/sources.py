@@ -72,7 +72,7 @@ class ModelSource:
         if self.kind in ("hub", "folder", "demo"):
             return self.path
         if self.kind == "gguf":
-            from phi3cli.demo import materialise_gguf
+            from phi3cli.gguf_import import materialise_gguf
 
             return materialise_gguf(self.path, store.source_dir(self.slug), store, progress)
         raise UnsupportedModelError(

@@ -123,13 +123,13 @@ def test_transformers_progress_bars_are_off_only_while_reading_a_gguf(capsys):
     from transformers import modeling_gguf_pytorch_utils as gguf_reader
     from transformers.utils import logging as hf_logging
 
-    from phi3cli.demo import _transformers_quiet
+    from phi3cli.gguf_import import transformers_quiet
 
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.enable_progress_bar()
     verbosity = hf_logging.get_verbosity()
     try:
-        with _transformers_quiet():
+        with transformers_quiet():
             assert not hf_logging.is_progress_bar_enabled()
             assert list(gguf_reader.tqdm(range(3), desc="Converting")) == [0, 1, 2]  # still iterates
         assert "Converting" not in capsys.readouterr().err

@@ -30,12 +30,12 @@ def fake_store(tmp_path) -> ModelStore:
 
 
 def test_bench_cold_load_starts_from_an_empty_runtime_cache_of_its_own(fake_backend, fake_store, tmp_path):
-    from phi3cli.bench.measure import Job, measure_configuration
+    from phi3cli.bench.measure import MeasureJob, measure_configuration
 
     folder = write_fake_model(tmp_path / "model")
     shared = fake_store.cache_dir("fake")
     (shared / BLOB).write_text("compiled by an earlier run")  # what makes a load warm
-    job = Job(
+    job = MeasureJob(
         model=str(folder),
         backend="fake",
         device="cpu",

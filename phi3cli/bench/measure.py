@@ -40,8 +40,8 @@ from .quality import (
 
 
 @dataclass
-class Job:
-    """What one subprocess measures; sent to it as JSON."""
+class MeasureJob:
+    """What one bench subprocess measures (a configuration and the tests to run on it); sent to it as JSON."""
 
     model: str
     backend: str
@@ -62,7 +62,7 @@ class Job:
     convert: bool = False  # a catalogue name's source checkpoint, as the parent resolved it, not a ready-made variant
 
 
-def step_count(job: Job) -> int:
+def step_count(job: MeasureJob) -> int:
     """How many progress reports measure_configuration makes for a job (for a progress bar)."""
     speed = 1 + len(job.prompt_tokens) * (job.warmup + job.repetitions) if job.measure_speed else 0
     if job.measure_speed and job.turns:
@@ -141,7 +141,7 @@ def _reply_figures(stats: ReplyStats) -> dict:
     }
 
 
-def measure_configuration(job: Job, store: ModelStore, report: Callable[[str], None] = lambda _: None) -> dict:
+def measure_configuration(job: MeasureJob, store: ModelStore, report: Callable[[str], None] = lambda _: None) -> dict:
     """Load twice (cold, then warm), warm up, repeat, then measure quality; returns plain figures.
 
     The cold load starts with an empty runtime cache of its own (LoadRequest.cache_dir, for runtimes that keep
@@ -153,7 +153,7 @@ def measure_configuration(job: Job, store: ModelStore, report: Callable[[str], N
         return _measure(job, store, report, Path(cache))
 
 
-def _measure(job: Job, store: ModelStore, report: Callable[[str], None], cache: Path) -> dict:
+def _measure(job: MeasureJob, store: ModelStore, report: Callable[[str], None], cache: Path) -> dict:
     result: dict = {"threads": job.threads}
     report("resolving the model")
     source = resolve_source(job.model, store, convert=job.convert)
@@ -205,7 +205,7 @@ def _measure(job: Job, store: ModelStore, report: Callable[[str], None], cache: 
     return result
 
 
-def _measure_speed(model: LoadedModel, job: Job, report: Callable[[str], None]) -> list[dict]:
+def _measure_speed(model: LoadedModel, job: MeasureJob, report: Callable[[str], None]) -> list[dict]:
     settings = GenerationSettings(max_new_tokens=job.gen_tokens, temperature=0.0, ignore_eos=True)
     runs = []
     first_tokens: set[int] = set()
@@ -238,7 +238,7 @@ def _keep_cache(model: LoadedModel, on: bool) -> None:
         model.prompt_cache.clear()
 
 
-def _measure_turns(model: LoadedModel, job: Job, report: Callable[[str], None]) -> list[dict]:
+def _measure_turns(model: LoadedModel, job: MeasureJob, report: Callable[[str], None]) -> list[dict]:
     """Conversations of job.turns user messages of each prompt length, through chat.ChatSession as `phi3 chat` runs
     them: the time to first token of every turn (which grows with the conversation unless the KV cache is kept).
     """
@@ -283,7 +283,7 @@ def _measure_turns(model: LoadedModel, job: Job, report: Callable[[str], None]) 
 
 
 def _measure_quality(
-    model: LoadedModel, job: Job, report: Callable[[str], None], cache: Path, source_path: Path
+    model: LoadedModel, job: MeasureJob, report: Callable[[str], None], cache: Path, source_path: Path
 ) -> dict:
     # The answers as users get them: greedy, ending at the end of text (its token included).
     settings = GenerationSettings(max_new_tokens=job.quality_tokens, temperature=0.0)
@@ -303,7 +303,7 @@ def _measure_quality(
     return {"tokens": tokens, "notes": notes, **_teacher_forced(model, job, cache, source_path, notes)}
 
 
-def _teacher_forced(model: LoadedModel, job: Job, cache: Path, source_path: Path, notes: list[str]) -> dict:
+def _teacher_forced(model: LoadedModel, job: MeasureJob, cache: Path, source_path: Path, notes: list[str]) -> dict:
     """Perplexity of the shipped text, and KL divergence and top-1 agreement with the reference on its ids.
 
     The reference's log-probabilities are computed once per model and text and kept in the store's cache;

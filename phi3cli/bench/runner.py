@@ -28,7 +28,7 @@ from phi3cli.sources import ModelSource, resolve_source
 from phi3cli.store import ModelStore
 
 from .config import BenchSettings, Configuration, PlannedConfiguration, reference_configuration, sort_key
-from .measure import Job, step_count
+from .measure import MeasureJob, step_count
 from .quality import agreement, agreement_prompts
 from .report import build_report, empty_row
 from .stats import summarize
@@ -55,7 +55,7 @@ def _check_options(settings: BenchSettings, runnable: list[Configuration]) -> No
         check_options(spec, options_for(spec, settings.options))
 
 
-def run_worker(job: Job, store: ModelStore, timeout_s: float, on_progress: Callable[[str], None]) -> dict:
+def run_worker(job: MeasureJob, store: ModelStore, timeout_s: float, on_progress: Callable[[str], None]) -> dict:
     """Measure one job in a fresh subprocess; a crash, a hang past timeout_s or an error comes back as ok=False."""
     with tempfile.TemporaryDirectory(prefix="phi3-bench-") as tmp:
         job_path, result_path, log_path = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "stderr.log")
@@ -119,8 +119,8 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def _job(
     model: str, config: Configuration, settings: BenchSettings, *, measure_speed: bool = True, convert: bool = False
-) -> Job:
-    return Job(
+) -> MeasureJob:
+    return MeasureJob(
         model=model,
         convert=convert,
         backend=config.backend,

@@ -1,6 +1,6 @@
 """The subprocess that measures one configuration: `python -m phi3cli.bench.worker JOB.json RESULT.json`.
 
-It reads a Job, measures it in this fresh process, and writes {"ok": true, ...figures} or
+It reads a MeasureJob, measures it in this fresh process, and writes {"ok": true, ...figures} or
 {"ok": false, "error": message} to RESULT.json. Progress goes to stdout as lines starting with
 PROGRESS_PREFIX, which the parent relays; anything else a runtime prints is ignored.
 """
@@ -26,9 +26,9 @@ def main(argv: list[str]) -> int:
     from phi3cli.store import ModelStore
     from phi3cli.util import first_line, write_atomically
 
-    from .measure import Job, measure_configuration
+    from .measure import MeasureJob, measure_configuration
 
-    job = Job(**json.loads(job_path.read_text()))
+    job = MeasureJob(**json.loads(job_path.read_text()))
     try:
         figures = measure_configuration(job, ModelStore(), _report)
         figures["versions"] = get_backend(job.backend).runtime_versions()

@@ -20,7 +20,7 @@ from phi3cli.errors import Phi3Error, StoreEntryNotFoundError
 from phi3cli.util import human_size
 
 if TYPE_CHECKING:  # the store is read where a command needs it, so `phi3 --help` stays fast
-    from phi3cli.hub_cache import HubUse
+    from phi3cli.hub_history import HubUse
     from phi3cli.inventory import StoreEntry, StoreInventory
     from phi3cli.store import ModelStore
 
@@ -187,7 +187,7 @@ def list_models(
     inventory = _inventory()
     rows = [(entry, entry.size) for entry in inventory.entries()]
     total = inventory.total_size()
-    from phi3cli.hub_cache import hub_uses
+    from phi3cli.hub_history import hub_uses
 
     hub = [(use, use.size()) for use in hub_uses(inventory.store)]
     if as_json:
@@ -293,7 +293,7 @@ def rm(
     A hub model phi3 ran (`OWNER/NAME`, `OWNER/NAME:SUBFOLDER` or its id) is deleted from the hub cache only
     with --hub-cache.
     """
-    from phi3cli.hub_cache import find_hub_uses
+    from phi3cli.hub_history import find_hub_uses
 
     inventory = _inventory()
     chosen: dict[str, StoreEntry] = {}
@@ -343,7 +343,7 @@ def rm(
 
 
 def _delete_hub(store: ModelStore, rows: list[tuple[HubUse, int]], console: Console) -> int:
-    from phi3cli.hub_cache import delete_from_cache
+    from phi3cli.hub_history import delete_from_cache
 
     freed = 0
     for use, _ in rows:

@@ -127,7 +127,7 @@ def pull(
     """
     from phi3cli.catalog import cache_folder
     from phi3cli.catalog_resolve import pull_spec
-    from phi3cli.hub_cache import find_hub_uses
+    from phi3cli.hub_history import find_hub_uses
     from phi3cli.sources import resolve_source
     from phi3cli.store import ModelStore
     from phi3cli.util import human_size

@@ -32,7 +32,7 @@ class OnnxBackend(Backend):
         build_folder(hf_dir, recipe, out, progress, cache)
 
     def build_estimate(self, config: dict, recipe: ConvertRecipe) -> BuildEstimate:
-        # Measured at 3.9B parameters: layer-by-layer int4 converted inside a 5 GB memory limit, not inside 3 GB.
+        # Fitted to conversions run inside memory limits (docs/results/2026-12-05-real-size.md).
         params = parameter_count(config)
         if recipe.format == "int4" and nncf_settings(recipe, calibrated_by_default(config)) is None:
             embeddings = 8 * int(config.get("vocab_size") or 0) * int(config["hidden_size"])  # float32, lm_head too
@@ -55,8 +55,8 @@ class OnnxBackend(Backend):
         return model
 
 
-# Checked on CPU with 0.13.2: og.Engine batches (8 requests ran about 3x faster together than one by one), but
-# once a request ends at its end-of-text token step() raises this and the engine fails later requests too.
+# og.Engine batches on the CPU, but once a request ends at its end-of-text token step() raises this and the engine
+# fails later requests too (ONNX Runtime GenAI 0.13.2).
 SERIAL_REASON = (
     "one request at a time: ONNX Runtime GenAI 0.13.2's og.Engine fails on CPU after a request ends at its "
     "end-of-text token ('Expected at least one request to be ready')"

@@ -41,8 +41,7 @@ class OpenVINOBackend(Backend):
         _note_weights(out, progress)
 
     def build_estimate(self, config: dict, recipe: ConvertRecipe) -> BuildEstimate:
-        # Measured at 3.9B parameters (fp16 checkpoint): data-free int4 converted inside a 3 GB memory limit;
-        # calibrated int4 peaked at 16.7 GB.
+        # Fitted to conversions run inside memory limits (docs/results/2026-12-05-real-size.md).
         params = parameter_count(config)
         if checkpoint_dtype(config) == "float16":  # the export maps it and the IR's constants share it
             export = BuildEstimate(int(0.6 * params + 0.5 * GB), "the compressed weights, held until written")

@@ -329,8 +329,8 @@ def load_batched(folder: Path, fmt: str, request: LoadRequest, progress: Progres
     notes: dict[str, Any] = {}
     if request.device == "cpu":
         # With two or more threads the CPU plugin splits a step's work by the batch's shape, so a greedy answer can
-        # change with the number of requests running beside it (measured: 9 of 24 answers changed under load with 2
-        # threads, none with 1). One thread keeps every answer the same as alone; --threads trades that for speed.
+        # change with the number of requests running beside it (docs/serve.md has the figures). One thread keeps
+        # every answer the same as alone; --threads trades that for speed.
         properties.setdefault("INFERENCE_NUM_THREADS", 1)
         threads = int(properties["INFERENCE_NUM_THREADS"])
         notes = {"threads": threads, "greedy_invariant": threads == 1}

@@ -1,5 +1,6 @@
-"""The hub models phi3 ran, as `phi3 models` lists them: where they lie in the Hugging Face hub cache, their size
-there, and deleting them from it, which only happens when the user asks (other tools share that cache).
+"""The record of the hub models phi3 ran (hub-models.json in the store), as `phi3 models` lists them: where they
+lie in the Hugging Face hub cache, their size there, and deleting them from it, which only happens when the user asks
+(other tools share that cache).
 
 phi3 records each use in the store (hub-models.json); the files stay in the hub cache, as huggingface-hub keeps
 them (snapshots/REVISION/... linking into blobs/).
