@@ -40,6 +40,22 @@ class ReplyStats:
     token_ids: list[int] = field(default_factory=list)  # the generated ids, where the backend reports them
     cached_tokens: int = 0  # prompt tokens taken from the KV cache kept since the last reply (not prefilled)
 
+    @classmethod
+    def from_times(cls, prompt_tokens: int, token_times: list[float], **about) -> ReplyStats:
+        """The figures of a reply timed elsewhere (seconds since the request started, per token), figured the same way:
+        what benchmarks of bare runtime loops report beside phi3's own."""
+        ttft = token_times[0] if token_times else 0.0
+        total = token_times[-1] if token_times else 0.0
+        fields = dict(backend="", device="", executed_device="", finish_reason="length", text="", **about)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            generated_tokens=len(token_times),
+            ttft_s=ttft,
+            total_s=total,
+            token_times=list(token_times),
+            **fields,
+        )
+
     @property
     def decode_s(self) -> float:
         return self.token_times[-1] - self.token_times[0] if len(self.token_times) > 1 else 0.0

@@ -3,7 +3,7 @@
 load() resolves what the user named, routes it once (a hub repo of ready-made folders is routed while its folder is
 chosen, and that route is kept), builds or finds the variant in the model store, loads it, stamps the load time and
 checks where the runtime really runs. `phi3 chat`, `phi3 serve` (and each Ray replica), bench's worker and the
-scripts call it; bench's parent calls prepare(), the same path short of loading, to build each configuration's
+benchmarks call it; bench's parent calls prepare(), the same path short of loading, to build each configuration's
 variant with progress before any is timed.
 """
 

@@ -23,9 +23,6 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 # Phi-3-mini-4k-instruct's config.json, less the vocabulary and the special-token ids (the demo tokenizer's).
 PHI3_MINI = {
     "hidden_size": 3072,

@@ -93,8 +93,10 @@ def peak_rss_bytes() -> int | None:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def synthetic_prompt(model: LoadedModel, length: int, seed: int, avoid_first: set[int] = frozenset()) -> list[int]:
-    """Exactly `length` token ids of shuffled English words, different for each seed.
+def synthetic_prompt(
+    encode: Callable[[str], list[int]], length: int, seed: int, avoid_first: set[int] = frozenset()
+) -> list[int]:
+    """Exactly `length` token ids of shuffled English words, different for each seed (encode: text -> ids).
 
     Each repetition gets a different prompt (starting with a different token where possible), since a
     runtime may reuse its KV cache for a prompt it has just seen (OpenVINO GenAI does).
@@ -105,7 +107,7 @@ def synthetic_prompt(model: LoadedModel, length: int, seed: int, avoid_first: se
         ids: list[int] = []
         while len(ids) < length:
             rng.shuffle(words)
-            ids += model.encode(" ".join(words) + "\n")
+            ids += encode(" ".join(words) + "\n")
         if ids[0] not in avoid_first:
             break
     return ids[:length]
@@ -129,7 +131,8 @@ def synthetic_message(model: LoadedModel, length: int, seed: int) -> str:
     return " ".join(pool[:low])
 
 
-def _reply_figures(stats: ReplyStats) -> dict:
+def reply_figures(stats: ReplyStats) -> dict:
+    """The figures of one reply as bench records them (milliseconds and tokens per second)."""
     return {
         "ttft_ms": stats.ttft_s * 1000,
         "prefill_tps": stats.prefill_tps,
@@ -223,11 +226,11 @@ def _measure_speed(model: LoadedModel, job: MeasureJob, report: Callable[[str], 
             phase = f"warm-up {i + 1}/{job.warmup}" if i < job.warmup else f"run {i - job.warmup + 1}/{job.repetitions}"
             report(f"pp{length}+tg{job.gen_tokens} {phase}")
             seed += 1
-            prompt = synthetic_prompt(model, length, seed, first_tokens)
+            prompt = synthetic_prompt(model.encode, length, seed, first_tokens)
             first_tokens.add(prompt[0])
             stats = generate_text(model, prompt, settings)
             if i >= job.warmup:
-                reps.append(_reply_figures(stats))
+                reps.append(reply_figures(stats))
         runs.append({"prompt_tokens": length, "gen_tokens": job.gen_tokens, "reps": reps})
     return runs
 

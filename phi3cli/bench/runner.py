@@ -57,11 +57,29 @@ def _check_options(settings: BenchSettings, runnable: list[Configuration]) -> No
 
 def run_worker(job: MeasureJob, store: ModelStore, timeout_s: float, on_progress: Callable[[str], None]) -> dict:
     """Measure one job in a fresh subprocess; a crash, a hang past timeout_s or an error comes back as ok=False."""
+    env = {"PHI3_HOME": str(store.root)}
+    return run_isolated("phi3cli.bench.worker", asdict(job), timeout_s, on_progress, env=env)
+
+
+def run_isolated(
+    module: str,
+    job: dict,
+    timeout_s: float,
+    on_progress: Callable[[str], None] = lambda _: None,
+    *,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Run `python -m MODULE JOB.json RESULT.json` in a fresh process (its own group, killed whole on a timeout or
+    Ctrl-C) and return the JSON it wrote, with its wall time; a crash or hang comes back as {"ok": False, "error"}.
+
+    Its stdout lines starting with PROGRESS_PREFIX go to on_progress. bench's worker runs this way, and so can any
+    other worker (a benchmark's runtime loop), so each one's memory, threads and crashes are its own.
+    """
     with tempfile.TemporaryDirectory(prefix="phi3-bench-") as tmp:
         job_path, result_path, log_path = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "stderr.log")
-        job_path.write_text(json.dumps(asdict(job)))
-        env = {**os.environ, "PHI3_HOME": str(store.root), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "phi3cli.bench.worker", str(job_path), str(result_path)]
+        job_path.write_text(json.dumps(job))
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", module, str(job_path), str(result_path)]
         start = time.perf_counter()
         with open(log_path, "w") as log:
             kwargs: dict = {"start_new_session": True} if os.name == "posix" else {}
@@ -90,12 +108,19 @@ def run_worker(job: MeasureJob, store: ModelStore, timeout_s: float, on_progress
             result["wall_s"] = wall
             return result
         tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
-        why = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"killed by signal {-proc.returncode}"
+        why = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"killed by {_signal_name(-proc.returncode)}"
         return {
             "ok": False,
             "error": f"crashed ({why})" + (f": {tail[0].strip()[:200]}" if tail else ""),
             "wall_s": wall,
         }
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name  # SIGSEGV: a crash in the runtime
+    except ValueError:
+        return f"signal {number}"
 
 
 def _relay(proc: subprocess.Popen, on_progress: Callable[[str], None]) -> None:

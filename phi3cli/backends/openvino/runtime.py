@@ -155,7 +155,7 @@ def execution_devices(log: list[str]) -> str | None:
     return compiled_properties(log).get("EXECUTION_DEVICES")
 
 
-class _TokenStreamer(ov_genai.StreamerBase):
+class TokenStreamer(ov_genai.StreamerBase):
     """Receives each generated token id from LLMPipeline and pushes it, decoded, to the consumer."""
 
     def __init__(self, decoder: IncrementalDecoder, emit: Callable[[RawToken], bool]):
@@ -270,7 +270,7 @@ class OpenVINOModel(LoadedModel):
             cache = self.prompt_cache
             cache.keep(prompt_ids)
             cache.hold([])  # until this generate ends, what the engine holds is unknown
-            streamer = _TokenStreamer(decoder, emit)
+            streamer = TokenStreamer(decoder, emit)
             with grammar_errors(settings):
                 result = self.pipe.generate(ov.Tensor(np.array([prompt_ids], dtype=np.int64)), config, streamer)
             self.last_perf = result.perf_metrics

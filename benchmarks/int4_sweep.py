@@ -2,7 +2,8 @@
 """Build the int4 variants of the recipe study: OpenVINO (optimum-intel + NNCF) and ONNX Runtime GenAI's builder.
 
 Each build writes its folder atomically with a recipe.json beside the model (the exact settings, the library
-versions and how long the conversion took); scripts/quant_quality.py then measures it. Subcommands:
+versions and how long the conversion took); benchmarks/quant_quality.py then measures it. Subcommands
+(`python -m benchmarks.int4_sweep ...` from the repository root):
 
     int4_sweep.py ov-export HF_DIR OUT              # fp16 IR + OpenVINO tokenizers, as phi3 exports
     int4_sweep.py ov FP16_IR OUT [--sym] [--group-size 64] [--ratio 1.0] [--backup int8_asym] [--all-layers]
@@ -30,11 +31,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from phi3cli.backends.nncf_weights import CALIBRATION_TEXT as CALIBRATION  # noqa: E402
-from phi3cli.backends.nncf_weights import calibration_samples  # noqa: E402
-from phi3cli.util import atomic_output  # noqa: E402
+from phi3cli.backends.nncf_weights import CALIBRATION_TEXT as CALIBRATION
+from phi3cli.backends.nncf_weights import calibration_samples
+from phi3cli.util import atomic_output
 
 SUPPORT = (
     "config.json",
@@ -50,7 +49,7 @@ def write_recipe(out: Path, recipe: dict, seconds: float, packages: tuple[str, .
     recipe = {
         **recipe,
         "convert_s": round(seconds, 1),
-        "command": " ".join(["scripts/int4_sweep.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.int4_sweep", *sys.argv[1:]]),
         "versions": {p: version(p) for p in packages},
     }
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
@@ -58,20 +57,13 @@ def write_recipe(out: Path, recipe: dict, seconds: float, packages: tuple[str, .
 
 
 def ov_export(args: argparse.Namespace) -> None:
-    from optimum.exporters.openvino import main_export
-    from optimum.intel import OVConfig
+    """phi3's own fp16 export (LongRoPE kept in the graph, the OpenVINO tokenizers beside it), not a copy of it."""
+    from phi3cli.backends.openvino.export import export_ir
+    from phi3cli.progress import SilentProgress
 
     start = time.perf_counter()
     with atomic_output(args.out, force=True) as tmp:
-        main_export(
-            str(args.hf_dir),
-            output=tmp,
-            task="text-generation-with-past",
-            ov_config=OVConfig(dtype="fp16"),
-            convert_tokenizer=True,
-            library_name="transformers",
-            local_files_only=True,
-        )
+        export_ir(args.hf_dir, tmp, SilentProgress())
         write_recipe(tmp, {"backend": "openvino", "format": "fp16"}, time.perf_counter() - start, ("optimum-intel",))
 
 
@@ -349,7 +341,7 @@ def main() -> None:
     p.add_argument("--scale-estimation", action="store_true")
     p.add_argument("--gptq", action="store_true")
     p.add_argument("--lora-correction", action="store_true")
-    p.add_argument("--dataset", help=f"'auto' or a text file (default file: {CALIBRATION.relative_to(ROOT)})")
+    p.add_argument("--dataset", help=f"'auto' or a text file (default file: phi3's calibration text, {CALIBRATION.name})")
     p.add_argument("--num-samples", type=int)
     p.add_argument("--sensitivity")
     p.add_argument("--dtype", default="int4")

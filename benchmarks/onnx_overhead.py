@@ -10,8 +10,8 @@ ratio between the two runs of that repetition (positive: phi3 is slower). The CP
 the calling thread's CPU time per request; with --threads 1 that is all the work, so it is the figure to
 trust on a busy machine, where wall-clock speeds swing by tens of percent.
 
-    python scripts/bench_onnx_overhead.py --reps 11 --new-tokens 64             # wall clock, default threads
-    python scripts/bench_onnx_overhead.py --reps 11 --new-tokens 64 --threads 1 # CPU time: the overhead
+    python -m benchmarks.onnx_overhead --reps 11 --new-tokens 64             # wall clock, default threads
+    python -m benchmarks.onnx_overhead --reps 11 --new-tokens 64 --threads 1 # CPU time: the overhead
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from phi3cli.bench.quality import agreement_prompts  # noqa: E402  (after the sys.path line)
+from phi3cli.bench.quality import agreement_prompts
+from phi3cli.generation import ReplyStats
 
 # The fixed prompts the bench compares answers on: varied lengths and topics.
 QUESTIONS = agreement_prompts()
@@ -63,11 +61,11 @@ def run_ours(model, ids: list[int], new_tokens: int) -> dict:
 
 
 def figures(times: list[float], cpu_s: float) -> dict:
-    decode = times[-1] - times[0]
+    stats = ReplyStats.from_times(0, times)  # figured as phi3 bench figures a reply
     return {
-        "tokens": len(times),
-        "ttft_s": times[0],
-        "decode_tps": (len(times) - 1) / decode if decode else 0.0,
+        "tokens": stats.generated_tokens,
+        "ttft_s": stats.ttft_s,
+        "decode_tps": stats.decode_tps,
         "cpu_s": cpu_s,  # CPU time of the calling thread: all the work when ONNX Runtime runs on it (--threads 1)
     }
 

@@ -1,15 +1,18 @@
-"""Bare runtime loops for scripts/bench_peers.py: one process per configuration and round, JSON on stdout.
+"""Bare runtime loops for benchmarks/bench_peers.py: one process per configuration and round (run by
+phi3cli.bench.runner.run_isolated: `python -m benchmarks.peer_workers JOB.json RESULT.json`).
 
 Each worker loads its artifact, runs one warm-up generate on its own prompt, then one generate per given prompt
 (every prompt different, so OpenVINO cannot reuse a KV cache and llama-cpp-python cannot reuse a prefix), greedy,
-end of text ignored, and reports wall-clock figures: prefill tokens/s = prompt tokens / time to the first
-token, decode tokens/s = (tokens - 1) / (time of the last token - time of the first).
+end of text ignored, and reports when each token came; bench_peers figures them as phi3 bench does
+(ReplyStats.from_times): prefill tokens/s = prompt tokens / time to the first token, decode tokens/s = (tokens - 1)
+/ (time of the last token - time of the first).
 
 A phi3 configuration runs through phi3's own path instead: `loading.load` (the settings phi3 compiles
 the model with) and `stream_reply` (the timing every phi3 command reports).
 
-A logits job (quality) writes the logits of every position of one token sequence to a .npy file: transformers in
-fp32 for the reference, the IR compiled on the CPU, ONNX Runtime GenAI's "logits" output, llama.cpp's scores.
+A logits job (quality) writes the next-token log-probabilities of one token sequence to a .npy file: phi3's own
+scoring (`next_token_logprobs` of the model phi3 loads: the reference backend for the reference, the folder's backend
+for an IR or ONNX folder, as `phi3 bench` scores them), or llama.cpp's scores.
 
 Knobs (the part of a configuration after @):
 - ov (defaults: the settings phi3 compiled with before KV_CACHE_PRECISION f16 was adopted, which phi3:openvino
@@ -35,21 +38,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # phi3cli, for the phi3 configurations
-
 
 def _figures(prompt_len: int, start: float, stamps: list[float], extra: dict | None = None) -> dict:
-    first, last = stamps[0] - start, stamps[-1] - start
-    decode = (len(stamps) - 1) / (last - first) if last > first else 0.0
-    steps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
-    return {
-        "ttft_s": first,
-        "prefill_tps": prompt_len / first,
-        "decode_tps": decode,
-        "step_median_ms": 1000 * steps[len(steps) // 2] if steps else 0.0,
-        "tokens": len(stamps),
-        **(extra or {}),
-    }
+    """A reply's timing (seconds since the request, per token), which bench_peers figures as phi3 bench does."""
+    return {"prompt_tokens": prompt_len, "times": [t - start for t in stamps], **(extra or {})}
 
 
 # ------------------------------------------------------------------------------------------ OpenVINO
@@ -153,16 +145,10 @@ def run_ov(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen:
             "pm_tokens": int(pm.get_num_generated_tokens()),
             "wall_s": total,
         }
-        if mode == "none" or len(stamps) < 2:
-            n = perf["pm_tokens"]
-            ttft = perf["pm_ttft_s"]
-            fig = {
-                "ttft_s": ttft,
-                "prefill_tps": len(ids) / ttft,
-                "decode_tps": (n - 1) / (total - ttft) if total > ttft else 0.0,
-                "tokens": n,
-                **perf,
-            }
+        if mode == "none" or len(stamps) < 2:  # PerfMetrics' first token, the rest spread evenly to the end
+            n, ttft = perf["pm_tokens"], perf["pm_ttft_s"]
+            times = [ttft + (total - ttft) * k / max(n - 1, 1) for k in range(n)]
+            fig = _figures(len(ids), 0.0, times, perf)
         else:
             fig = _figures(len(ids), t0, stamps, perf)
         if i:  # the first prompt is the warm-up
@@ -266,7 +252,7 @@ def run_llama(path: Path, knobs: dict, threads: int, prompts: list[list[int]], g
 def run_phi3(job: dict) -> dict:
     """phi3's default int4 through phi3's own load and timing path, as `phi3 chat`/`phi3 bench` run it."""
     from phi3cli.backends.base import GenerationSettings
-    from phi3cli.generation import ReplyStats, stream_reply
+    from phi3cli.generation import generate_text
     from phi3cli.loading import load
 
     threads = int(job["knobs"].get("threads", job["threads"]))
@@ -276,87 +262,47 @@ def run_phi3(job: dict) -> dict:
     if str(model.path) != job["path"]:
         raise SystemExit(f"phi3 loaded {model.path}, not the variant measured for size ({job['path']})")
     settings = GenerationSettings(max_new_tokens=job["gen"], ignore_eos=True)
-    runs = []
-    for i, ids in enumerate(job["prompts"]):
-        stats = [e for e in stream_reply(model, ids, settings) if isinstance(e, ReplyStats)][0]
-        if i:
-            runs.append(_figures(len(ids), 0.0, stats.token_times))
-    return {"load_s": load_s, "runs": runs, "properties": phi3_properties(job, threads)}
-
-
-def phi3_properties(job: dict, threads: int) -> dict:
-    """The runtime settings phi3 loads the model with (what the bytes-per-token figure needs to know)."""
-    if job["phi3_backend"] != "openvino":
-        return {"intra_op_num_threads": threads}
-    from phi3cli.backends.openvino.runtime import attention_properties, compile_properties, decode_properties
-    from phi3cli.loading import prepare
-    from phi3cli.routing import given
-
-    request = prepare(job["model"], route=given("openvino", "cpu"), format="int4", threads=threads).request
-    props = {**compile_properties(request), **attention_properties("cpu", {}), **decode_properties("cpu")}
-    props.pop("CACHE_DIR", None)
-    return {k: str(v) for k, v in props.items()}
+    replies = [generate_text(model, ids, settings) for ids in job["prompts"]][1:]  # [0]: the warm-up
+    runs = [_figures(r.prompt_tokens, 0.0, r.token_times) for r in replies]
+    # What the runtime compiled the model with (the KV cache's precision: what bytes per token needs), where it says.
+    properties = getattr(model, "compiled_properties", None) or {"intra_op_num_threads": threads}
+    model.close()
+    return {"load_s": load_s, "runs": runs, "properties": properties}
 
 
 # ------------------------------------------------------------------------------------------ logits
 
 
-def logits_ort(path: Path, ids: list[int], threads: int, chunk: int):
-    import numpy as np
-    import onnxruntime_genai as og
-
-    config = og.Config(str(path))
-    config.clear_providers()
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1, do_sample=False, batch_size=1)
-    generator = og.Generator(model, params)
-    out = []
-    for start in range(0, len(ids), chunk):
-        part = ids[start : start + chunk]
-        generator.append_tokens(part)
-        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
-        out.append(logits.reshape(-1, logits.shape[-1])[-len(part) :])
-    return np.concatenate(out)
-
-
 def run_logits(job: dict) -> dict:
     import numpy as np
 
-    # scripts/ is this script's sys.path[0]: quant_quality's loops are the one copy of each runtime's logits.
-    from quant_quality import llama_logits, openvino_logits, transformers_logits
+    from benchmarks.quant_quality import llama_logits, phi3_logprobs
+    from phi3cli.backends import reference_spec
+    from phi3cli.util import log_softmax
 
     path, ids, threads = Path(job["path"]), job["ids"], job["threads"]
-    chunk = int(job.get("chunk") or len(ids))
-    backend = job["backend"]
-    if backend == "reference":
-        logits = transformers_logits(path, ids, threads)
-    elif backend == "ov":
-        props = {k: v for k, v in ov_properties(job["knobs"], threads).items() if k != "ATTENTION_BACKEND"}
-        logits = openvino_logits(path, ids, props, chunk)
-    elif backend == "ort":
-        logits = logits_ort(path, ids, threads, chunk)
+    if job["backend"] == "llama":
+        logprobs = log_softmax(llama_logits(path, ids, threads)[:-1])
     else:
-        logits = llama_logits(path, ids, threads, chunk)
-    np.save(job["out"], logits)
-    return {"shape": list(logits.shape)}
+        backend = reference_spec().name if job["backend"] == "reference" else None
+        logprobs = phi3_logprobs(path, ids, threads, {}, backend=backend)
+    np.save(job["out"], logprobs)
+    return {"shape": list(logprobs.shape)}
 
 
 RUNNERS = {"ov": run_ov, "ort": run_ort, "llama": run_llama}
 
 
 def run_build(job: dict) -> dict:
-    """Build one configuration's artifact (scripts/peer_builds.py), timed on its own: wall seconds, peak RSS."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import peer_builds as pb
+    """Build one configuration's artifact (benchmarks/peer_builds.py), timed on its own: wall seconds, peak RSS."""
+    from benchmarks import peer_builds as pb
 
     start = time.perf_counter()
     path = pb.ensure(pb.parse_config(job["config"]), Path(job["hf_dir"]), Path(job["work"]), job["model"])
     return {"path": str(path), "build_s": time.perf_counter() - start}
 
 
-def main(job_file: str) -> None:
+def main(job_file: str, result_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     if job.get("mode") == "build":
         result = run_build(job)
@@ -369,8 +315,8 @@ def main(job_file: str) -> None:
     from phi3cli.bench.measure import peak_rss_bytes  # after the run: its import is not in the peak
 
     result["peak_rss_mb"] = peak_rss_bytes() / 2**20
-    print("RESULT " + json.dumps(result))
+    Path(result_file).write_text(json.dumps({"ok": True, **result}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -8,7 +8,7 @@ tokenizer.json (the demo model's, and the Phi-3-mini-shaped timing model's); it 
 model with the "smollm" pre-tokenizer. A tied lm_head is written out from the embedding, as llama.cpp's own
 converter does.
 
-    python scripts/peer_gguf.py HF_DIR OUT.gguf [--quantize Q4_K_M Q4_0 ...]
+    python benchmarks/peer_gguf.py HF_DIR OUT.gguf [--quantize Q4_K_M Q4_0 ...]
 
 writes OUT.gguf (f16) and OUT-Q4_K_M.gguf etc. beside it. From Python: ``write_phi3_gguf(hf_dir, path)`` and
 ``quantize_gguf(src, dst, "Q4_K_M")``.

@@ -1,4 +1,4 @@
-"""Builds the artifacts scripts/bench_peers.py times, from one Hugging Face folder, and what each reads per token.
+"""Builds the artifacts benchmarks/bench_peers.py times, from one Hugging Face folder, and what each reads per token.
 
 A configuration is named `runtime:recipe[@knob=value,...]`:
 
@@ -129,12 +129,12 @@ def say(text: str) -> None:
 
 
 def f16_gguf(hf_dir: Path, work: Path) -> Path:
-    """An f16 phi3-architecture .gguf of the folder (written by scripts/peer_gguf.py)."""
+    """An f16 phi3-architecture .gguf of the folder (written by benchmarks/peer_gguf.py)."""
     final = work / "gguf" / "f16.gguf"
     if final.is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    from peer_gguf import write_phi3_gguf  # scripts/ is on sys.path (bench_peers.py puts it there)
+    from benchmarks.peer_gguf import write_phi3_gguf
 
     say(f"f16 .gguf of {hf_dir.name}")
     return write_phi3_gguf(hf_dir, final)
@@ -144,7 +144,7 @@ def llama_gguf(hf_dir: Path, work: Path, ftype: str) -> Path:
     final = work / "gguf" / f"{ftype}.gguf"
     if final.is_file():
         return final
-    from peer_gguf import quantize_gguf
+    from benchmarks.peer_gguf import quantize_gguf
 
     source = f16_gguf(hf_dir, work)
     say(f"llama.cpp quantizes to {ftype}")

@@ -5,14 +5,14 @@ fixed number of streamed chat requests with the official OpenAI client. Every re
 different question (runtimes that reuse a cached prompt would otherwise flatter the figures) and
 generates exactly --max-tokens tokens (ignore_eos), so the levels do the same work.
 
-    .venv/bin/python scripts/load_serve.py --model demo --backend openvino --format int4
+    python -m benchmarks.load_serve --model demo --backend openvino --format int4
 
 With --ray it serves through Ray Serve instead: --replicas copies on a local cluster of --ray-nodes nodes
 (Ray's own cluster utilities, on 127.0.0.1), or on an existing cluster with --ray-address. --kill-replica then
 runs one more round in which a replica is killed while every slot is streaming, and reports which requests
 were lost and how long Ray took to bring the replica back.
 
-    .venv/bin/python scripts/load_serve.py --backend openvino --format int4 --ray --replicas 2 --kill-replica
+    python -m benchmarks.load_serve --backend openvino --format int4 --ray --replicas 2 --kill-replica
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ virtual machine); building with the AVX-512 flags given one by one and AMX off r
       -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python
 
 For each model (a Hugging Face folder, or `demo`; several in one run) it builds every configuration asked
-(see scripts/peer_builds.py): by default llama.cpp's Q4_K_M and Q4_0 quantized by llama.cpp from an f16 .gguf of
+(see benchmarks/peer_builds.py): by default llama.cpp's Q4_K_M and Q4_0 quantized by llama.cpp from an f16 .gguf of
 the same weights, and phi3's default int4 of every converting backend (`phi3:openvino`, `phi3:onnx`: built by
 phi3's converter into its store and run through phi3's own load and timing path). Each configuration runs in its
-own process (scripts/peer_workers.py), in an order that rotates each round: warm-up first, a different prompt per
+own process (benchmarks/peer_workers.py, run by phi3cli.bench's run_isolated), in an order that rotates each
+round (phi3cli.bench.stats.rotation): warm-up first, a different prompt per
 repetition, greedy, end of text ignored, the given thread count. Memory bandwidth is measured before and after
 (numpy max over a byte array in N processes at once: a reduction numpy runs at the rate a core can load; a
 float32 sum is pairwise-summed and read about half as fast on a Xeon with AVX-512). Printed per model, as
@@ -25,13 +26,13 @@ markdown: prefill and decode tokens/s (medians over every run) and their ratios 
 of the per-round ratios), size on disk, bytes read per decoded token (every weight but the embedding table, at
 its stored precision, plus the KV cache at the mean context), the share of the measured bandwidth that decode
 reaches, and, for models with real weights, quality under teacher forcing on phi3's shipped text against
-transformers in fp32: perplexity, mean KL divergence and top-1 agreement (phi3cli.bench.quality). Models marked
+phi3's reference backend (transformers fp32), scored as `phi3 bench` scores (phi3cli.bench.quality). Models marked
 timing-only (scripts/make_shaped_model.py) get no quality. Every configuration also gets the wall time and peak
 RSS of making its artifact, each built in a worker of its own (llama.cpp's quantize from the f16 .gguf, which is
 written first and not timed; phi3's whole convert, export included: point PHI3_HOME at an empty store to time
 it, else it is found and shown as cached), and its peak RSS while running.
 
-    python scripts/bench_peers.py MODEL [MODEL ...] [--config SPEC ...] [--rounds 2] [--reps 3]
+    python -m benchmarks.bench_peers MODEL [MODEL ...] [--config SPEC ...] [--rounds 2] [--reps 3]
         [--prompt-tokens 512] [--gen-tokens 64] [--threads 2] [--work DIR] [--markdown FILE] [--json FILE]
 """
 
@@ -41,24 +42,21 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(ROOT))
-
-import peer_builds as pb  # noqa: E402
+from benchmarks import peer_builds as pb
+from phi3cli.bench.measure import reply_figures, synthetic_prompt
+from phi3cli.bench.runner import run_isolated
+from phi3cli.bench.stats import median_ratio, rotation
+from phi3cli.generation import ReplyStats
 
 BASELINE = "llama:Q4_K_M"
 DEFAULT_CONFIGS = (BASELINE, "llama:Q4_0", "phi3:openvino", "phi3:onnx")
-TEXT = ROOT / "phi3cli" / "bench" / "data" / "perplexity.txt"
+WORKER = "benchmarks.peer_workers"
 
 
 # ------------------------------------------------------------------------------------------ bandwidth
@@ -93,22 +91,17 @@ def measure_bandwidth(processes: int, gib: float = 1.0, repeats: int = 8) -> flo
 
 
 def make_prompts(tokenizer_json: Path, count: int, length: int, seed: str) -> list[list[int]]:
-    """Shuffled English text, exactly `length` tokens each, every prompt starting with a different token."""
+    """phi3 bench's synthetic prompts (shuffled English, exactly `length` tokens), each starting with another token."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
-    words = TEXT.read_text().split()
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
     prompts: list[list[int]] = []
-    firsts: set[int] = set()
-    rng = random.Random(seed)
-    while len(prompts) < count:
-        ids: list[int] = []
-        while len(ids) < length:
-            rng.shuffle(words)
-            ids += tok.encode(" ".join(words) + "\n", add_special_tokens=False).ids
-        if ids[0] not in firsts:
-            firsts.add(ids[0])
-            prompts.append(ids[:length])
+    for i in range(count):
+        prompts.append(synthetic_prompt(encode, length, f"{seed}-{i}", {p[0] for p in prompts}))
     return prompts
 
 
@@ -116,24 +109,19 @@ def make_prompts(tokenizer_json: Path, count: int, length: int, seed: str) -> li
 
 
 def run_job(job: dict) -> dict:
-    """One worker process (scripts/peer_workers.py) on one job; its RESULT line, or {"error": ...}."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
-    try:
-        done = subprocess.run(
-            [sys.executable, str(HERE / "peer_workers.py"), f.name], capture_output=True, text=True, timeout=1800
-        )
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        if done.returncode < 0:  # killed by a signal: a crash in the runtime (see the llama.cpp note above for SIGSEGV)
-            import signal
+    """One worker process (benchmarks/peer_workers.py) on one job: its result, or {"error": ...}; each reply's
+    token times figured as phi3 bench figures them."""
+    out = run_isolated(WORKER, job, timeout_s=1800)
+    if not out.get("ok"):
+        return {"error": out.get("error", "failed")}
+    out["runs"] = [timed(run) for run in out.get("runs", [])]
+    return out
 
-            tail = f"{signal.Signals(-done.returncode).name}; {tail}"
-        return {"error": f"exit {done.returncode}: {tail}"}
-    return json.loads(lines[-1][len("RESULT ") :])
+
+def timed(run: dict) -> dict:
+    """A worker's reply (prompt length, seconds per token since the request) with phi3 bench's figures."""
+    figures = reply_figures(ReplyStats.from_times(run["prompt_tokens"], run["times"]))
+    return {**{k: v for k, v in run.items() if k != "times"}, **figures}
 
 
 def build_artifact(config: pb.Config, hf_dir: Path, work: Path, model: str) -> dict:
@@ -162,7 +150,8 @@ def speed_job(config: pb.Config, path: Path, model: str, prompts: list[list[int]
 
 
 def quality(configs, paths, hf_dir: Path, work: Path, args) -> dict[str, dict]:
-    """Perplexity, KL divergence and top-1 of each configuration against transformers fp32, teacher-forced."""
+    """Perplexity, KL divergence and top-1 of each configuration against phi3's reference, teacher-forced, each
+    scored in a worker (phi3's `next_token_logprobs` for its own formats, llama.cpp's scores for a .gguf)."""
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -172,23 +161,25 @@ def quality(configs, paths, hf_dir: Path, work: Path, args) -> dict[str, dict]:
     ids = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(perplexity_text(), add_special_tokens=False).ids
     targets = np.asarray(ids[1:])
 
-    def logprobs(backend: str, path: Path, knobs: dict, out: Path) -> np.ndarray | str:
+    def logprobs(backend: str, path: Path, out: Path) -> np.ndarray | str:
         if not out.is_file():
-            job = {"mode": "logits", "backend": backend, "path": str(path), "knobs": knobs, "ids": ids}
-            done = run_job({**job, "threads": args.threads, "chunk": args.quality_chunk, "out": str(out)})
+            job = {"mode": "logits", "backend": backend, "path": str(path), "ids": ids, "threads": args.threads}
+            done = run_job({**job, "out": str(out)})
             if "error" in done:
                 return done["error"]
-        return log_softmax(np.load(out)[: len(ids) - 1])
+        return np.load(out)
 
-    print(f"Quality: {len(ids)} tokens of phi3's perplexity text, against transformers fp32...", file=sys.stderr)
-    ref = logprobs("reference", hf_dir, {}, work / "reference-fp32-logits.npy")
+    print(f"Quality: {len(ids)} tokens of phi3's perplexity text, against phi3's reference...", file=sys.stderr)
+    ref = logprobs("reference", hf_dir, work / "reference-logprobs.npy")
     if isinstance(ref, str):
-        sys.exit(f"The fp32 reference failed: {ref}")
+        sys.exit(f"The reference failed: {ref}")
     out: dict[str, dict] = {"reference": {"ppl": float(np.exp(-ref[np.arange(len(targets)), targets].mean()))}}
+    scored: dict[str, np.ndarray | str] = {}  # by artifact: knobs do not change a teacher-forced score
     with tempfile.TemporaryDirectory() as tmp:
         for c in configs:
-            cand = logprobs(c.backend, paths[c.artifact], c.knobs, Path(tmp) / "logits.npy")
-            Path(tmp, "logits.npy").unlink(missing_ok=True)
+            if c.artifact not in scored:
+                scored[c.artifact] = logprobs(c.backend, paths[c.artifact], Path(tmp) / f"{c.artifact}.npy")
+            cand = scored[c.artifact]
             if isinstance(cand, str):
                 out[c.name] = {"error": cand}
                 print(f"  {c.name}: failed ({cand})", file=sys.stderr)
@@ -224,17 +215,19 @@ def summarise(config, path, hf_config, args, rounds: list[dict], base_rounds: li
     # medians: on a shared machine one round can be slowed by someone else's job
     decode = statistics.median([r["decode_tps"] for r in runs])
     prefill = statistics.median([r["prefill_tps"] for r in runs])
-    ratios_d, ratios_p = [], []
-    for own, base in zip(rounds, base_rounds, strict=False):
-        if own.get("runs") and base.get("runs"):
-            for key, ratios in (("decode_tps", ratios_d), ("prefill_tps", ratios_p)):
-                ratios.append(mean([r[key] for r in own["runs"]]) / mean([r[key] for r in base["runs"]]))
+
+    def per_round(rnds: list[dict], key: str) -> list[list[float]]:
+        return [[r[key] for r in rnd.get("runs", [])] for rnd in rnds]
+
+    ratios = {
+        key: median_ratio(per_round(rounds, key), per_round(base_rounds, key)) for key in ("decode_tps", "prefill_tps")
+    }
     row.update(
         prefill_tps=prefill,
         decode_tps=decode,
         decode_sd=statistics.pstdev([r["decode_tps"] for r in runs]),
-        decode_ratio=statistics.median(ratios_d) if ratios_d else float("nan"),
-        prefill_ratio=statistics.median(ratios_p) if ratios_p else float("nan"),
+        decode_ratio=ratios["decode_tps"] if ratios["decode_tps"] is not None else float("nan"),
+        prefill_ratio=ratios["prefill_tps"] if ratios["prefill_tps"] is not None else float("nan"),
         weights_mb=(total - embed) / 1e6,
         kv_mb=kv / 1e6,
         bytes_per_token=per_token,
@@ -318,7 +311,7 @@ def measure_model(spec: str, configs: list, args) -> dict:
     results: dict[str, list[dict]] = {c.name: [] for c in configs}
     for rnd in range(args.rounds):
         prompts = make_prompts(hf_dir / "tokenizer.json", args.reps + 1, args.prompt_tokens, f"round-{rnd}")
-        order = configs[rnd % len(configs) :] + configs[: rnd % len(configs)]
+        order = rotation(configs, rnd)
         for c in order:
             start = time.perf_counter()
             out = run_job(speed_job(c, paths[c.artifact], model, prompts, args))
@@ -339,7 +332,7 @@ def measure_model(spec: str, configs: list, args) -> dict:
     return {"model": str(hf_dir), "hf_config": hf_config, "timing_only": timing_only, "rows": rows, "quality": scores}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="Hugging Face folders, or demo")
     parser.add_argument("--config", action="append", help=f"a configuration (repeatable); default {DEFAULT_CONFIGS}")
@@ -351,16 +344,24 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE, help="what the ratio columns divide by (default %(default)s)")
     parser.add_argument("--work", type=Path, default=Path(".bench-peers"), help="where built artifacts are cached")
     parser.add_argument("--no-quality", action="store_true", help="speed only")
-    parser.add_argument("--quality-chunk", type=int, help="feed the text N tokens at a time (KV-cache precision)")
     parser.add_argument("--markdown", type=Path, help="append the tables here")
     parser.add_argument("--json", type=Path, help="write every figure here")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def plan(args: argparse.Namespace) -> list[pb.Config]:
+    """The configurations to measure, the baseline among them (first when it was not asked for)."""
     specs = list(args.config or DEFAULT_CONFIGS)
     if args.baseline not in specs:
         specs.insert(0, args.baseline)
+    return [pb.parse_config(s) for s in specs]
+
+
+def main() -> None:
+    args = parse_args()
+
     try:
-        configs = [pb.parse_config(s) for s in specs]
+        configs = plan(args)
     except ValueError as exc:
         sys.exit(str(exc))
     try:
@@ -404,7 +405,7 @@ def main() -> None:
     print(text)
     if args.markdown:
         with args.markdown.open("a") as f:
-            f.write(f"\n{text}\n`python scripts/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`\n")
+            f.write(f"\n{text}\n`python -m benchmarks.bench_peers {' '.join(sys.argv[1:])}`\n")
     if args.json:
         bw = {"before": bw_before, "after": bw_after}
         args.json.write_text(json.dumps({"bandwidth": bw, "models": measured}, indent=1, default=str))

@@ -12,7 +12,7 @@ medians, and the ratios are taken within one run. OpenVINO's own PerfMetrics of 
 
 Load times are measured in fresh processes: cold (an empty compiled-model cache) and warm (the same cache again).
 
-    python scripts/bench_openvino_overhead.py --reps 8 --new-tokens 64
+    python -m benchmarks.openvino_overhead --reps 8 --new-tokens 64
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from phi3cli.bench.quality import agreement_prompts  # noqa: E402  (after the sys.path line)
+from phi3cli.bench.quality import agreement_prompts
+from phi3cli.generation import ReplyStats
 
 # The fixed prompts the bench compares answers on: varied lengths and topics.
 QUESTIONS = agreement_prompts()
@@ -103,9 +102,9 @@ def run_ours(model, ids: list[int], new_tokens: int) -> dict:
 
 def own_work_per_token(model, prompt_ids: list[int], token_ids: list[int], reps: int = 5) -> float:
     """Seconds phi3 spends per token without the runtime: the generated ids replayed through the same streamer
-    (_TokenStreamer.write), incremental decoder, worker-thread hand-off (pull_from_push) and stream_reply."""
+    (TokenStreamer.write), incremental decoder, worker-thread hand-off (pull_from_push) and stream_reply."""
     from phi3cli.backends.base import GenerationSettings, IncrementalDecoder, LoadedModel, pull_from_push
-    from phi3cli.backends.openvino.runtime import _TokenStreamer
+    from phi3cli.backends.openvino.runtime import TokenStreamer
     from phi3cli.generation import generate_text
 
     class Replay(LoadedModel):
@@ -117,7 +116,7 @@ def own_work_per_token(model, prompt_ids: list[int], token_ids: list[int], reps:
 
         def generate(self, ids, settings):
             def produce(emit):
-                streamer = _TokenStreamer(IncrementalDecoder(model.decode, model.decode_pair), emit)
+                streamer = TokenStreamer(IncrementalDecoder(model.decode, model.decode_pair), emit)
                 for token_id in token_ids:
                     streamer.write(token_id)
 
@@ -130,13 +129,12 @@ def own_work_per_token(model, prompt_ids: list[int], token_ids: list[int], reps:
 
 
 def figures(times: list[float]) -> dict:
-    decode = times[-1] - times[0]
-    return {"tokens": len(times), "ttft_s": times[0], "decode_tps": (len(times) - 1) / decode if decode else 0.0}
+    stats = ReplyStats.from_times(0, times)  # figured as phi3 bench figures a reply
+    return {"tokens": stats.generated_tokens, "ttft_s": stats.ttft_s, "decode_tps": stats.decode_tps}
 
 
 LOAD_CHILD = """
 import json, sys, time
-sys.path.insert(0, {root!r})
 from pathlib import Path
 from phi3cli.loading import load
 from phi3cli.routing import given
@@ -149,7 +147,7 @@ print(json.dumps({{"load_s": model.load_seconds}}))
 
 
 def load_time(store_root: Path, fmt: str) -> float:
-    code = LOAD_CHILD.format(root=str(Path(__file__).resolve().parent.parent), store=str(store_root), fmt=fmt)
+    code = LOAD_CHILD.format(store=str(store_root), fmt=fmt)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["load_s"]
 
