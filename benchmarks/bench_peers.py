@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -49,6 +48,7 @@ import time
 from pathlib import Path
 
 from benchmarks import peer_builds as pb
+from benchmarks import peer_memory as pm
 from phi3cli.bench.measure import reply_figures, synthetic_prompt
 from phi3cli.bench.runner import run_isolated
 from phi3cli.bench.stats import median_ratio, rotation
@@ -57,34 +57,6 @@ from phi3cli.generation import ReplyStats
 BASELINE = "llama:Q4_K_M"
 DEFAULT_CONFIGS = (BASELINE, "llama:Q4_0", "phi3:openvino", "phi3:onnx")
 WORKER = "benchmarks.peer_workers"
-
-
-# ------------------------------------------------------------------------------------------ bandwidth
-
-
-def _read_worker(gib: float, repeats: int, barrier, queue) -> None:
-    import numpy as np
-
-    a = np.ones(int(gib * (1 << 30)), dtype=np.uint8)
-    a.max()  # touch every page first
-    barrier.wait()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a.max()
-    queue.put((a.nbytes * repeats, time.perf_counter() - start))
-
-
-def measure_bandwidth(processes: int, gib: float = 1.0, repeats: int = 8) -> float:
-    """Bytes per second that `processes` numpy max reductions read together (each its own array, started together)."""
-    ctx = mp.get_context("spawn")
-    barrier, queue = ctx.Barrier(processes), ctx.Queue()
-    workers = [ctx.Process(target=_read_worker, args=(gib, repeats, barrier, queue)) for _ in range(processes)]
-    for w in workers:
-        w.start()
-    results = [queue.get() for _ in workers]
-    for w in workers:
-        w.join()
-    return sum(b for b, _ in results) / max(t for _, t in results)
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -204,13 +176,13 @@ def mean(values: list[float]) -> float:
 def summarise(config, path, hf_config, args, rounds: list[dict], base_rounds: list[dict]) -> dict:
     runs = [r for rnd in rounds for r in rnd.get("runs", [])]
     row: dict = {"config": config.name, "errors": [rnd["error"] for rnd in rounds if "error" in rnd]}
-    row["size_mb"] = pb.disk_bytes(path) / 1e6
+    row["size_mb"] = pm.disk_bytes(path) / 1e6
     if not runs:
         return row
     properties = next((rnd.get("properties") for rnd in rounds if "properties" in rnd), {})
-    total, embed, per_type = pb.weight_bytes(config, path)
+    total, embed, per_type = pm.weight_bytes(config, path)
     context = args.prompt_tokens + args.gen_tokens / 2
-    kv = pb.kv_bytes_per_token(config, hf_config, context, path, properties)
+    kv = pm.kv_bytes_per_token(config, hf_config, context, path, properties)
     per_token = total - embed + kv
     # medians: on a shared machine one round can be slowed by someone else's job
     decode = statistics.median([r["decode_tps"] for r in runs])
@@ -299,6 +271,7 @@ def measure_model(spec: str, configs: list, args) -> dict:
     model, hf_dir = resolve_model(spec)
     hf_config = json.loads((hf_dir / "config.json").read_text())
     work = (args.work / hf_dir.name).absolute()
+    work.mkdir(parents=True, exist_ok=True)
     paths, builds = {}, {}
     if any(c.runtime == "llama" for c in configs):
         pb.f16_gguf(hf_dir, work)  # llama.cpp quantizes from it: its writing is not part of the quantize time
@@ -379,9 +352,9 @@ def main() -> None:
         peer = "no llama.cpp"
     load_before = os.getloadavg()[0]
     print(f"Measuring memory bandwidth (numpy max, 1 and {args.threads} processes)...", file=sys.stderr)
-    bw_before = {1: measure_bandwidth(1), args.threads: measure_bandwidth(args.threads)}
+    bw_before = {1: pm.measure_bandwidth(1), args.threads: pm.measure_bandwidth(args.threads)}
     measured = [measure_model(spec, configs, args) for spec in args.models]
-    bw_after = {1: measure_bandwidth(1), args.threads: measure_bandwidth(args.threads)}
+    bw_after = {1: pm.measure_bandwidth(1), args.threads: pm.measure_bandwidth(args.threads)}
     load_after = os.getloadavg()[0]
     bandwidth = max(bw_before[args.threads], bw_after[args.threads])
 
