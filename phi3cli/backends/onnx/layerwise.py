@@ -1,13 +1,13 @@
 """The model builder's int4, made layer by layer, so a 3.8B model converts within about its fp16 size of memory.
 
 ONNX Runtime GenAI's builder (0.13) loads the checkpoint in float32, keeps every weight as a lazy float tensor
-and quantizes the whole graph at the end, from a protobuf of the full float32 model: at Phi-3-mini's size it was
-killed by the kernel at 24 GB. Inside `layer_by_layer()` the builder loads the checkpoint at its own dtype, each
-MatMul weight is block-quantized as the builder writes it (with ONNX Runtime's own quantizer, the one the final
+and quantizes the whole graph at the end, from a protobuf of the full float32 model, which at Phi-3-mini's size
+does not fit in memory (docs/results/2026-12-05-real-size.md). Inside `layer_by_layer()` the builder loads the
+checkpoint at its own dtype, each MatMul weight is block-quantized as the builder writes it (with ONNX Runtime's own quantizer, the one the final
 pass would run, with the same block size, symmetry and accuracy level), and each layer's float weights are freed
 once the layer is written. The lm_head too (int8 where the recipe says so), unless the embedding is tied to it:
 then it is left to the builder's final pass, whose naming the tied embedding's GatherBlockQuantized refers to.
-An untied embedding table, which the builder keeps in float32 (604 MB at Phi-3-mini's widths), is stored int8
+An untied embedding table, which the builder keeps in float32 (its size: docs/results/2026-12-05-real-size.md), is stored int8
 in blocks along the hidden size and read with GatherBlockQuantized, as the builder does for a tied one.
 """
 
