@@ -108,7 +108,7 @@ def build_artifact(config: pb.Config, hf_dir: Path, work: Path, model: str) -> d
     return out
 
 
-def speed_job(config: pb.Config, path: Path, model: str, prompts: list[list[int]], args) -> dict:
+def speed_job(config: pb.Config, path: Path, model: str, prompts: list[list[int]], work: Path, args) -> dict:
     return {
         "runtime": config.runtime,
         "phi3_backend": config.recipe if config.runtime == "phi3" else None,
@@ -118,6 +118,7 @@ def speed_job(config: pb.Config, path: Path, model: str, prompts: list[list[int]
         "threads": args.threads,
         "prompts": prompts,
         "gen": args.gen_tokens,
+        "work": str(work),
     }
 
 
@@ -287,7 +288,7 @@ def measure_model(spec: str, configs: list, args) -> dict:
         order = rotation(configs, rnd)
         for c in order:
             start = time.perf_counter()
-            out = run_job(speed_job(c, paths[c.artifact], model, prompts, args))
+            out = run_job(speed_job(c, paths[c.artifact], model, prompts, work, args))
             results[c.name].append(out)
             if "error" in out:
                 print(f"{hf_dir.name} round {rnd + 1}: {c.name}: {out['error']}", file=sys.stderr)

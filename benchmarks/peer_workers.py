@@ -87,13 +87,13 @@ def ov_properties(knobs: dict, threads: int) -> dict:
     return props
 
 
-def run_ov(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int) -> dict:
+def run_ov(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int, work: Path) -> dict:
     import numpy as np
     import openvino as ov
     import openvino_genai as ov_genai
 
     props = ov_properties(knobs, threads)
-    props["CACHE_DIR"] = str(path.parent / ".ov-cache")
+    props["CACHE_DIR"] = str(work / "ov-cache")  # its own: never the store's, which phi3 runs share
     start = time.perf_counter()
     pipe = ov_genai.LLMPipeline(str(path), "CPU", **props)
     load_s = time.perf_counter() - start
@@ -160,7 +160,7 @@ def run_ov(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen:
 # ------------------------------------------------------------------------------------------ ONNX Runtime
 
 
-def run_ort(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int) -> dict:
+def run_ort(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int, work: Path) -> dict:
     import onnxruntime_genai as og
 
     session: dict = {"intra_op_num_threads": int(knobs.get("threads", threads))}
@@ -195,7 +195,7 @@ def run_ort(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen
 # ------------------------------------------------------------------------------------------ llama.cpp
 
 
-def run_llama(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int) -> dict:
+def run_llama(path: Path, knobs: dict, threads: int, prompts: list[list[int]], gen: int, work: Path) -> dict:
     import llama_cpp
 
     n_ctx = max(len(p) for p in prompts) + gen + 8
@@ -311,7 +311,8 @@ def main(job_file: str, result_file: str) -> None:
     elif job["runtime"] == "phi3":
         result = run_phi3(job)
     else:
-        result = RUNNERS[job["runtime"]](Path(job["path"]), job["knobs"], job["threads"], job["prompts"], job["gen"])
+        run = RUNNERS[job["runtime"]]
+        result = run(Path(job["path"]), job["knobs"], job["threads"], job["prompts"], job["gen"], Path(job["work"]))
     from phi3cli.bench.measure import peak_rss_bytes  # after the run: its import is not in the peak
 
     result["peak_rss_mb"] = peak_rss_bytes() / 2**20

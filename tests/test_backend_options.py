@@ -71,6 +71,14 @@ def test_a_wrong_option_fails_in_one_line_before_the_model_is_looked_for():
     assert_clean_error(done, "generate_hint takes fast_compile or best_perf, not 'fast'")
 
 
+def test_bench_checks_its_options_against_the_backends_it_measures_before_running(config_only_model):
+    model = str(config_only_model)
+    done = run_phi3("bench", "-m", model, "-b", "torch", "-b", "openvino", "-d", "cpu", "-o", "kv_cache_precision=x")
+    assert_clean_error(done, "kv_cache_precision takes u8, u4, f16, bf16 or f32, not 'x'")
+    done = run_phi3("bench", "-m", model, "-b", "torch", "-d", "cpu", "-o", "kv_cache_precision=f16")
+    assert_clean_error(done, "No backend measured here has the option kv_cache_precision")
+
+
 def test_the_options_are_listed_in_help_and_by_devices():
     helped = run_phi3("bench", "--help", env={"COLUMNS": "400"})
     assert all(name in helped.stdout for name in DECLARED), helped.stdout
