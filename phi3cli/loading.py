@@ -71,7 +71,7 @@ def prepare(
     if route is None and (kept := source.route) and backend in (None, kept.backend) and device in ("auto", kept.device):
         route = kept  # routed while resolving: not probed again
     route = route or _route(source, device=device, backend=backend)
-    options = backend_options(get_spec(route.backend), route.device, options or {}, progress)
+    options = checked_options(get_spec(route.backend), route.device, options or {}, progress)
     request = LoadRequest(
         source=source,
         device=route.device,
@@ -118,7 +118,7 @@ def load(
     return loaded
 
 
-def backend_options(spec: BackendSpec, device: str, options: dict[str, Any], progress: Progress) -> dict[str, Any]:
+def checked_options(spec: BackendSpec, device: str, options: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """The options checked against what the backend declares (a one-line error naming what it takes), typed; one
     that does not apply on this device is noted and dropped. phi3's own (BATCHING, set by serve) pass as they are."""
     checked = check_options(spec, options, skip=(BATCHING,))

@@ -96,7 +96,7 @@ def backend_options(pairs: list[str] | None, **shorthands) -> dict[str, str]:
     """--option KEY=VALUE pairs as a dict, with the shorthand flags given (--npu-hint X is --option generate_hint=X)."""
     from phi3cli.backends.options import parse_pairs
 
-    given = {key: str(value.value if isinstance(value, Enum) else value) for key, value in shorthands.items() if value}
+    given = {key: str(value) for key, value in shorthands.items() if value is not None}
     return {**given, **parse_pairs(pairs or [])}
 
 
