@@ -9,7 +9,8 @@ Layout of a report (every key always present; figures are null where not measure
     machine       {cpu, cores_logical, cores_physical, memory_bytes, os, python}
     versions      {package: version} of phi3cli and every runtime library installed
     settings      {prompt_tokens, gen_tokens, warmup, repetitions, threads, timeout_s, quality,
-                   quality_tokens, turns, cache_reuse, greedy, ignore_eos, reference}
+                   quality_tokens, turns, cache_reuse, options, greedy, ignore_eos, reference}
+                  options: the --option KEY=VALUE pairs, each given to the configurations whose backend takes it
     results       one row per configuration:
         backend, device, format     what was asked
         status                      ok | failed | skipped
@@ -75,6 +76,7 @@ SETTINGS_KEYS = (
     "quality_tokens",
     "turns",
     "cache_reuse",
+    "options",
     "greedy",
     "ignore_eos",
     "reference",
@@ -260,8 +262,9 @@ def load_report(path: Path) -> dict:
     missing = [k for k in REPORT_KEYS if k not in data]
     if missing:
         raise Phi3Error(f"{path} lacks {', '.join(missing)}; it is not a complete bench report.")
-    # Written before the multi-turn test existed: none was run.
+    # Written before the multi-turn test or --option existed: none was run, none was set.
     data["settings"].setdefault("turns", 0)
+    data["settings"].setdefault("options", {})
     for row in data["results"]:
         row.setdefault("multi_turn", [])
     return data
