@@ -33,6 +33,7 @@ from phi3cli.cli.options import (
     openvino_options,
 )
 from phi3cli.cli.render import RichProgress, err_console, stats_line, trim_notice
+from phi3cli.cli.sampling import FrequencyPenaltyOpt, MinPOpt, PresencePenaltyOpt, RepeatPenaltyOpt, apply_sampling
 from phi3cli.errors import (
     BackendUnavailableError,
     DeviceUnavailableError,
@@ -108,6 +109,10 @@ def chat(
         typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.", show_default=str(DEFAULTS.top_p)),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    min_p: MinPOpt = 0.0,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
@@ -211,6 +216,7 @@ def chat(
         raise
     if device == DeviceChoice.auto:
         err_console.print(f"[dim]{escape(loaded.route.reason)}[/]", soft_wrap=True)
+    apply_sampling(chosen.settings, loaded, repeat_penalty, presence_penalty, frequency_penalty, min_p)
     session = ChatSession(loaded, chosen.settings)
     state = _ChatState(session, model, device.value, autosave=save, file=resume)
     if saved:

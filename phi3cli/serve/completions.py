@@ -13,6 +13,7 @@ from phi3cli.generation import ReplyStats, TokenEvent
 from phi3cli.serve import protocol
 from phi3cli.serve.protocol import ApiError, GenerationRequest
 from phi3cli.serve.queue import FINISHED, Job, Started
+from phi3cli.serve.sampling import check_sampling, logprobs_body, parse_sampling
 from phi3cli.serve.served import Served, served
 from phi3cli.serve.structured import check_structured, parse_structured, reply_calls
 from phi3cli.serve.web import (
@@ -46,12 +47,14 @@ async def _generate(request: Request, kind: str) -> Response:
         parsed = parse(body, ctx.model.context_length)
         if kind == "chat":
             parse_structured(body, parsed)
+        parse_sampling(body, parsed)
         if parsed.ignored:
             request.scope.setdefault("phi3.log", {})["ignored"] = parsed.ignored
         check_structured(parsed, ctx.model, ctx.tools_format)
+        check_sampling(parsed, ctx.model)
     except ApiError as error:
         return fail(request, error)
-    job = ctx.jobs.submit(partial(ctx.prompt_ids, parsed), parsed.settings)
+    job = ctx.jobs.submit(partial(ctx.prompt_ids, parsed), parsed.settings, parsed.logprobs)
     try:
         first = await next_item(job, request)
     except ClientGone:
@@ -77,7 +80,9 @@ async def _generate(request: Request, kind: str) -> Response:
     extra = protocol.timing(stats, ctx.model.format, first.queue_s, parsed.ignored)
     note(request, stats_note(stats, first.queue_s))
     calls = reply_calls(parsed, stats, ctx.tools_format)
-    return JSONResponse(protocol.completion_body(parsed, rid, ctx.name, stats, extra, calls))
+    body = protocol.completion_body(parsed, rid, ctx.name, stats, extra, calls)
+    body["choices"][0]["logprobs"] = logprobs_body(parsed.kind, job.scored)
+    return JSONResponse(body)
 
 
 async def _stream(
@@ -99,7 +104,7 @@ async def _stream(
             calls = reply_calls(parsed, item, ctx.tools_format)
             if held:
                 yield protocol.sse(chunk(**({"tool_calls": calls} if calls else {"text": item.text})))
-            for closing in _closing_chunks(ctx, parsed, chunk, item, started, calls):
+            for closing in _closing_chunks(ctx, parsed, chunk, item, started, calls, job.scored):
                 yield protocol.sse(closing)
             note(request, stats_note(item, started.queue_s) + " · streamed")
             complete = True
@@ -115,9 +120,10 @@ async def _stream(
     yield protocol.sse("[DONE]")
 
 
-def _closing_chunks(ctx: Served, parsed: GenerationRequest, chunk, stats: ReplyStats, started: Started, calls):
+def _closing_chunks(ctx: Served, parsed: GenerationRequest, chunk, stats: ReplyStats, started: Started, calls, scored):
     finish = "tool_calls" if calls else stats.finish_reason
     closing = chunk(finish=finish)
+    closing["choices"][0]["logprobs"] = logprobs_body(parsed.kind, scored)  # every token's, on the closing chunk
     extra = protocol.timing(stats, ctx.model.format, started.queue_s, parsed.ignored)
     if parsed.include_usage:
         # OpenAI's form: the usage comes in one more chunk, with no choices.

@@ -17,11 +17,12 @@ from phi3cli.backends.base import GenerationSettings
 from phi3cli.generation import ReplyStats
 
 # Fields we read; any other field with a value is accepted, ignored and logged (as llama.cpp's server
-# and Ollama do), so applications that send logit_bias or user keep working.
+# and Ollama do), so applications that send user or metadata keep working. Sampling fields are acted on or refused.
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream"}
 COMMON_FIELDS |= {"stream_options", "n", "ignore_eos"}
+COMMON_FIELDS |= {"frequency_penalty", "presence_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice"}
-CHAT_FIELDS |= {"parallel_tool_calls"}
+CHAT_FIELDS |= {"parallel_tool_calls", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_SEED = 2**63
@@ -63,6 +64,7 @@ class GenerationRequest:
     tool_choice: str = "auto"  # none | auto | required | function (then tool_name)
     tool_name: str | None = None
     parallel_tool_calls: bool = True
+    logprobs: int | None = None  # None: no log-probabilities; n: each token's and its n likeliest alternatives
 
     @property
     def calls_forced(self) -> bool:

@@ -190,7 +190,12 @@ def generation_config(config, settings: GenerationSettings):
     config.apply_chat_template = False
     config.ignore_eos = settings.ignore_eos
     config.do_sample = not settings.greedy
+    sampling = settings.sampling
+    config.repetition_penalty = sampling.repetition_penalty
+    config.presence_penalty = sampling.presence_penalty
+    config.frequency_penalty = sampling.frequency_penalty
     if not settings.greedy:
+        config.min_p = sampling.min_p
         config.temperature = settings.temperature
         config.top_p = settings.top_p
         if settings.top_k:
@@ -221,6 +226,7 @@ def engine_reason(exc: BaseException) -> str:
 
 class OpenVINOModel(LoadedModel):
     backend = "openvino"
+    sampling_controls = frozenset({"repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"})
 
     def __init__(
         self,
