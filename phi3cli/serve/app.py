@@ -15,6 +15,7 @@ from starlette.routing import Route
 from phi3cli.backends.base import LoadedModel
 from phi3cli.serve.completions import chat_completions, completions
 from phi3cli.serve.protocol import ApiError
+from phi3cli.serve.responses import responses
 from phi3cli.serve.served import Served, served
 from phi3cli.serve.web import ApiKeyCheck, RequestLog, as_api_error, fail
 
@@ -67,6 +68,7 @@ ROUTES = [
     Route("/v1/models/{model:path}", one_model, methods=["GET"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/responses", responses, methods=["POST"]),
 ]
 
 

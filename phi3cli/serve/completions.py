@@ -48,8 +48,31 @@ async def _generate(request: Request, kind: str) -> Response:
         if kind == "chat":
             parse_structured(body, parsed)
         parse_sampling(body, parsed)
-        if parsed.ignored:
-            request.scope.setdefault("phi3.log", {})["ignored"] = parsed.ignored
+    except ApiError as error:
+        return fail(request, error)
+    started = await start(request, ctx, parsed)
+    if isinstance(started, Response):
+        return started
+    job, first = started
+    rid = protocol.new_id(kind)
+    if parsed.stream:
+        return JobStream(_stream(ctx, request, job, parsed, rid, first), job)
+    stats = await finish(request, job)
+    if isinstance(stats, Response):
+        return stats
+    extra = protocol.timing(stats, ctx.model.format, first.queue_s, parsed.ignored)
+    note(request, stats_note(stats, first.queue_s))
+    calls = reply_calls(parsed, stats, ctx.tools_format)
+    body = protocol.completion_body(parsed, rid, ctx.name, stats, extra, calls)
+    body["choices"][0]["logprobs"] = logprobs_body(parsed.kind, job.scored)
+    return JSONResponse(body)
+
+
+async def start(request: Request, ctx: Served, parsed: GenerationRequest) -> tuple[Job, Started] | Response:
+    """Check what the model can honour, queue the request and wait until it starts; an error response otherwise."""
+    if parsed.ignored:
+        request.scope.setdefault("phi3.log", {})["ignored"] = parsed.ignored
+    try:
         check_structured(parsed, ctx.model, ctx.tools_format)
         check_sampling(parsed, ctx.model)
     except ApiError as error:
@@ -65,11 +88,13 @@ async def _generate(request: Request, kind: str) -> Response:
         return fail(request, as_api_error(first))
     if not isinstance(first, Started):
         return fail(request, shutting_down())
-    rid = protocol.new_id(kind)
-    if parsed.stream:
-        return JobStream(_stream(ctx, request, job, parsed, rid, first), job)
+    return job, first
+
+
+async def finish(request: Request, job: Job) -> ReplyStats | Response:
+    """The whole reply of a started job (not streamed); an error response if it failed or the client left."""
     try:
-        stats = await collect(job, request)
+        return await collect(job, request)
     except ClientGone:
         note(request, f"cancelled: client went away after {job.tokens} tokens")
         return Response(status_code=499)
@@ -77,12 +102,6 @@ async def _generate(request: Request, kind: str) -> Response:
         return fail(request, as_api_error(exc))
     finally:
         job.cancel()
-    extra = protocol.timing(stats, ctx.model.format, first.queue_s, parsed.ignored)
-    note(request, stats_note(stats, first.queue_s))
-    calls = reply_calls(parsed, stats, ctx.tools_format)
-    body = protocol.completion_body(parsed, rid, ctx.name, stats, extra, calls)
-    body["choices"][0]["logprobs"] = logprobs_body(parsed.kind, job.scored)
-    return JSONResponse(body)
 
 
 async def _stream(
