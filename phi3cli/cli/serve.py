@@ -47,6 +47,14 @@ def serve(
             help="Require 'Authorization: Bearer KEY' on every request (401 otherwise).",
         ),
     ] = None,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            help="Serve Prometheus metrics at /metrics: requests by route and status, tokens, time to first token "
+            "and per token, queue depth, running sequences, KV-cache use, loaded models (never prompts).",
+        ),
+    ] = False,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
@@ -104,7 +112,7 @@ def serve(
         ),
     ] = 1,
 ) -> None:
-    """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/models, /health.
+    """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/responses, /v1/models.
 
     The model loads once (converted first if needed). Where the backend can, requests are batched
     (continuous batching: each starts as soon as there is room, all advance together); otherwise
@@ -114,6 +122,8 @@ def serve(
     """
     if not ray and (ray_address or replicas != 1):
         raise typer.BadParameter("--ray-address and --replicas apply with --ray only.")
+    if ray and metrics:
+        raise typer.BadParameter("--metrics is not available with --ray (each replica would count alone).")
     from phi3cli.backends.base import BATCHING, BatchingOptions
 
     options = {BATCHING: BatchingOptions(max_sequences, kv_cache_gb, prefix_caching)} if max_sequences > 1 else {}
@@ -160,7 +170,7 @@ def serve(
         soft_wrap=True,
     )
     try:
-        server.run(server.create_app(loaded, model, api_key=api_key), sock)
+        server.run(server.create_app(loaded, model, api_key=api_key, metrics=metrics), sock)
     except KeyboardInterrupt:
         pass
     finally:

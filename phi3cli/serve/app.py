@@ -72,9 +72,16 @@ ROUTES = [
 ]
 
 
-def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Starlette:
-    """The server for one loaded model, served under the id `name`."""
+def create_app(model: LoadedModel, name: str, api_key: str | None = None, metrics: bool = False) -> Starlette:
+    """The server for one loaded model, served under the id `name`; with metrics, Prometheus's at /metrics."""
     ctx = Served.of(model, name)
+    routes, counted = list(ROUTES), None
+    if metrics:
+        from phi3cli.serve.metrics import ServerMetrics  # prometheus_client, only when asked for
+
+        counted = ServerMetrics(lambda: [ctx])
+        ctx.jobs.on_reply = lambda stats: counted.reply(ctx.name, stats)
+        routes.append(Route("/metrics", counted.endpoint, methods=["GET"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -85,8 +92,8 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None) -> Sta
             ctx.jobs.close()
 
     app = Starlette(
-        routes=ROUTES,
-        middleware=[Middleware(RequestLog), Middleware(ApiKeyCheck, api_key=api_key)],
+        routes=routes,
+        middleware=[Middleware(RequestLog, metrics=counted), Middleware(ApiKeyCheck, api_key=api_key)],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )

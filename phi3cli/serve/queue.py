@@ -101,6 +101,7 @@ class GenerationQueue:
         self.active: set[Job] = set()
         self.served = 0
         self.stopping = False
+        self.on_reply: Callable[[ReplyStats], None] | None = None  # told of every finished reply (serve's metrics)
 
     def start(self) -> None:
         for n in range(self.workers):
@@ -200,9 +201,12 @@ class GenerationQueue:
                     break
                 if isinstance(event, TokenEvent):
                     job.tokens += 1
-                elif isinstance(event, ReplyStats) and job.logprobs is not None:
-                    with self._scoring:
-                        job.scored = reply_logprobs(self.model, ids, event.token_ids, job.logprobs)
+                elif isinstance(event, ReplyStats):
+                    if job.logprobs is not None:
+                        with self._scoring:
+                            job.scored = reply_logprobs(self.model, ids, event.token_ids, job.logprobs)
+                    if self.on_reply is not None:
+                        self.on_reply(event)
                 job.deliver(event)
         finally:
             events.close()  # stops the runtime if the client went away mid-reply

@@ -53,8 +53,8 @@ def error_response(error: ApiError) -> JSONResponse:
 class RequestLog:
     """ASGI middleware: one line per request (method, path, status, latency, and what the handler adds)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics=None):
+        self.app, self.metrics = app, metrics  # a ServerMetrics counts each request by route and status
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -77,6 +77,8 @@ class RequestLog:
             if ignored := notes.get("ignored"):  # accepted, as other local servers do, but not acted on
                 line += f" · ignored unsupported fields: {', '.join(ignored)}"
             log.info(line)
+            if self.metrics is not None:
+                self.metrics.request(scope["path"], status[0] or 499)  # 499: the client left before an answer
 
 
 class ApiKeyCheck:
