@@ -18,23 +18,11 @@ from tests.test_serve_protocol import CONTEXT, InProcessServer
 SECRET = "my-secret-prompt-words"
 
 
-class MetricsServer(InProcessServer):
-    """The in-process server with --metrics on."""
-
-    def start(self) -> None:
-        import phi3cli.serve as server
-
-        create = server.create_app
-        server.create_app = lambda *args, **kwargs: create(*args, **kwargs, metrics=True)
-        try:
-            super().start()
-        finally:
-            server.create_app = create
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = MetricsServer(FakeScriptedModel(context_length=CONTEXT), tmp_path_factory.mktemp("metrics") / "log")
+    srv = InProcessServer(
+        FakeScriptedModel(context_length=CONTEXT), tmp_path_factory.mktemp("metrics") / "log", metrics=True
+    )
     srv.start()
     srv.ready()
     yield srv

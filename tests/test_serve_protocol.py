@@ -27,16 +27,16 @@ CONTEXT = 8192  # the demo model's, so test_serve's oversized requests are overs
 class InProcessServer(Server):
     """The app of phi3cli.serve for one model, on uvicorn in a thread of this process; its request log in a file."""
 
-    def __init__(self, model, log_path, api_key: str | None = KEY):
+    def __init__(self, model, log_path, api_key: str | None = KEY, **app_kwargs):
         super().__init__(free_port(), log_path)
-        self.model, self.api_key = model, api_key
+        self.model, self.api_key, self.app_kwargs = model, api_key, app_kwargs
 
     def start(self) -> None:
         import uvicorn
 
         from phi3cli.serve import bind, create_app
 
-        self.app = create_app(self.model, "demo", api_key=self.api_key)
+        self.app = create_app(self.model, "demo", api_key=self.api_key, **self.app_kwargs)
         self._handler = logging.FileHandler(self.log_path)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log = logging.getLogger("phi3.serve")

@@ -15,7 +15,6 @@ from phi3cli.cli.options import (
     DeviceChoice,
     DeviceOpt,
     FormatOpt,
-    ModelOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
 )
@@ -24,7 +23,34 @@ from phi3cli.cli.render import RichProgress, err_console
 
 @user_errors
 def serve(
-    model: ModelOpt = DEFAULT_MODEL,
+    models: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The model to serve (as `phi3 chat --model` takes it; default: demo). Repeat it to offer several, "
+            "each under the id given: the first loads at start, the others when a request names them.",
+        ),
+    ] = None,
+    max_loaded: Annotated[
+        int | None,
+        typer.Option(
+            "--max-loaded",
+            min=1,
+            help="Keep at most N models loaded; loading another unloads the least recently used first. Default: "
+            "no limit.",
+            rich_help_panel="Several models",
+        ),
+    ] = None,
+    keep_alive: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-alive",
+            help="Unload a model after it has been idle this long (seconds, or 30s, 5m, 1h); a request's own "
+            "keep_alive overrides it for its model. Default: keep models loaded.",
+            rich_help_panel="Several models",
+        ),
+    ] = None,
     convert: ConvertOpt = False,
     device: DeviceOpt = DeviceChoice.auto,
     backend: BackendOpt = None,
@@ -120,6 +146,11 @@ def serve(
     With --ray, Ray Serve runs --replicas copies and routes the requests to them.
     Point any OpenAI client at http://HOST:PORT/v1.
     """
+    names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
+    model = names[0]
+    idle = _keep_alive(keep_alive)
+    if ray and (len(names) > 1 or max_loaded or keep_alive):
+        raise typer.BadParameter("--ray serves one model: one --model, no --max-loaded or --keep-alive.")
     if not ray and (ray_address or replicas != 1):
         raise typer.BadParameter("--ray-address and --replicas apply with --ray only.")
     if ray and metrics:
@@ -140,6 +171,8 @@ def serve(
     if ray:
         return _serve_with_ray(model, load_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
 
+    import psutil
+
     from phi3cli import serve as server  # needs the serve extra; imported only here
 
     sock = server.bind(host, port)  # before loading, so a taken port fails at once
@@ -147,9 +180,11 @@ def serve(
         with RichProgress() as progress:
             from phi3cli.loading import load
 
+            before = psutil.Process().memory_info().rss
             loaded = load(model, **load_kwargs, progress=progress)
             progress.phase("Warming up")
             server.warm_up(loaded)
+            memory = psutil.Process().memory_info().rss - before
     except BaseException:
         sock.close()
         raise
@@ -163,19 +198,41 @@ def serve(
     )
     err_console.print(f"Requests: {server.describe(loaded)}.", soft_wrap=True, markup=False)
     _warn_if_open(host, api_key)
+    more = f" (and {', '.join(names[1:])} on demand)" if len(names) > 1 else ""
     err_console.print(
-        f"Serving [bold]{model}[/] at [bold]{url}/v1[/]"
+        f"Serving [bold]{model}[/]{more} at [bold]{url}/v1[/]"
         + (" (API key required)" if api_key else "")
         + ". Ctrl-C stops.",
         soft_wrap=True,
     )
+
+    def load_on_demand(name: str):
+        on_demand = load(name, **load_kwargs)
+        server.warm_up(on_demand)
+        return on_demand
+
+    pool = server.ModelPool(names, load_on_demand, max_loaded, idle)
+    pool.add(model, loaded, loaded.load_seconds, memory)
     try:
-        server.run(server.create_app(loaded, model, api_key=api_key, metrics=metrics), sock)
+        server.run(server.create_app(None, model, api_key=api_key, metrics=metrics, pool=pool), sock)
     except KeyboardInterrupt:
         pass
     finally:
-        loaded.close()
+        pool.close_models()
     err_console.print("[dim]Server stopped.[/]")
+
+
+def _keep_alive(value: str | None) -> float:
+    from phi3cli.serve.pool import FOREVER, parse_keep_alive
+    from phi3cli.serve.protocol import ApiError
+
+    try:
+        seconds = parse_keep_alive(value)
+    except ApiError:
+        raise typer.BadParameter(
+            f"{value!r} is not seconds or a duration (30s, 5m, 1h).", param_hint="--keep-alive"
+        ) from None
+    return FOREVER if seconds is None else seconds
 
 
 def _warn_if_open(host: str, api_key: str | None) -> None:

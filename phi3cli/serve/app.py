@@ -14,42 +14,42 @@ from starlette.routing import Route
 
 from phi3cli.backends.base import LoadedModel
 from phi3cli.serve.completions import chat_completions, completions
+from phi3cli.serve.pool import ModelPool
 from phi3cli.serve.protocol import ApiError
 from phi3cli.serve.responses import responses
-from phi3cli.serve.served import Served, served
 from phi3cli.serve.web import ApiKeyCheck, RequestLog, as_api_error, fail
 
 
 async def health(request: Request) -> Response:
-    ctx = served(request)
-    jobs = ctx.jobs
-    return JSONResponse(
-        {
-            "status": "ok",
-            "model": ctx.name,
-            "pid": os.getpid(),  # which process answered (with --ray: which replica)
-            "backend": ctx.model.backend,
-            "executed_device": ctx.model.executed_device,
-            "busy": jobs.running > 0,
-            "running": jobs.running,
-            "waiting": jobs.waiting,
-            "served": jobs.served,
-            "batching": jobs.describe(),
-            "supports": ctx.support,
-        }
-    )
+    pool: ModelPool = request.app.state.pool
+    loaded = list(pool.loaded.values())
+    answer = {
+        "status": "ok",
+        "model": pool.default,
+        "models": [ctx.name for ctx in loaded],  # those loaded, least recently used first
+        "pid": os.getpid(),  # which process answered (with --ray: which replica)
+        "busy": any(ctx.jobs.running for ctx in loaded),
+        "running": sum(ctx.jobs.running for ctx in loaded),
+        "waiting": sum(ctx.jobs.waiting for ctx in loaded),
+        "served": sum(ctx.jobs.served for ctx in loaded),
+    }
+    if first := pool.loaded.get(pool.default):  # the default model's runtime, as before several models
+        answer |= {"backend": first.model.backend, "executed_device": first.model.executed_device}
+        answer |= {"batching": first.jobs.describe(), "supports": first.support}
+    return JSONResponse(answer)
 
 
 async def models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [served(request).card()]})
+    return JSONResponse({"object": "list", "data": request.app.state.pool.cards()})
 
 
 async def one_model(request: Request) -> Response:
-    ctx, name = served(request), request.path_params["model"]
-    if name != ctx.name:
-        return fail(request, ApiError(f"The model {name!r} does not exist.", status=404, param="model",
-                                      code="model_not_found"))  # fmt: skip
-    return JSONResponse(ctx.card())
+    name = request.path_params["model"]
+    for card in request.app.state.pool.cards():
+        if card["id"] == name:
+            return JSONResponse(card)
+    return fail(request, ApiError(f"The model {name!r} does not exist.", status=404, param="model",
+                                  code="model_not_found"))  # fmt: skip
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
@@ -72,24 +72,40 @@ ROUTES = [
 ]
 
 
-def create_app(model: LoadedModel, name: str, api_key: str | None = None, metrics: bool = False) -> Starlette:
-    """The server for one loaded model, served under the id `name`; with metrics, Prometheus's at /metrics."""
-    ctx = Served.of(model, name)
+def create_app(
+    model: LoadedModel | None,
+    name: str,
+    api_key: str | None = None,
+    metrics: bool = False,
+    pool: ModelPool | None = None,
+) -> Starlette:
+    """The server for one loaded model served under the id `name`, or for a pool of models loaded on demand (then
+    model is the one already loaded, or None); with metrics, Prometheus's at /metrics."""
+    pool = pool or ModelPool([name])
+    if model is not None:
+        pool.add(name, model, model.load_seconds)
     routes, counted = list(ROUTES), None
     if metrics:
         from phi3cli.serve.metrics import ServerMetrics  # prometheus_client, only when asked for
 
-        counted = ServerMetrics(lambda: [ctx])
-        ctx.jobs.on_reply = lambda stats: counted.reply(ctx.name, stats)
+        counted = ServerMetrics(lambda: list(pool.loaded.values()))
+        count = counted.reply
+
+        def hook(ctx) -> None:
+            ctx.jobs.on_reply = lambda stats: count(ctx.name, stats)
+
+        pool.on_load = hook
+        for ctx in pool.loaded.values():
+            hook(ctx)
         routes.append(Route("/metrics", counted.endpoint, methods=["GET"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        ctx.jobs.start()
+        pool.start()
         try:
             yield
         finally:
-            ctx.jobs.close()
+            pool.close()
 
     app = Starlette(
         routes=routes,
@@ -97,6 +113,6 @@ def create_app(model: LoadedModel, name: str, api_key: str | None = None, metric
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )
-    app.state.served = ctx
-    app.state.jobs = ctx.jobs
+    app.state.pool = pool
+    app.state.jobs = pool  # what `phi3 serve` and Ray call: cancel_all() on Ctrl-C, healthy()
     return app

@@ -11,10 +11,11 @@ from starlette.responses import JSONResponse, Response
 
 from phi3cli.generation import ReplyStats, TokenEvent
 from phi3cli.serve import protocol
+from phi3cli.serve.pool import served
 from phi3cli.serve.protocol import ApiError, GenerationRequest
 from phi3cli.serve.queue import FINISHED, Job, Started
 from phi3cli.serve.sampling import check_sampling, logprobs_body, parse_sampling
-from phi3cli.serve.served import Served, served
+from phi3cli.serve.served import Served
 from phi3cli.serve.structured import check_structured, parse_structured, reply_calls
 from phi3cli.serve.web import (
     ClientGone,
@@ -39,10 +40,9 @@ async def completions(request: Request) -> Response:
 
 
 async def _generate(request: Request, kind: str) -> Response:
-    ctx = served(request)
     try:
         body = await read_json(request)
-        protocol.check_model(body, ctx.name)
+        ctx = await served(request, body)
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         parsed = parse(body, ctx.model.context_length)
         if kind == "chat":

@@ -22,23 +22,23 @@ from starlette.responses import JSONResponse, Response
 from phi3cli.generation import ReplyStats, TokenEvent
 from phi3cli.serve import protocol
 from phi3cli.serve.completions import finish, start
+from phi3cli.serve.pool import served
 from phi3cli.serve.protocol import ApiError, GenerationRequest
 from phi3cli.serve.queue import FINISHED, Job, Started
-from phi3cli.serve.served import Served, served
+from phi3cli.serve.served import Served
 from phi3cli.serve.structured import parse_structured
 from phi3cli.serve.web import JobStream, as_api_error, fail, note, read_json, shutting_down, stats_note
 
 KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "text", "store"}
-KNOWN |= {"previous_response_id", "conversation", "background", "tools", "tool_choice", "parallel_tool_calls"}
+KNOWN |= {"keep_alive", "previous_response_id", "conversation", "background", "tools", "tool_choice", "parallel_tool_calls"}
 ROLES = {"user", "assistant", "system", "developer"}
 STATELESS = "this server is stateless (it stores no responses); send the whole conversation as 'input' items"
 
 
 async def responses(request: Request) -> Response:
-    ctx = served(request)
     try:
         body = await read_json(request)
-        protocol.check_model(body, ctx.name)
+        ctx = await served(request, body)
         parsed = parse_response_request(body, ctx.model.context_length)
     except ApiError as error:
         return fail(request, error)

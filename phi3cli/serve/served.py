@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from starlette.requests import Request
-
 from phi3cli.backends.base import LoadedModel
 from phi3cli.generation import prompt_budget
 from phi3cli.serve import protocol
@@ -26,6 +24,11 @@ class Served:
     tools_format: ToolFormat | None
     support: dict
     created: int = field(default_factory=lambda: int(time.time()))
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+    memory_bytes: int | None = None  # the server's resident memory growth while it loaded (None: not measured)
+    keep_alive: float = -1.0  # seconds idle before it is unloaded; negative: never
+    last_used: float = field(default_factory=time.monotonic)
 
     @classmethod
     def of(cls, model: LoadedModel, name: str) -> Served:
@@ -40,6 +43,7 @@ class Served:
             "object": "model",
             "created": self.created,
             "owned_by": "phi3",
+            "loaded": True,
             "phi3": {
                 "backend": model.backend,
                 "format": model.format,
@@ -48,6 +52,12 @@ class Served:
                 "context_length": model.context_length,
                 "max_prompt_tokens": prompt_budget(model),
                 "supports": self.support,
+                "loaded_since": int(self.loaded_at),
+                "load_seconds": round(self.load_seconds or model.load_seconds, 2),
+                "memory_bytes": self.memory_bytes,
+                "keep_alive_s": None if self.keep_alive < 0 else self.keep_alive,
+                "running": self.jobs.running,
+                "waiting": self.jobs.waiting,
             },
         }
 
@@ -76,7 +86,3 @@ class Served:
         if engine and (why := engine.refusal(len(ids), parsed.max_tokens)):
             raise ApiError(why, param="max_tokens", code="context_length_exceeded")
         return ids
-
-
-def served(request: Request) -> Served:
-    return request.app.state.served
