@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from phi3cli.backends.base import LoadedModel
@@ -39,6 +40,12 @@ async def health(request: Request) -> Response:
     return JSONResponse(answer)
 
 
+async def chat_page(request: Request) -> Response:
+    """The chat page: one static file, no build step; it asks for the API key itself, so it is served without one."""
+    page = resources.files("phi3cli.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+
 async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": request.app.state.pool.cards()})
 
@@ -63,6 +70,7 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
 
 
 ROUTES = [
+    Route("/", chat_page, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model:path}", one_model, methods=["GET"]),

@@ -18,6 +18,7 @@ from phi3cli.serve.queue import FINISHED, Job
 log = logging.getLogger("phi3.serve")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+OPEN_PATHS = {"/"}  # the chat page holds no data; it sends the key the user types with every request it makes
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
@@ -88,7 +89,7 @@ class ApiKeyCheck:
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.api_key:
+        if scope["type"] == "http" and self.api_key and scope["path"] not in OPEN_PATHS:
             headers = dict(scope["headers"])
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.partition(" ")
