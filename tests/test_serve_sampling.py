@@ -146,3 +146,31 @@ def test_logit_bias_steers_torch_and_openvino_refuses_it(real_servers):
     with pytest.raises(openai.BadRequestError, match=r"'logit_bias'.*openvino backend") as caught:
         ask(real_servers["openvino"], logit_bias={"1": 5})
     assert caught.value.body["param"] == "logit_bias"
+
+
+@pytest.mark.slow
+def test_phi3_chat_applies_a_repeat_penalty_and_refuses_what_the_backend_cannot(demo_source):
+    from tests.conftest import run_phi3
+
+    question = COUNT[0]["content"]
+    plain = run_phi3("chat", "-m", "demo", "-b", "torch", "-n", "32", question)
+    penalised = run_phi3("chat", "-m", "demo", "-b", "torch", "-n", "32", "--repeat-penalty", "1.5", question)
+    assert plain.returncode == penalised.returncode == 0, plain.stderr + penalised.stderr
+    assert penalised.stdout != plain.stdout
+    refused = run_phi3("chat", "-m", "demo", "-b", "onnx", "-f", "fp32", "--presence-penalty", "1", question)
+    assert refused.returncode == 1
+    assert "Error: --presence-penalty: the onnx backend cannot apply presence_penalty" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_saved_chat_keeps_its_sampling_controls(tmp_path):
+    from phi3cli.backends.base import GenerationSettings
+    from phi3cli.backends.sampling import SamplingControls
+    from phi3cli.sessions import SavedSession, load_session, save_session
+
+    controls = SamplingControls(repetition_penalty=1.3, frequency_penalty=0.5, logit_bias=((7, -5.0),))
+    saved = SavedSession(
+        model="demo", backend="torch", device="cpu", executed_device="CPU", format="fp32",
+        messages=[{"role": "user", "content": "Hi"}], settings=GenerationSettings(sampling=controls),
+    )  # fmt: skip
+    assert load_session(save_session(tmp_path / "chat.json", saved)).settings.sampling == controls
