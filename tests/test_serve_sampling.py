@@ -149,6 +149,25 @@ def test_logit_bias_steers_torch_and_openvino_refuses_it(real_servers):
 
 
 @pytest.mark.slow
+def test_onnx_applies_repetition_penalty_and_refuses_the_others(demo_source, tmp_path):
+    from phi3cli.loading import load
+
+    server = InProcessServer(load("demo", backend="onnx"), tmp_path / "log", KEY)
+    server.start()
+    server.ready()
+    try:
+        plain = ask(server, max_tokens=32).choices[0].message.content
+        assert ask(server, max_tokens=32, extra_body={"repetition_penalty": 1.5}).choices[0].message.content != plain
+        with pytest.raises(openai.BadRequestError, match=r"'presence_penalty'.*onnx backend"):
+            ask(server, presence_penalty=1.0)
+        top = ask(server, logprobs=True, top_logprobs=3).choices[0].logprobs.content
+        assert all(t.top_logprobs[0].token == t.token for t in top)
+    finally:
+        server.stop()
+        server.model.close()
+
+
+@pytest.mark.slow
 def test_phi3_chat_applies_a_repeat_penalty_and_refuses_what_the_backend_cannot(demo_source):
     from tests.conftest import run_phi3
 
