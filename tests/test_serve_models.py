@@ -125,6 +125,23 @@ def test_keep_alive_unloads_an_idle_model(tmp_path, loader):
         server.stop()
 
 
+def test_a_store_variant_named_by_its_id_loads_on_demand(tmp_path, loader):
+    def find(name: str) -> str | None:  # what phi3cli.serve.pool.store_variant does with the model store
+        return f"variants/{name}-folder" if name == "abcd1234" else None
+
+    pool = ModelPool(["demo"], loader, find=find)
+    server = InProcessServer(loader("demo"), tmp_path / "server.log", pool=pool)
+    server.start()
+    server.ready()
+    try:
+        assert ask(server, "abcd1234") == "I am variants/abcd1234-folder."
+        assert loaded(server) == {"demo": True, "abcd1234": True}
+        with pytest.raises(openai.NotFoundError, match="a variant of the model store by its id"):
+            ask(server, "abcd9999")
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_two_real_models_with_an_lru_unload_and_phi3_ps(demo_source, tmp_path):
     from phi3cli.loading import prepare

@@ -29,7 +29,8 @@ def serve(
             "--model",
             "-m",
             help="The model to serve (as `phi3 chat --model` takes it; default: demo). Repeat it to offer several, "
-            "each under the id given: the first loads at start, the others when a request names them.",
+            "each under the id given: the first loads at start, the others when a request names them (as does a "
+            "variant of the model store named by its id, from `phi3 models list`).",
         ),
     ] = None,
     max_loaded: Annotated[
@@ -211,7 +212,9 @@ def serve(
         server.warm_up(on_demand)
         return on_demand
 
-    pool = server.ModelPool(names, load_on_demand, max_loaded, idle)
+    from phi3cli.serve.pool import store_variant
+
+    pool = server.ModelPool(names, load_on_demand, max_loaded, idle, find=store_variant)
     pool.add(model, loaded, loaded.load_seconds, memory)
     try:
         server.run(server.create_app(None, model, api_key=api_key, metrics=metrics, pool=pool), sock)

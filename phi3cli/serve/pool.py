@@ -43,6 +43,25 @@ def parse_keep_alive(value) -> float | None:
     )
 
 
+def store_variant(name: str) -> str | None:
+    """The folder of the one ready variant of the model store whose id starts with name (`phi3 models list`), or None.
+
+    Only ids: a client never makes the server open a path it names.
+    """
+    from phi3cli.errors import Phi3Error
+    from phi3cli.inventory import StoreInventory
+    from phi3cli.store import ModelStore
+
+    if not (len(name) >= 4 and name.isalnum()):
+        return None
+    try:
+        found = StoreInventory(ModelStore()).find_entries(name)
+    except Phi3Error:
+        return None
+    ready = [e for e in found if e.kind == "variant" and e.status == "ok"]
+    return str(ready[0].path) if len(ready) == 1 == len(found) else None
+
+
 class ModelPool:
     """The models on offer (ids in order: the first is the default), and the loaded ones in least-recent order."""
 
@@ -52,9 +71,12 @@ class ModelPool:
         loader: Callable[[str], LoadedModel] | None = None,
         max_loaded: int | None = None,
         keep_alive: float = FOREVER,
+        find: Callable[[str], str | None] | None = None,
     ):
         self.names = list(dict.fromkeys(names))
         self.loader, self.max_loaded, self.keep_alive = loader, max_loaded, keep_alive
+        self.find = find  # what a name not offered loads from (a store variant's folder), or None
+        self.specs: dict[str, str] = {}  # names found so, and what the loader is given for them
         self.loaded: OrderedDict[str, Served] = OrderedDict()
         self.on_load: Callable[[Served], None] | None = None  # metrics hook
         self._loading: dict[str, asyncio.Lock] = {}
@@ -80,9 +102,14 @@ class ModelPool:
     async def get(self, name: str | None, keep_alive: float | None = None) -> Served:
         """The loaded model named (the default when None), loading it first if it is not; 404 if not on offer."""
         name = self.default if name is None else name
+        if isinstance(name, str) and name not in self.names and self.find and self.loader:
+            if spec := await asyncio.to_thread(self.find, name):
+                self.specs[name] = spec
+                self.names.append(name)
         if not isinstance(name, str) or name not in self.names:
+            also = " or a variant of the model store by its id (phi3 models list)" if self.find else ""
             raise ApiError(
-                f"The model {name!r} does not exist; this server offers {', '.join(map(repr, self.names))} "
+                f"The model {name!r} does not exist; this server offers {', '.join(map(repr, self.names))}{also} "
                 "(see GET /v1/models).",
                 status=404,
                 param="model",
@@ -110,7 +137,7 @@ class ModelPool:
         before, start = process.memory_info().rss, time.perf_counter()
         log.info(f"loading {name} (asked for by a request)")
         try:
-            model = await asyncio.to_thread(self.loader, name)
+            model = await asyncio.to_thread(self.loader, self.specs.get(name, name))
         except Exception as exc:
             message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
             raise ApiError(f"The model {name!r} could not be loaded: {message}", status=500, code=None,
