@@ -190,12 +190,9 @@ def generation_config(config, settings: GenerationSettings):
     config.apply_chat_template = False
     config.ignore_eos = settings.ignore_eos
     config.do_sample = not settings.greedy
-    sampling = settings.sampling
-    config.repetition_penalty = sampling.repetition_penalty
-    config.presence_penalty = sampling.presence_penalty
-    config.frequency_penalty = sampling.frequency_penalty
+    for name in settings.sampling.asked():  # the others keep the model's generation_config.json
+        setattr(config, name, getattr(settings.sampling, name))
     if not settings.greedy:
-        config.min_p = sampling.min_p
         config.temperature = settings.temperature
         config.top_p = settings.top_p
         if settings.top_k:
