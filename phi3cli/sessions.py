@@ -14,6 +14,7 @@ from pathlib import Path
 
 from phi3cli.backends import DEVICES
 from phi3cli.backends.base import GenerationSettings, OutputConstraint
+from phi3cli.backends.sampling import SamplingControls
 from phi3cli.chat import ChatSession
 from phi3cli.errors import SessionFileError
 from phi3cli.util import write_atomically
@@ -137,6 +138,9 @@ def load_session(path: Path | str) -> SavedSession:
         settings["stop"] = tuple(settings.get("stop") or ())
         if isinstance(settings.get("constraint"), dict):
             settings["constraint"] = OutputConstraint(**settings["constraint"])
+        if isinstance(sampling := settings.get("sampling"), dict):
+            bias = tuple((int(t), float(b)) for t, b in sampling.get("logit_bias") or ())
+            settings["sampling"] = SamplingControls(**{**sampling, "logit_bias": bias})
         return SavedSession(
             model=str(data["model"]),
             backend=str(data["backend"]),

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from phi3cli.backends.sampling import SamplingControls
 from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress
 from phi3cli.templates import ChatTemplate
-from phi3cli.util import package_versions
+from phi3cli.util import common_prefix_length, package_versions
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,6 +61,7 @@ class GenerationSettings:
     ignore_eos: bool = False
     stop: Sequence[str] = ()
     constraint: OutputConstraint | None = None  # what the reply must be, enforced by the runtime's grammar engine
+    sampling: SamplingControls = SamplingControls()  # penalties and biases (backends/sampling.py)
 
     @property
     def greedy(self) -> bool:
@@ -73,15 +75,6 @@ class RawToken:
     text: str  # the text this token completes ("" while a multi-byte character is still pending)
     t: float = field(default_factory=time.perf_counter)  # when it was produced
     token_id: int | None = None
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading token ids a and b share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclass
@@ -146,10 +139,16 @@ class LoadedModel(ABC):
     load_seconds: float = 0.0  # stamped by phi3cli.loading.load
     route: Route | None = None  # stamped by phi3cli.loading.load: the backend and device it was routed to, and why
     prompt_cache: PromptCache | None = None  # set by runtimes that keep their KV cache between generates
+    sampling_controls: frozenset[str] = frozenset()  # the SamplingControls fields generate() acts on
+    vocab_size: int | None = None  # token ids run from 0 to vocab_size - 1 (where the backend says)
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of text, adding no special tokens (the chat template writes those)."""
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens left out)."""
+        raise NotImplementedError(f"{self.backend} cannot decode tokens")
 
     @abstractmethod
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:

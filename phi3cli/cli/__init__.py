@@ -43,7 +43,12 @@ COMMANDS = {
     "serve": (
         "phi3cli.cli.serve",
         "serve",
-        "Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/models, /health.",
+        "Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/responses, /v1/models.",
+    ),
+    "ps": (
+        "phi3cli.cli.ps",
+        "ps",
+        "Show the models a running `phi3 serve` offers: loaded or not, backend, device, since when, memory, keep-alive.",
     ),
     "models": (
         "phi3cli.cli.models",

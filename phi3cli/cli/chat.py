@@ -33,6 +33,7 @@ from phi3cli.cli.options import (
     backend_options,
 )
 from phi3cli.cli.render import RichProgress, err_console, stats_line, trim_notice
+from phi3cli.cli.sampling import FrequencyPenaltyOpt, MinPOpt, PresencePenaltyOpt, RepeatPenaltyOpt, apply_sampling
 from phi3cli.errors import (
     BackendUnavailableError,
     DeviceUnavailableError,
@@ -80,6 +81,10 @@ def chat(
         typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.", show_default=str(DEFAULTS.top_p)),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    min_p: MinPOpt = 0.0,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
@@ -164,6 +169,7 @@ def chat(
     )
     loaded = _load(chosen, saved, resume, how)
     try:
+        apply_sampling(chosen.settings, loaded, repeat_penalty, presence_penalty, frequency_penalty, min_p)
         state = _start(loaded, chosen, saved, resume, save, system, constraint)
         if prompt is not None:
             _answer_once(state, prompt)

@@ -15,7 +15,6 @@ from phi3cli.cli.options import (
     DeviceChoice,
     DeviceOpt,
     FormatOpt,
-    ModelOpt,
     OptionOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
@@ -26,7 +25,35 @@ from phi3cli.cli.render import RichProgress, err_console
 
 @user_errors
 def serve(
-    model: ModelOpt = DEFAULT_MODEL,
+    models: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The model to serve (as `phi3 chat --model` takes it; default: demo). Repeat it to offer several, "
+            "each under the id given: the first loads at start, the others when a request names them (as does a "
+            "variant of the model store named by its id, from `phi3 models list`).",
+        ),
+    ] = None,
+    max_loaded: Annotated[
+        int | None,
+        typer.Option(
+            "--max-loaded",
+            min=1,
+            help="Keep at most N models loaded; loading another unloads the least recently used first. Default: "
+            "no limit.",
+            rich_help_panel="Several models",
+        ),
+    ] = None,
+    keep_alive: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-alive",
+            help="Unload a model after it has been idle this long (seconds, or 30s, 5m, 1h); a request's own "
+            "keep_alive overrides it for its model. Default: keep models loaded.",
+            rich_help_panel="Several models",
+        ),
+    ] = None,
     convert: ConvertOpt = False,
     device: DeviceOpt = DeviceChoice.auto,
     backend: BackendOpt = None,
@@ -49,6 +76,14 @@ def serve(
             help="Require 'Authorization: Bearer KEY' on every request (401 otherwise).",
         ),
     ] = None,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            help="Serve Prometheus metrics at /metrics: requests by route and status, tokens, time to first token "
+            "and per token, queue depth, running sequences, KV-cache use, loaded models (never prompts).",
+        ),
+    ] = False,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
@@ -107,7 +142,7 @@ def serve(
         ),
     ] = 1,
 ) -> None:
-    """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/models, /health.
+    """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/responses, /v1/models.
 
     The model loads once (converted first if needed). Where the backend can, requests are batched
     (continuous batching: each starts as soon as there is room, all advance together); otherwise
@@ -115,8 +150,15 @@ def serve(
     With --ray, Ray Serve runs --replicas copies and routes the requests to them.
     Point any OpenAI client at http://HOST:PORT/v1.
     """
+    names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
+    model = names[0]
+    idle = _keep_alive(keep_alive)
+    if ray and (len(names) > 1 or max_loaded or keep_alive):
+        raise typer.BadParameter("--ray serves one model: one --model, no --max-loaded or --keep-alive.")
     if not ray and (ray_address or replicas != 1):
         raise typer.BadParameter("--ray-address and --replicas apply with --ray only.")
+    if ray and metrics:
+        raise typer.BadParameter("--metrics is not available with --ray (each replica would count alone).")
     from phi3cli.backends.base import BATCHING, BatchingOptions
 
     options = backend_options(option)
@@ -134,25 +176,31 @@ def serve(
     )
     if ray:
         return _serve_with_ray(model, load_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
-    _serve_here(model, load_kwargs, host, port, api_key)
+    _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, idle)
 
 
-def _serve_here(model: str, load_kwargs: dict, host: str, port: int, api_key: str | None) -> None:
-    """Bind the port, load and warm up the model, then serve until Ctrl-C."""
+def _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, idle) -> None:
+    """Bind the port, load and warm up the first model, then serve (the others on demand) until Ctrl-C."""
+    import psutil
+
     from phi3cli import serve as server  # needs the serve extra; imported only here
     from phi3cli.loading import load
 
+    model = names[0]
     sock = server.bind(host, port)  # before loading, so a taken port fails at once
     try:
         with RichProgress() as progress:
+            before = psutil.Process().memory_info().rss
             loaded = load(model, **load_kwargs, progress=progress)
             progress.phase("Warming up")
             server.warm_up(loaded)
+            memory = psutil.Process().memory_info().rss - before
     except BaseException:
         sock.close()
         raise
     if load_kwargs["device"] == DeviceChoice.auto.value:
         err_console.print(f"[dim]{loaded.route.reason}[/]", soft_wrap=True)
+    url = server.url_of(sock)
     err_console.print(
         f"[bold]{model}[/] · {loaded.backend} {loaded.format} on {loaded.executed_device} · "
         f"context {loaded.context_length} tokens · loaded in {loaded.load_seconds:.1f} s",
@@ -160,19 +208,43 @@ def _serve_here(model: str, load_kwargs: dict, host: str, port: int, api_key: st
     )
     err_console.print(f"Requests: {server.describe(loaded)}.", soft_wrap=True, markup=False)
     _warn_if_open(host, api_key)
+    more = f" (and {', '.join(names[1:])} on demand)" if len(names) > 1 else ""
     err_console.print(
-        f"Serving [bold]{model}[/] at [bold]{server.url_of(sock)}/v1[/]"
+        f"Serving [bold]{model}[/]{more} at [bold]{url}/v1[/]"
         + (" (API key required)" if api_key else "")
         + ". Ctrl-C stops.",
         soft_wrap=True,
     )
+
+    def load_on_demand(name: str):
+        on_demand = load(name, **load_kwargs)
+        server.warm_up(on_demand)
+        return on_demand
+
+    from phi3cli.serve.pool import store_variant
+
+    pool = server.ModelPool(names, load_on_demand, max_loaded, idle, find=store_variant)
+    pool.add(model, loaded, loaded.load_seconds, memory)
     try:
-        server.run(server.create_app(loaded, model, api_key=api_key), sock)
+        server.run(server.create_app(None, model, api_key=api_key, metrics=metrics, pool=pool), sock)
     except KeyboardInterrupt:
         pass
     finally:
-        loaded.close()
+        pool.close_models()
     err_console.print("[dim]Server stopped.[/]")
+
+
+def _keep_alive(value: str | None) -> float:
+    from phi3cli.serve.pool import FOREVER, parse_keep_alive
+    from phi3cli.serve.protocol import ApiError
+
+    try:
+        seconds = parse_keep_alive(value)
+    except ApiError:
+        raise typer.BadParameter(
+            f"{value!r} is not seconds or a duration (30s, 5m, 1h).", param_hint="--keep-alive"
+        ) from None
+    return FOREVER if seconds is None else seconds
 
 
 def _warn_if_open(host: str, api_key: str | None) -> None:

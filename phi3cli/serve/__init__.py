@@ -25,8 +25,9 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from None
 
 from phi3cli.serve.app import create_app  # noqa: E402
+from phi3cli.serve.pool import ModelPool  # noqa: E402
 
-__all__ = ["bind", "create_app", "describe", "is_loopback", "run", "warm_up"]
+__all__ = ["ModelPool", "bind", "create_app", "describe", "is_loopback", "run", "warm_up"]
 
 
 class ServeError(Phi3Error):

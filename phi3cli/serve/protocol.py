@@ -17,11 +17,12 @@ from phi3cli.backends.base import GenerationSettings
 from phi3cli.generation import ReplyStats
 
 # Fields we read; any other field with a value is accepted, ignored and logged (as llama.cpp's server
-# and Ollama do), so applications that send logit_bias or user keep working.
+# and Ollama do), so applications that send user or metadata keep working. Sampling fields are acted on or refused.
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream"}
-COMMON_FIELDS |= {"stream_options", "n", "ignore_eos"}
+COMMON_FIELDS |= {"stream_options", "n", "ignore_eos", "keep_alive"}
+COMMON_FIELDS |= {"frequency_penalty", "presence_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice"}
-CHAT_FIELDS |= {"parallel_tool_calls"}
+CHAT_FIELDS |= {"parallel_tool_calls", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_SEED = 2**63
@@ -63,6 +64,7 @@ class GenerationRequest:
     tool_choice: str = "auto"  # none | auto | required | function (then tool_name)
     tool_name: str | None = None
     parallel_tool_calls: bool = True
+    logprobs: int | None = None  # None: no log-probabilities; n: each token's and its n likeliest alternatives
 
     @property
     def calls_forced(self) -> bool:
@@ -89,20 +91,6 @@ def parse_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise ApiError("The request body must be a JSON object.", code="invalid_json")
     return body
-
-
-def check_model(body: dict, served: str) -> None:
-    """A request may omit the model; naming another than the one loaded is an error, as with OpenAI."""
-    name = body.get("model")
-    if name is None:
-        return
-    if not isinstance(name, str) or name != served:
-        raise ApiError(
-            f"The model {name!r} does not exist; this server runs {served!r} (see GET /v1/models).",
-            status=404,
-            param="model",
-            code="model_not_found",
-        )
 
 
 def parse_chat(body: dict, context_length: int) -> GenerationRequest:

@@ -23,6 +23,7 @@ from functools import partial
 
 from phi3cli.backends.base import GenerationSettings, LoadedModel
 from phi3cli.generation import ReplyStats, TokenEvent, stream_reply
+from phi3cli.serve.sampling import reply_logprobs
 
 log = logging.getLogger("phi3.serve")
 
@@ -46,9 +47,13 @@ JobItem = Started | TokenEvent | ReplyStats | BaseException | Finished
 class Job:
     """One request's generation; its items arrive on the event loop in order."""
 
-    def __init__(self, prepare: Callable[[LoadedModel], list[int]], settings: GenerationSettings, loop):
+    def __init__(
+        self, prepare: Callable[[LoadedModel], list[int]], settings: GenerationSettings, loop, logprobs: int | None
+    ):
         self.prepare = prepare  # runs on the worker: the prompt's token ids, or raises ApiError
         self.settings = settings
+        self.logprobs = logprobs  # None, or how many alternatives to list per token
+        self.scored: list[dict] | None = None  # the reply's log-probabilities, set before its ReplyStats arrives
         self.submitted = time.perf_counter()
         self.cancelled = threading.Event()
         self.tokens = 0  # TokenEvents delivered so far
@@ -92,9 +97,11 @@ class GenerationQueue:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._scoring = threading.Lock()  # one teacher-forced scoring pass at a time (its scorer is made on first use)
         self.active: set[Job] = set()
         self.served = 0
         self.stopping = False
+        self.on_reply: Callable[[ReplyStats], None] | None = None  # told of every finished reply (serve's metrics)
 
     def start(self) -> None:
         for n in range(self.workers):
@@ -102,8 +109,10 @@ class GenerationQueue:
             worker.start()
             self._threads.append(worker)
 
-    def submit(self, prepare: Callable[[LoadedModel], list[int]], settings: GenerationSettings) -> Job:
-        job = Job(prepare, settings, asyncio.get_running_loop())
+    def submit(
+        self, prepare: Callable[[LoadedModel], list[int]], settings: GenerationSettings, logprobs: int | None = None
+    ) -> Job:
+        job = Job(prepare, settings, asyncio.get_running_loop(), logprobs)
         if self.stopping:
             job.cancel()
             job.deliver(FINISHED)
@@ -192,6 +201,12 @@ class GenerationQueue:
                     break
                 if isinstance(event, TokenEvent):
                     job.tokens += 1
+                elif isinstance(event, ReplyStats):
+                    if job.logprobs is not None:
+                        with self._scoring:
+                            job.scored = reply_logprobs(self.model, ids, event.token_ids, job.logprobs)
+                    if self.on_reply is not None:
+                        self.on_reply(event)
                 job.deliver(event)
         finally:
             events.close()  # stops the runtime if the client went away mid-reply

@@ -61,6 +61,7 @@ def guidance_schema(constraint: OutputConstraint) -> str:
 
 class OnnxModel(LoadedModel):
     backend = "onnx"
+    sampling_controls = frozenset({"repetition_penalty"})  # ONNX Runtime GenAI's search options have no others
 
     def __init__(self, path: Path, model, fmt: str, device: str, genai: dict, reuse: bool = False):
         self.path, self.model, self.format, self.device = path, model, fmt, device
@@ -81,6 +82,9 @@ class OnnxModel(LoadedModel):
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
 
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
     def _params(self, max_length: int, settings: GenerationSettings | None = None):
         params = og.GeneratorParams(self.model)
         options = {"max_length": max_length, "do_sample": False, "batch_size": 1}
@@ -93,6 +97,8 @@ class OnnxModel(LoadedModel):
                 options["random_seed"] = settings.seed
             if settings.ignore_eos:
                 options["min_length"] = max_length
+            if settings.sampling.repetition_penalty != 1.0:
+                options["repetition_penalty"] = settings.sampling.repetition_penalty
         params.set_search_options(**options)
         if settings is not None and settings.constraint is not None:
             try:
@@ -153,9 +159,10 @@ class OnnxModel(LoadedModel):
 
     @staticmethod
     def _search_options(settings: GenerationSettings) -> tuple:
+        penalty = settings.sampling.repetition_penalty
         if settings.greedy:
-            return ("greedy", settings.ignore_eos)
-        return (settings.temperature, settings.top_p, settings.top_k, settings.seed, settings.ignore_eos)
+            return ("greedy", settings.ignore_eos, penalty)
+        return (settings.temperature, settings.top_p, settings.top_k, settings.seed, settings.ignore_eos, penalty)
 
     def _drop_generator(self) -> None:
         self._generator = None

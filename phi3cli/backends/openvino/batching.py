@@ -355,6 +355,8 @@ def load_batched(folder: Path, fmt: str, request: LoadRequest, progress: Progres
     executed = execution_devices(compile_lines) or device
     model = OpenVINOBatchedModel(folder, pipe, fmt, request.device, executed, context, None)
     model.compiled_properties = compiled_properties(compile_lines)
+    # The scoring pass (log-probabilities) at the pipeline's precision, not the CPU's default (bf16 where it has it).
+    model.scorer_properties = {k: v for k, v in properties.items() if k in ("CACHE_DIR", "INFERENCE_PRECISION_HINT")}
     grammar = GrammarCheck(folder, {k: v for k, v in properties.items() if k == "CACHE_DIR"})
     model.engine = ContinuousBatchingEngine(model, pipe, pool, options, notes, grammar)
     return model

@@ -186,6 +186,8 @@ def generation_config(config, settings: GenerationSettings):
     config.apply_chat_template = False
     config.ignore_eos = settings.ignore_eos
     config.do_sample = not settings.greedy
+    for name in settings.sampling.asked():  # the others keep the model's generation_config.json
+        setattr(config, name, getattr(settings.sampling, name))
     if not settings.greedy:
         config.temperature = settings.temperature
         config.top_p = settings.top_p
@@ -217,6 +219,7 @@ def engine_reason(exc: BaseException) -> str:
 
 class OpenVINOModel(LoadedModel):
     backend = "openvino"
+    sampling_controls = frozenset({"repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"})
 
     def __init__(
         self,

@@ -7,7 +7,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from phi3cli.backends.base import (
@@ -80,8 +87,14 @@ def transformers_generate(
         kwargs["min_new_tokens"] = settings.max_new_tokens
     if not settings.greedy:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        if settings.sampling.min_p:
+            kwargs["min_p"] = settings.sampling.min_p
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    if settings.sampling.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = settings.sampling.repetition_penalty
+    if _OpenAIPenalties.needed(settings.sampling):
+        kwargs["logits_processor"] = LogitsProcessorList([_OpenAIPenalties(len(prompt_ids), settings.sampling)])
 
     def produce(emit: Callable[[RawToken], bool]) -> None:
         stop = [False]
@@ -104,6 +117,27 @@ def transformers_generate(
     return pull_from_push(produce)
 
 
+class _OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties (over the tokens generated so far) and logit_bias."""
+
+    def __init__(self, prompt_tokens: int, sampling):
+        self.prompt_tokens, self.sampling = prompt_tokens, sampling
+
+    @staticmethod
+    def needed(sampling) -> bool:
+        return bool(sampling.presence_penalty or sampling.frequency_penalty or sampling.logit_bias)
+
+    def __call__(self, input_ids, scores):
+        sampling = self.sampling
+        generated = input_ids[:, self.prompt_tokens :]
+        if generated.shape[1] and (sampling.presence_penalty or sampling.frequency_penalty):
+            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+            scores = scores - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0)
+        for token, bias in sampling.logit_bias:
+            scores[:, token] += bias
+        return scores
+
+
 def transformers_logprobs(model, ids: list[int]):
     """Log-probabilities of every next token after each of ids[:-1], from one forward pass (a numpy array)."""
     with torch.inference_mode():
@@ -113,6 +147,9 @@ def transformers_logprobs(model, ids: list[int]):
 
 class TorchModel(LoadedModel):
     backend = "torch"
+    sampling_controls = frozenset(
+        {"repetition_penalty", "presence_penalty", "frequency_penalty", "min_p", "logit_bias"}
+    )  # transformers' logits processors, and phi3's for OpenAI's two penalties and logit_bias
     serial_reason = "transformers' generate() here runs one request at a time"
 
     def __init__(self, path: Path, model, tokenizer, fmt: str, device: str, reuse: bool = False):
@@ -120,6 +157,7 @@ class TorchModel(LoadedModel):
         self.device = device
         self.executed_device = str(next(model.parameters()).device).upper()
         self.context_length = int(model.config.max_position_embeddings)
+        self.vocab_size = int(model.config.vocab_size)
         self.chat_template = load_chat_template(path)
         eos = model.generation_config.eos_token_id
         self.eos_ids = eos if isinstance(eos, list) else [eos]
@@ -128,6 +166,9 @@ class TorchModel(LoadedModel):
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         cache = self.prompt_cache

@@ -1,0 +1,154 @@
+"""POST /v1/chat/completions and /v1/completions: a checked request queued, answered whole or streamed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from phi3cli.generation import ReplyStats, TokenEvent
+from phi3cli.serve import protocol
+from phi3cli.serve.pool import served
+from phi3cli.serve.protocol import ApiError, GenerationRequest
+from phi3cli.serve.queue import FINISHED, Job, Started
+from phi3cli.serve.sampling import check_sampling, logprobs_body, parse_sampling
+from phi3cli.serve.served import Served
+from phi3cli.serve.structured import check_structured, parse_structured, reply_calls
+from phi3cli.serve.web import (
+    ClientGone,
+    JobStream,
+    as_api_error,
+    collect,
+    fail,
+    next_item,
+    note,
+    read_json,
+    shutting_down,
+    stats_note,
+)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat")
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completion")
+
+
+async def _generate(request: Request, kind: str) -> Response:
+    try:
+        body = await read_json(request)
+        ctx = await served(request, body)
+        parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
+        parsed = parse(body, ctx.model.context_length)
+        if kind == "chat":
+            parse_structured(body, parsed)
+        parse_sampling(body, parsed)
+    except ApiError as error:
+        return fail(request, error)
+    started = await start(request, ctx, parsed)
+    if isinstance(started, Response):
+        return started
+    job, first = started
+    rid = protocol.new_id(kind)
+    if parsed.stream:
+        return JobStream(_stream(ctx, request, job, parsed, rid, first), job)
+    stats = await finish(request, job)
+    if isinstance(stats, Response):
+        return stats
+    extra = protocol.timing(stats, ctx.model.format, first.queue_s, parsed.ignored)
+    note(request, stats_note(stats, first.queue_s))
+    calls = reply_calls(parsed, stats, ctx.tools_format)
+    body = protocol.completion_body(parsed, rid, ctx.name, stats, extra, calls)
+    body["choices"][0]["logprobs"] = logprobs_body(parsed.kind, job.scored)
+    return JSONResponse(body)
+
+
+async def start(request: Request, ctx: Served, parsed: GenerationRequest) -> tuple[Job, Started] | Response:
+    """Check what the model can honour, queue the request and wait until it starts; an error response otherwise."""
+    if parsed.ignored:
+        request.scope.setdefault("phi3.log", {})["ignored"] = parsed.ignored
+    try:
+        check_structured(parsed, ctx.model, ctx.tools_format)
+        check_sampling(parsed, ctx.model)
+    except ApiError as error:
+        return fail(request, error)
+    job = ctx.jobs.submit(partial(ctx.prompt_ids, parsed), parsed.settings, parsed.logprobs)
+    try:
+        first = await next_item(job, request)
+    except ClientGone:
+        job.cancel()
+        note(request, "client went away while queued")
+        return Response(status_code=499)
+    if isinstance(first, BaseException):
+        return fail(request, as_api_error(first))
+    if not isinstance(first, Started):
+        return fail(request, shutting_down())
+    return job, first
+
+
+async def finish(request: Request, job: Job) -> ReplyStats | Response:
+    """The whole reply of a started job (not streamed); an error response if it failed or the client left."""
+    try:
+        return await collect(job, request)
+    except ClientGone:
+        note(request, f"cancelled: client went away after {job.tokens} tokens")
+        return Response(status_code=499)
+    except Exception as exc:
+        return fail(request, as_api_error(exc))
+    finally:
+        job.cancel()
+
+
+async def _stream(
+    ctx: Served, request: Request, job: Job, parsed: GenerationRequest, rid: str, started: Started
+) -> AsyncIterator[bytes]:
+    created_at = int(time.time())
+    complete = False
+    chunk = partial(protocol.chunk_body, parsed, rid, ctx.name, created_at)
+    if parsed.kind == "chat":
+        first = chunk(text="")
+        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        yield protocol.sse(first)
+    held = bool(parsed.tools) and parsed.tool_choice != "none"  # a reply that may be calls is sent whole
+    while (item := await job.next()) is not FINISHED:
+        if isinstance(item, TokenEvent):
+            if not held:
+                yield protocol.sse(chunk(text=item.text))
+        elif isinstance(item, ReplyStats):
+            calls = reply_calls(parsed, item, ctx.tools_format)
+            if held:
+                yield protocol.sse(chunk(**({"tool_calls": calls} if calls else {"text": item.text})))
+            for closing in _closing_chunks(ctx, parsed, chunk, item, started, calls, job.scored):
+                yield protocol.sse(closing)
+            note(request, stats_note(item, started.queue_s) + " · streamed")
+            complete = True
+        elif isinstance(item, BaseException):
+            error = as_api_error(item)
+            note(request, f"failed mid-stream: {error.message}")
+            yield protocol.sse(error.body())
+            break
+    else:
+        if not complete:  # cancelled on the worker: the server is stopping
+            note(request, f"cut short after {job.tokens} tokens: the server is stopping")
+            yield protocol.sse(shutting_down().body())
+    yield protocol.sse("[DONE]")
+
+
+def _closing_chunks(ctx: Served, parsed: GenerationRequest, chunk, stats: ReplyStats, started: Started, calls, scored):
+    finish = "tool_calls" if calls else stats.finish_reason
+    closing = chunk(finish=finish)
+    closing["choices"][0]["logprobs"] = logprobs_body(parsed.kind, scored)  # every token's, on the closing chunk
+    extra = protocol.timing(stats, ctx.model.format, started.queue_s, parsed.ignored)
+    if parsed.include_usage:
+        # OpenAI's form: the usage comes in one more chunk, with no choices.
+        closing["usage"] = None
+        yield closing
+        yield {**chunk(), "choices": [], "usage": protocol.usage(stats), "phi3": extra}
+    else:
+        # Clients that did not ask still get the figures, on the chunk that closes the choice.
+        yield {**closing, "usage": protocol.usage(stats), "phi3": extra}
