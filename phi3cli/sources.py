@@ -36,12 +36,13 @@ OTHER_PHI_MODELS = {
     "phi3_v": (
         "Phi-3-vision / Phi-3.5-vision (Phi3VForCausalLM)",
         "it is a vision-language model that needs the modelling code it ships (an image encoder before the "
-        "language model), not transformers' built-in Phi3ForCausalLM",
+        "language model), which phi3 does not run; OpenVINO's ready-made IRs of it run by id or path (see "
+        "docs/vision.md)",
     ),
     "phi4mm": (
         "Phi-4-multimodal (Phi4MMForCausalLM)",
-        "it is a vision and speech model that needs the modelling code it ships, not transformers' built-in "
-        "Phi3ForCausalLM",
+        "this form needs the modelling code it ships, which phi3 does not run; phi3 converts Phi-4-multimodal "
+        "in transformers' own form (model_type 'phi4_multimodal', Phi4MultimodalForCausalLM)",
     ),
     "phimoe": (
         "Phi-3.5-MoE (PhiMoEForCausalLM)",

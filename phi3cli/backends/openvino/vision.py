@@ -146,8 +146,10 @@ class VisionModel(OpenVINOModel):
     max_images = MAX_IMAGES
     serial_reason = "one request at a time: OpenVINO GenAI's VLMPipeline"
 
+    placeholder = "<|image_{}|>"  # Phi-4-multimodal's; Phi-3.5-vision's ends with a newline
+
     def image_placeholder(self, number: int) -> str:
-        return f"<|image_{number}|>"
+        return self.placeholder.format(number)
 
     def constraint_refusal(self) -> str | None:
         return "phi3 does not constrain a vision model's output yet"
@@ -200,4 +202,13 @@ def load_vision(folder: Path, fmt: str, request: LoadRequest, progress: Progress
     executed = execution_devices(log) or device
     model = VisionModel(folder, pipe, fmt, request.device, executed, context_length(folder), None, reuse=False)
     model.prompt_cache = None  # VLMPipeline reads every prompt whole
+    if _model_type(folder) == "phi3_v":  # a ready-made Phi-3.5-vision IR (as OpenVINO GenAI's docs write it)
+        model.placeholder = "<|image_{}|>\n"
     return model
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
