@@ -36,9 +36,9 @@ from phi3cli.backends.openvino.runtime import (
     ov_device_for,
 )
 from phi3cli.backends.vision import ImagePrompt
-from phi3cli.errors import ConversionError, Phi3Error, UnsupportedModelError
+from phi3cli.errors import ConversionError, Phi3Error
 from phi3cli.progress import Progress
-from phi3cli.util import first_line
+from phi3cli.util import first_line, log_softmax
 
 LANGUAGE_MODEL = "openvino_language_model"
 # model_type in the Hugging Face config -> the name OpenVINO GenAI's VLMPipeline knows it by
@@ -174,9 +174,25 @@ class VisionModel(OpenVINOModel):
         return pull_from_push(produce)
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
-        raise UnsupportedModelError(
-            "phi3 does not score tokens on a vision model (its language model takes embeddings)."
-        )
+        """Text only: the text embeddings model, then the language model over them, with a fresh KV state."""
+        if self._scorer is None:
+            core = ov.Core()
+            embed = core.compile_model(str(self.path / "openvino_text_embeddings_model.xml"), "CPU")
+            language = core.compile_model(str(self.path / "openvino_language_model.xml"), "CPU", self.scorer_properties)
+            self._scorer = (embed, language)
+        embed, language = self._scorer
+        embeds = embed.create_infer_request().infer({0: np.array([ids], dtype=np.int64)})[0]
+        request = language.create_infer_request()
+        request.reset_state()
+        n = len(ids)
+        inputs = {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((1, n), dtype=np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None, :],
+            "beam_idx": np.zeros(1, dtype=np.int32),
+        }
+        names = {p.get_any_name() for p in language.inputs}
+        return log_softmax(request.infer({k: v for k, v in inputs.items() if k in names})["logits"][0, :-1])
 
 
 def load_vision(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> VisionModel:
