@@ -62,7 +62,9 @@ def pictures(tmp_path_factory):
 
 
 def chat_with_image(model: str, image, *extra: str):
-    result = run_phi3("chat", QUESTION, "--model", model, "--backend", "openvino", "-n", "8", "--image", str(image), *extra)
+    result = run_phi3(
+        "chat", QUESTION, "--model", model, "--backend", "openvino", "-n", "8", "--image", str(image), *extra
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -125,7 +127,11 @@ def ask(client, image_url: str | None, **kwargs):
     if image_url:
         content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
     return client.chat.completions.create(
-        model=client.models.list().data[0].id, messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0, **kwargs
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=8,
+        temperature=0,
+        **kwargs,
     )
 
 
