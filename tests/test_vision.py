@@ -118,6 +118,27 @@ def test_a_text_only_model_given_an_image_says_so(demo_source, pictures):
     assert "Traceback" not in result.stderr
 
 
+def test_a_ready_made_vision_ir_repo_runs_by_its_id(tiny_multimodal, store, pictures, tmp_path):
+    """An IR repo laid out as OpenVINO's organisation publishes vision models (the IRs at its root), offline."""
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import ConvertRecipe
+    from phi3cli.convert import ensure_variant
+    from phi3cli.sources import resolve_source
+    from tests.hub_repos import publish
+
+    built = ensure_variant(
+        get_backend("openvino"), resolve_source(tiny_multimodal, store), ConvertRecipe("int4"), store
+    )
+    publish(tmp_path / "hub", "acme/tiny-vision-int4-ov", {"": built})
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PHI3_HOME": str(tmp_path / "home")}
+    mine = chat_with_image(tiny_multimodal, pictures / "p1.png")
+    hub = run_phi3(
+        "chat", QUESTION, "-m", "acme/tiny-vision-int4-ov", "-n", "8", "--image", str(pictures / "p1.png"), env=env
+    )
+    assert hub.returncode == 0, hub.stderr
+    assert hub.stdout == mine.stdout and "Converting" not in hub.stderr
+
+
 def data_url(data: bytes, media_type: str = "image/png") -> str:
     return f"data:{media_type};base64," + base64.b64encode(data).decode()
 
