@@ -73,7 +73,7 @@ class ChatSession:
             if len(ids) <= budget and (roomy or not history) and not too_many:
                 return ids, history
             if too_many and not history:
-                        check_count(len(images), self.model_name, image_capacity(self.model))
+                check_count(len(images), self.model_name, image_capacity(self.model), self.image_limits)
             if not history:
                 raise ContextOverflowError(
                     f"The message is {len(ids)} tokens with the system prompt; the model accepts {budget}.",
