@@ -29,8 +29,8 @@ from phi3cli.backends.base import GenerationSettings, IncrementalDecoder, LoadRe
 from phi3cli.backends.openvino.ir import TOKENIZER_FILES, VISION_MARKER
 from phi3cli.backends.openvino.runtime import (
     OpenVINOModel,
+    TokenStreamer,
     _compile_log,
-    _TokenStreamer,
     compile_properties,
     execution_devices,
     ov_device_for,
@@ -164,7 +164,7 @@ class VisionModel(OpenVINOModel):
         tensors = [ov.Tensor(np.ascontiguousarray(image.pixels[None])) for image in images]
 
         def produce(emit: Callable[[RawToken], bool]) -> None:
-            streamer = _TokenStreamer(decoder, emit)
+            streamer = TokenStreamer(decoder, emit)
             result = self.pipe.generate(text, images=tensors, generation_config=config, streamer=streamer)
             self.last_perf = result.perf_metrics
             if isinstance(prompt_ids, ImagePrompt):
