@@ -177,6 +177,21 @@ def test_serve_image_url_parts_reach_the_model_streamed_and_not(vision_server):
     assert ask(client, None).choices[0].message.content != first
 
 
+def test_serve_responses_api_takes_input_image_parts(vision_server):
+    client = vision_server.client()
+    name = client.models.list().data[0].id
+
+    def answer(png_bytes):
+        content = [{"type": "input_image", "image_url": data_url(png_bytes)}, {"type": "input_text", "text": QUESTION}]
+        reply = client.responses.create(
+            model=name, input=[{"role": "user", "content": content}], max_output_tokens=8, temperature=0
+        )
+        return reply.output_text
+
+    assert answer(png(1)) == ask(client, data_url(png(1))).choices[0].message.content
+    assert answer(png(1)) != answer(png(2))
+
+
 @pytest.mark.parametrize(
     "url, words",
     [

@@ -151,7 +151,7 @@ def _message(message: Any, index: int) -> dict[str, Any]:
         texts = []
         for part in content:
             if isinstance(part, dict) and part.get("type") == "image_url" and role == "user":
-                extra.setdefault("image_urls", []).append(_image_url(part, f"{where}.content"))
+                extra.setdefault("image_urls", []).append(image_url_of(part, f"{where}.content"))
                 continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
@@ -165,8 +165,9 @@ def _message(message: Any, index: int) -> dict[str, Any]:
     return {"role": CHAT_ROLES[role], "content": content, **extra}
 
 
-def _image_url(part: dict, where: str) -> str:
-    """The URL of one `{"type": "image_url", "image_url": {"url": ...}}` part; serve/images.py decodes it."""
+def image_url_of(part: dict, where: str) -> str:
+    """The URL of an `{"type": "image_url", "image_url": {"url": ...}}` part (or a Responses `input_image` part,
+    whose image_url is the URL itself); serve/images.py decodes it."""
     value = part.get("image_url")
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
