@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from phi3cli.backends.base import GenerationSettings, LoadedModel, RawToken
+from phi3cli.backends.vision import ImagePrompt
 from phi3cli.errors import ContextOverflowError
 
 
@@ -39,6 +40,8 @@ class ReplyStats:
     token_times: list[float] = field(default_factory=list)  # seconds since request start, per token
     token_ids: list[int] = field(default_factory=list)  # the generated ids, where the backend reports them
     cached_tokens: int = 0  # prompt tokens taken from the KV cache kept since the last reply (not prefilled)
+    images: int = 0  # images in the prompt (a vision model's)
+    image_s: float | None = None  # the runtime's own time encoding them, part of ttft_s, where it reports one
 
     @classmethod
     def from_times(cls, prompt_tokens: int, token_times: list[float], **about) -> ReplyStats:
@@ -99,7 +102,7 @@ def stream_reply(
     the runtime and yields nothing more.
     """
     start = time.perf_counter()
-    ids = model.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = model.encode(prompt) if isinstance(prompt, str) else prompt if isinstance(prompt, ImagePrompt) else list(prompt)
     if len(ids) > prompt_budget(model):
         raise ContextOverflowError(
             f"The prompt is {len(ids)} tokens; this model accepts at most {prompt_budget(model)}.",
@@ -145,6 +148,8 @@ def stream_reply(
         token_times=times,
         token_ids=token_ids,
         cached_tokens=cached,
+        images=len(ids.images) if isinstance(ids, ImagePrompt) else 0,
+        image_s=ids.image_seconds if isinstance(ids, ImagePrompt) else None,
     )
 
 

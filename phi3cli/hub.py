@@ -194,7 +194,7 @@ def fetch(repo: str, revision: str | None, paths: list[str], *, cached: bool) ->
 
 def find_variants(listing: RepoListing) -> list[HubVariant]:
     """Every folder of the repo that holds a backend's marker file, by folder."""
-    markers = [(spec.marker, spec.name) for spec in registry().values() if spec.marker]
+    markers = [(m, spec.name) for spec in registry().values() if spec.marker for m in (spec.marker, *spec.other_markers)]
     found = []
     for folder in sorted({posixpath.dirname(p) for p in listing.files}):
         for marker, backend in markers:

@@ -22,7 +22,7 @@ from phi3cli.devices import executed_devices
 from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.routing import Route
-from phi3cli.sources import ModelSource, resolve_source
+from phi3cli.sources import ModelSource, refuse_vision_elsewhere, resolve_source
 from phi3cli.store import ModelStore
 
 
@@ -167,6 +167,7 @@ def runtime_folder(
     fmt = request.format or spec.default_format
     spec.check(format=fmt)
     request = replace(request, format=fmt)
+    refuse_vision_elsewhere(source, spec.name)
     if spec.marker is None:  # it runs the Hugging Face folder itself
         return source.hf_dir(store, progress), request
     recipe = ConvertRecipe(format=fmt, target=backend.build_target(request.device))

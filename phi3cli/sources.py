@@ -36,12 +36,13 @@ OTHER_PHI_MODELS = {
     "phi3_v": (
         "Phi-3-vision / Phi-3.5-vision (Phi3VForCausalLM)",
         "it is a vision-language model that needs the modelling code it ships (an image encoder before the "
-        "language model), not transformers' built-in Phi3ForCausalLM",
+        "language model), which phi3 does not run; OpenVINO's ready-made IRs of it run by id or path (see "
+        "docs/vision.md)",
     ),
     "phi4mm": (
         "Phi-4-multimodal (Phi4MMForCausalLM)",
-        "it is a vision and speech model that needs the modelling code it ships, not transformers' built-in "
-        "Phi3ForCausalLM",
+        "this form needs the modelling code it ships, which phi3 does not run; phi3 converts Phi-4-multimodal "
+        "in transformers' own form (model_type 'phi4_multimodal', Phi4MultimodalForCausalLM)",
     ),
     "phimoe": (
         "Phi-3.5-MoE (PhiMoEForCausalLM)",
@@ -89,12 +90,33 @@ def check_architecture(config_path: Path, spec: str) -> dict:
         raise UnsupportedModelError(f"{config_path} cannot be read as a model config: {exc}") from exc
     model_type = config.get("model_type")
     refuse_other_phi(model_type, spec)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES + vision_model_types():
         archs = ", ".join(config.get("architectures") or []) or "unknown"
         raise UnsupportedModelError(
             f"{spec} is a '{model_type}' model ({archs}), not Phi-3.", hint=SUPPORTED_HELP + "."
         )
     return config
+
+
+def vision_model_types() -> tuple[str, ...]:
+    """The vision-language model types some backend converts (Phi-4-multimodal's 'phi4_multimodal')."""
+    return tuple(t for s in registry().values() for t in s.vision_types)
+
+
+def refuse_vision_elsewhere(source: ModelSource, backend: str) -> None:
+    """Refuse to convert a vision-language checkpoint with a backend that does not convert it."""
+    if source.kind not in ("hub", "folder"):
+        return
+    try:
+        model_type = json.loads((source.path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    if model_type in vision_model_types() and model_type not in registry()[backend].vision_types:
+        able = [s.name for s in registry().values() if model_type in s.vision_types]
+        raise UnsupportedModelError(
+            f"{source.spec} is a vision-language model ({model_type}); the {backend} backend does not convert it.",
+            hint=f"Use --backend {' or '.join(able)}.",
+        )
 
 
 def refuse_other_phi(model_type: str | None, spec: str) -> None:

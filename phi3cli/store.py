@@ -85,7 +85,7 @@ def variant_problem(variant: Variant) -> str | None:
 
     spec = registry().get(variant.key.backend)
     marker = spec.marker if spec else None
-    if marker and not (variant.path / marker).is_file():
+    if marker and not spec.marks(variant.path):
         return f"{marker} is missing"
     return None
 

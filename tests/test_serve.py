@@ -248,11 +248,12 @@ BAD_INPUTS = {
     "wrong model": ({**GOOD, "model": "gpt-4o"}, 404, "model_not_found"),
     "empty messages": ({**GOOD, "messages": []}, 400, "invalid_value"),
     "unknown role": ({**GOOD, "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value"),
-    "image part": (
+    "image part for a text-only model": (
         {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,
-        "invalid_value",
+        "invalid_image",
     ),
+    "audio part": ({**GOOD, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400, "invalid_value"),
     "negative max_tokens": ({**GOOD, "max_tokens": -5}, 400, "invalid_value"),
     "string max_tokens": ({**GOOD, "max_tokens": "ten"}, 400, "invalid_value"),
     "temperature out of range": ({**GOOD, "temperature": 2.5}, 400, "invalid_value"),

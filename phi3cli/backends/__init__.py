@@ -54,6 +54,8 @@ class BackendSpec:
     preference: tuple[tuple[str, int], ...] = ()
     auto: bool = True  # whether routing may pick it when no --backend is named
     marker: str | None = None  # the file that marks a folder in its own format; None: it runs Hugging Face folders
+    other_markers: tuple[str, ...] = ()  # files that mark other kinds of its folders (a vision model's IRs)
+    vision_types: tuple[str, ...] = ()  # config model_types of vision-language models it converts and runs
     # For a folder in its own format, read from its marker file alone (before its weights are downloaded): the
     # devices it is built to run on here. None: every device in `devices` (an IR runs wherever OpenVINO does).
     folder_devices: Callable[[Path], tuple[str, ...]] | None = None
@@ -83,6 +85,10 @@ class BackendSpec:
         if absent:
             return f"{', '.join(absent)} not installed: pip install 'phi3cli[{self.extra}]'"
         return None
+
+    def marks(self, path: Path) -> str | None:
+        """The marker file that makes path a folder in this backend's own format, or None."""
+        return next((m for m in (self.marker, *self.other_markers) if m and (path / m).is_file()), None)
 
     @property
     def installed(self) -> bool:
@@ -184,7 +190,7 @@ def able(*, device: str | None = None, format: str | None = None) -> list[Backen
 def runtime_of_folder(path) -> str | None:
     """The backend whose own format a folder is in (by its marker file), or None."""
     for spec in registry().values():
-        if spec.marker and (path / spec.marker).is_file():
+        if spec.marks(path):
             return spec.name
     return None
 

@@ -14,6 +14,7 @@ from phi3cli import DEFAULT_MODEL
 from phi3cli.backends.base import GenerationSettings
 from phi3cli.cli.chat_repl import HELP, ChatState, interactive
 from phi3cli.cli.errors import user_errors
+from phi3cli.cli.images import read_images
 from phi3cli.cli.options import (
     AllowFallbackOpt,
     BackendOpt,
@@ -22,7 +23,9 @@ from phi3cli.cli.options import (
     DeviceChoice,
     DeviceOpt,
     FormatOpt,
+    ImageOpt,
     InferencePrecisionOpt,
+    MaxImagePixelsOpt,
     MaxPromptLenOpt,
     MinResponseLenOpt,
     ModelOpt,
@@ -118,6 +121,8 @@ def chat(
             "--json", help="Answer with a JSON object (any), enforced while generating.", rich_help_panel="Structured output"
         ),
     ] = False,
+    image: ImageOpt = None,
+    max_image_pixels: MaxImagePixelsOpt = None,
     save: Annotated[
         Path | None,
         typer.Option(
@@ -138,6 +143,7 @@ def chat(
 
     prompt = _prompt_or_stdin(prompt)
     constraint = output_constraint(json_schema, json_object)
+    images = read_images(image, max_image_pixels)  # checked before the model loads
     saved = load_session(resume) if resume else None
     if save:
         check_saveable(save)
@@ -170,7 +176,7 @@ def chat(
     loaded = _load(chosen, saved, resume, how)
     try:
         apply_sampling(chosen.settings, loaded, repeat_penalty, presence_penalty, frequency_penalty, min_p)
-        state = _start(loaded, chosen, saved, resume, save, system, constraint)
+        state = _start(loaded, chosen, saved, resume, save, system, constraint, images)
         if prompt is not None:
             _answer_once(state, prompt)
         else:
@@ -220,13 +226,15 @@ def _load(chosen: ResumeChoice, saved: SavedSession | None, resume: Path | None,
     return loaded
 
 
-def _start(loaded, chosen: ResumeChoice, saved, resume, save, system, constraint) -> ChatState:
-    """The session on the loaded model: the saved history restored, the system prompt and the JSON constraint set."""
+def _start(loaded, chosen: ResumeChoice, saved, resume, save, system, constraint, images) -> ChatState:
+    """The session on the loaded model: the saved history restored, the system prompt and the JSON constraint set,
+    and the --image files (limits, images) attached to the first message."""
     from phi3cli.chat import ChatSession
     from phi3cli.sessions import restore
     from phi3cli.structured import constraining_hint
 
-    session = ChatSession(loaded, chosen.settings)
+    limits, pictures = images
+    session = ChatSession(loaded, chosen.settings, name=chosen.model or DEFAULT_MODEL, image_limits=limits)
     state = ChatState(session, chosen.model or DEFAULT_MODEL, chosen.device, autosave=save, file=resume)
     if saved:
         restore(session, saved)
@@ -237,6 +245,7 @@ def _start(loaded, chosen: ResumeChoice, saved, resume, save, system, constraint
         if why := loaded.constraint_refusal():
             raise Phi3Error(f"Cannot constrain the answer to JSON: {why}.", hint=constraining_hint())
         session.settings.constraint = constraint
+    session.attach(*pictures)
     return state
 
 

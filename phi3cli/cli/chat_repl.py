@@ -17,9 +17,9 @@ if TYPE_CHECKING:  # imported where used, so `phi3 --help` does not load the cor
     from phi3cli.chat import ChatSession
 
 HELP = """\
-Commands: /reset clears the history · /system TEXT sets the system prompt · /stats shows the last reply's
-figures · /model shows what is loaded and where it runs · /save [FILE] and /load FILE keep and restore the
-conversation · /clear clears the screen · \"\"\" starts and ends a multi-line message · /exit or Ctrl-D leaves ·
+Commands: /reset clears the history · /system TEXT sets the system prompt · /image FILE goes with the next message ·
+/stats shows the last reply's figures · /model shows what is loaded and where it runs · /save [FILE] and /load FILE
+keep and restore the conversation · /clear clears the screen · \"\"\" starts and ends a multi-line message · /exit or Ctrl-D leaves ·
 Ctrl-C stops a reply and keeps the session."""
 
 
@@ -160,6 +160,10 @@ def _command(state: ChatState, text: str, console: Console) -> bool:
                     f"with the loaded {escape(state.model_spec)} ({model.backend}, {model.format}).[/] "
                     f"[dim]To use its model: phi3 chat --resume {escape(str(path))}[/]"
                 )
+    elif name == "/image":
+        from phi3cli.cli.images import image_command
+
+        image_command(session, arg, console)
     elif name == "/clear":
         console.clear()
     elif name == "/help":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -113,5 +114,36 @@ CacheReuseOpt = Annotated[
         "--cache-reuse/--no-cache-reuse",
         help="Keep the model's KV cache between turns where its runtime can, so each turn reads only what the "
         "conversation gained. --no-cache-reuse reads the whole conversation every turn.",
+    ),
+]
+
+
+ImageOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--image",
+        "-i",
+        help="An image (PNG, JPEG, WebP...) to send with the first message, for a vision model such as "
+        "Phi-4-multimodal; repeat it for several. In a session, /image FILE attaches one to the next message.",
+        rich_help_panel="Images",
+    ),
+]
+MaxImagePixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-image-pixels",
+        min=1,
+        help="Refuse an image with more pixels (width x height).",
+        show_default="50,000,000",
+        rich_help_panel="Images",
+    ),
+]
+AllowImageUrlsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-image-urls",
+        help="Fetch http(s) image URLs in image_url parts (at most 20 MB, 10 s each). Without it a vision model "
+        "takes images as data: URLs only (base64 PNG, JPEG or WebP).",
+        rich_help_panel="Images",
     ),
 ]

@@ -117,11 +117,19 @@ def _duration(seconds: float) -> str:
 def stats_line(stats: ReplyStats) -> str:
     """One dim line after a reply: what ran where, and how fast."""
     return (
-        f"{stats.backend} on {stats.executed_device} · TTFT {stats.ttft_s * 1000:.0f} ms · "
+        f"{stats.backend} on {stats.executed_device} · TTFT {stats.ttft_s * 1000:.0f} ms{image_part(stats)} · "
         f"{stats.decode_tps:.1f} tok/s · {stats.generated_tokens} tokens "
         f"({stats.prompt_tokens} prompt{f', {stats.cached_tokens} cached' if stats.cached_tokens else ''}) · "
         f"{stats.finish_reason}"
     )
+
+
+def image_part(stats: ReplyStats) -> str:
+    """What the images in a prompt cost, inside the TTFT: ' (2 images, encoded in 85 ms)'."""
+    if not stats.images:
+        return ""
+    count = f"{stats.images} image{'s' if stats.images > 1 else ''}"
+    return f" ({count}, encoded in {stats.image_s * 1000:.0f} ms)" if stats.image_s is not None else f" ({count})"
 
 
 def trim_notice(event, session) -> str:

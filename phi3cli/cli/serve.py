@@ -10,11 +10,13 @@ from phi3cli import DEFAULT_MODEL
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import (
     AllowFallbackOpt,
+    AllowImageUrlsOpt,
     BackendOpt,
     ConvertOpt,
     DeviceChoice,
     DeviceOpt,
     FormatOpt,
+    MaxImagePixelsOpt,
     OptionOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
@@ -141,6 +143,8 @@ def serve(
             "--replicas", min=1, help="With --ray: how many replicas load the model.", rich_help_panel="Ray"
         ),
     ] = 1,
+    allow_image_urls: AllowImageUrlsOpt = False,
+    max_image_pixels: MaxImagePixelsOpt = None,
 ) -> None:
     """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/responses, /v1/models.
 
@@ -176,10 +180,14 @@ def serve(
     )
     if ray:
         return _serve_with_ray(model, load_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
-    _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, idle)
+    from phi3cli.images import ImageLimits
+    from phi3cli.serve.images import ImageOptions
+
+    images = ImageOptions(ImageLimits(max_pixels=max_image_pixels or ImageLimits.max_pixels), allow_image_urls)
+    _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, idle, images)
 
 
-def _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, idle) -> None:
+def _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, idle, images=None) -> None:
     """Bind the port, load and warm up the first model, then serve (the others on demand) until Ctrl-C."""
     import psutil
 
@@ -226,7 +234,7 @@ def _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, id
     pool = server.ModelPool(names, load_on_demand, max_loaded, idle, find=store_variant)
     pool.add(model, loaded, loaded.load_seconds, memory)
     try:
-        server.run(server.create_app(None, model, api_key=api_key, metrics=metrics, pool=pool), sock)
+        server.run(server.create_app(None, model, api_key=api_key, metrics=metrics, pool=pool, images=images), sock)
     except KeyboardInterrupt:
         pass
     finally:

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from phi3cli.backends.base import LoadedModel
 from phi3cli.serve.completions import chat_completions, completions
+from phi3cli.serve.images import ImageOptions
 from phi3cli.serve.pool import ModelPool
 from phi3cli.serve.protocol import ApiError
 from phi3cli.serve.responses import responses
@@ -86,6 +87,7 @@ def create_app(
     api_key: str | None = None,
     metrics: bool = False,
     pool: ModelPool | None = None,
+    images: ImageOptions | None = None,
 ) -> Starlette:
     """The server for one loaded model served under the id `name`, or for a pool of models loaded on demand (then
     model is the one already loaded, or None); with metrics, Prometheus's at /metrics."""
@@ -122,5 +124,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.pool = pool
+    app.state.images = images or ImageOptions()  # what image_url parts may be (serve/images.py)
     app.state.jobs = pool  # what `phi3 serve` and Ray call: cancel_all() on Ctrl-C, healthy()
     return app

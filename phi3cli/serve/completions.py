@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from phi3cli.generation import ReplyStats, TokenEvent
 from phi3cli.serve import protocol
+from phi3cli.serve.images import resolve_images
 from phi3cli.serve.pool import served
 from phi3cli.serve.protocol import ApiError, GenerationRequest
 from phi3cli.serve.queue import FINISHED, Job, Started
@@ -47,6 +48,7 @@ async def _generate(request: Request, kind: str) -> Response:
         parsed = parse(body, ctx.model.context_length)
         if kind == "chat":
             parse_structured(body, parsed)
+            resolve_images(parsed.messages, ctx.model, ctx.name, request.app.state.images)
         parse_sampling(body, parsed)
     except ApiError as error:
         return fail(request, error)

@@ -147,19 +147,32 @@ def _message(message: Any, index: int) -> dict[str, Any]:
         if not isinstance(message.get("tool_call_id"), str):
             raise ApiError(f"{where} is a tool message without a 'tool_call_id'.", param=f"{where}.tool_call_id")
         extra["tool_call_id"] = message["tool_call_id"]
-    if isinstance(content, list):  # content parts: only text ones (Phi-3-mini reads no images or audio)
+    if isinstance(content, list):  # content parts: text, and images kept as URLs (serve/images.py decodes them)
         texts = []
         for part in content:
+            if isinstance(part, dict) and part.get("type") == "image_url" and role == "user":
+                extra.setdefault("image_urls", []).append(image_url_of(part, f"{where}.content"))
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ApiError(
-                    f"{where}.content has a {kind!r} part; this model reads text only.", param=f"{where}.content"
+                    f"{where}.content has a {kind!r} part; phi3 reads text and image_url parts.", param=f"{where}.content"
                 )
             texts.append(part["text"])
         content = "".join(texts)
     if not isinstance(content, str):
         raise ApiError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
     return {"role": CHAT_ROLES[role], "content": content, **extra}
+
+
+def image_url_of(part: dict, where: str) -> str:
+    """The URL of an `{"type": "image_url", "image_url": {"url": ...}}` part (or a Responses `input_image` part,
+    whose image_url is the URL itself); serve/images.py decodes it."""
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise ApiError(f"{where} has an image_url part without a url.", param=where)
+    return url
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], context_length: int, default: int | None = None) -> int | None:

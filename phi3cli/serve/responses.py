@@ -22,8 +22,9 @@ from starlette.responses import JSONResponse, Response
 from phi3cli.generation import ReplyStats, TokenEvent
 from phi3cli.serve import protocol
 from phi3cli.serve.completions import finish, start
+from phi3cli.serve.images import resolve_images
 from phi3cli.serve.pool import served
-from phi3cli.serve.protocol import ApiError, GenerationRequest
+from phi3cli.serve.protocol import ApiError, GenerationRequest, image_url_of
 from phi3cli.serve.queue import FINISHED, Job, Started
 from phi3cli.serve.served import Served
 from phi3cli.serve.structured import parse_structured
@@ -40,6 +41,7 @@ async def responses(request: Request) -> Response:
         body = await read_json(request)
         ctx = await served(request, body)
         parsed = parse_response_request(body, ctx.model.context_length)
+        resolve_images(parsed.messages, ctx.model, ctx.name, request.app.state.images)
     except ApiError as error:
         return fail(request, error)
     started = await start(request, ctx, parsed)
@@ -106,9 +108,13 @@ def _input(value: Any) -> list[dict]:
                 param=where,
             )
         content = item.get("content")
+        images = []  # input_image parts, as the chat's image_url parts
         if isinstance(content, list):
             texts = []
             for part in content:
+                if isinstance(part, dict) and part.get("type") == "input_image":
+                    images.append({"type": "image_url", "image_url": {"url": image_url_of(part, f"{where}.content")}})
+                    continue
                 if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
                     what = part.get("type") if isinstance(part, dict) else type(part).__name__
                     raise ApiError(f"{where}.content has a {what!r} part; this model reads text only.", param=where)
@@ -116,7 +122,7 @@ def _input(value: Any) -> list[dict]:
             content = "".join(t for t in texts if isinstance(t, str))
         if not isinstance(content, str):
             raise ApiError(f"{where}.content must be a string or a list of input_text parts.", param=where)
-        messages.append({"role": item["role"], "content": content})
+        messages.append({"role": item["role"], "content": [*images, {"type": "text", "text": content}] if images else content})
     return messages
 
 

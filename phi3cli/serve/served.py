@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from phi3cli.backends.base import LoadedModel
+from phi3cli.backends.vision import ImagePrompt, with_placeholders
 from phi3cli.generation import prompt_budget
 from phi3cli.serve import protocol
 from phi3cli.serve.protocol import ApiError, GenerationRequest
@@ -68,6 +69,7 @@ class Served:
             messages = parsed.messages
             if tools_format is not None:
                 messages = tools_format.messages_with_tools(messages, parsed.tools)
+            messages, images = with_placeholders(messages, loaded)
             try:
                 text = loaded.chat_template.render(messages)
             except Exception as exc:  # the model's template refused the conversation (a role order, say)
@@ -77,6 +79,8 @@ class Served:
         else:
             text = parsed.prompt
         ids = loaded.encode(text)
+        if parsed.kind == "chat" and images:
+            ids = ImagePrompt(ids, text, images)
         budget = prompt_budget(loaded)
         if error := protocol.context_errors(len(ids), budget, parsed.max_tokens, loaded.context_length):
             raise error

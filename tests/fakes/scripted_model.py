@@ -81,7 +81,7 @@ class FakeScriptedModel(LoadedModel):
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         with self._lock:  # serve's batched workers may call it from several threads
-            self.prompts.append(list(prompt_ids))
+            self.prompts.append(prompt_ids if hasattr(prompt_ids, "images") else list(prompt_ids))  # an ImagePrompt
             self.settings.append(settings)
             reply = self.queue.popleft() if self.queue else self.default(self.decode(prompt_ids))
         words = pieces(reply)

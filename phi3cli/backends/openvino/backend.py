@@ -10,9 +10,10 @@ import openvino as ov
 
 from phi3cli.backends.base import BATCHING, Backend, ConvertRecipe, LoadedModel, LoadRequest
 from phi3cli.backends.openvino.export import compress_ir, ensure_tokenizers, export_ir
-from phi3cli.backends.openvino.ir import SUPPORT_FILES, TOKENIZER_FILES, check_ir, ir_format, weight_summary
+from phi3cli.backends.openvino.ir import SUPPORT_FILES, TOKENIZER_FILES, check_ir, ir_format, main_xml, weight_summary
 from phi3cli.backends.openvino.recipe import RECIPE_VERSION, resolve_recipe
 from phi3cli.backends.openvino.runtime import load_ir, ov_device_for
+from phi3cli.backends.openvino.vision import export_vision, is_vision_config, is_vision_ir, load_vision
 from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.sizing import GB, BuildEstimate, checkpoint_dtype, parameter_count
@@ -28,7 +29,9 @@ class OpenVINOBackend(Backend):
     def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress, cache: Path) -> None:
         config = json.loads((hf_dir / "config.json").read_text())
         settings = resolve_recipe(recipe, config, progress)
-        if settings is None:
+        if is_vision_config(config):
+            export_vision(hf_dir, out, settings, progress)
+        elif settings is None:
             export_ir(hf_dir, out, progress)
         else:
             exported = out / ".fp16-export"
@@ -56,6 +59,11 @@ class OpenVINOBackend(Backend):
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
         model_dir = Path(model_dir)
         check_ir(model_dir)
+        if is_vision_ir(model_dir):
+            raise ConversionError(
+                f"{model_dir} is a vision model; phi3 compresses its submodels while converting.",
+                hint="Convert the original model: phi3 convert MODEL --to openvino --format int4.",
+            )
         if recipe.format == "fp16":
             raise ConversionError(
                 "Quantizing compresses weights to int4 or int8; fp16 comes from exporting.",
@@ -80,11 +88,13 @@ class OpenVINOBackend(Backend):
 
     def folder_format(self, folder: Path) -> str:
         check_ir(folder)
-        return ir_format(folder / "openvino_model.xml")
+        return ir_format(folder / main_xml(folder))
 
     def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
         check_ir(folder)
         fmt = request.format or self.folder_format(folder)
+        if is_vision_ir(folder):
+            return load_vision(folder, fmt, request, progress)
         if request.options.get(BATCHING) is not None and request.device != "npu":
             from phi3cli.backends.openvino.batching import load_batched  # only `phi3 serve` asks for it
 
@@ -99,5 +109,5 @@ class OpenVINOBackend(Backend):
 
 def _note_weights(out: Path, progress: Progress) -> None:
     progress.phase("Reading back the weight precisions of the IR")
-    shares = weight_summary(out / "openvino_model.xml")
+    shares = weight_summary(out / main_xml(out))
     progress.note("Weights stored as " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005) + ".")

@@ -12,6 +12,17 @@ from phi3cli.errors import UnsupportedModelError
 from phi3cli.util import first_line
 
 IR_FILES = ("openvino_model.xml", "openvino_model.bin")
+VISION_MARKER = "openvino_language_model.xml"  # a vision-language model's IRs (phi3cli/backends/openvino/vision.py)
+VISION_FILES = (
+    VISION_MARKER,
+    "openvino_language_model.bin",
+    "openvino_text_embeddings_model.xml",
+    "openvino_text_embeddings_model.bin",
+    "openvino_vision_embeddings_model.xml",
+    "openvino_vision_embeddings_model.bin",
+    "openvino_vision_projection_model.xml",
+    "openvino_vision_projection_model.bin",
+)
 TOKENIZER_FILES = (
     "openvino_tokenizer.xml",
     "openvino_tokenizer.bin",
@@ -64,16 +75,20 @@ def ir_format(xml: Path) -> str:
     return "fp32"
 
 
+def main_xml(folder: Path) -> str:
+    """The IR whose weights say the folder's format: the language model of a vision model, else the model."""
+    return VISION_MARKER if (folder / VISION_MARKER).is_file() else IR_FILES[0]
+
+
 def check_ir(folder: Path) -> None:
-    """Refuse a folder that is not a complete IR for LLMPipeline, naming what is missing."""
+    """Refuse a folder that is not a complete IR for LLMPipeline (or VLMPipeline), naming what is missing."""
+    needed = VISION_FILES if (folder / VISION_MARKER).is_file() else IR_FILES
     missing = [
-        name
-        for name in IR_FILES + TOKENIZER_FILES
-        if not (folder / name).is_file() or (folder / name).stat().st_size == 0
+        name for name in needed + TOKENIZER_FILES if not (folder / name).is_file() or (folder / name).stat().st_size == 0
     ]
     if not missing:
         return
-    if any(name.startswith("openvino_model") for name in missing):
+    if any(not name.startswith("openvino_tok") and not name.startswith("openvino_detok") for name in missing):
         raise UnsupportedModelError(
             f"{folder} is not a complete OpenVINO model: {', '.join(missing)} missing or empty.",
             hint="Export it again: phi3 convert MODEL --to openvino -o DIR.",

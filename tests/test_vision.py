@@ -1,0 +1,220 @@
+"""Images in, text out: a tiny random Phi-4-multimodal, converted by phi3 and run by OpenVINO GenAI's VLMPipeline.
+
+The model is built offline by scripts/make_tiny_multimodal.py (the same builder users run) into the test store and
+converted once by `phi3 chat` itself (cached in the store like the demo's variants). Random weights answer
+nonsense, but deterministic nonsense: two different images give different greedy answers and the same image gives
+the same one, which is what shows the image reaches the model, through `phi3 chat --image` and through
+`phi3 serve` driven by the official openai client. Text-only models refuse images with one line (a 400 in serve).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+
+import numpy as np
+import openai
+import pytest
+
+from tests.conftest import ROOT, TEST_HOME, run_phi3
+from tests.test_serve import KEY, Server, free_port
+
+pytestmark = pytest.mark.slow
+QUESTION = "What is in this picture?"
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("make_tiny_multimodal", ROOT / "scripts" / "make_tiny_multimodal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_multimodal(store) -> str:
+    """The tiny Phi-4-multimodal's Hugging Face folder, built once into the test store (a few seconds)."""
+    from phi3cli.util import atomic_output
+
+    final = TEST_HOME / "sources" / "tiny-phi4-multimodal"
+    with store.lock("tiny-phi4-multimodal"):
+        if not (final / "model.safetensors").is_file():
+            with atomic_output(final, force=True) as staging:
+                _builder().build(staging)
+    return str(final)
+
+
+def png(seed: int, size=(60, 90)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pictures")
+    for seed in (1, 2):
+        (folder / f"p{seed}.png").write_bytes(png(seed))
+    return folder
+
+
+def chat_with_image(model: str, image, *extra: str):
+    result = run_phi3(
+        "chat", QUESTION, "--model", model, "--backend", "openvino", "-n", "8", "--image", str(image), *extra
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_chat_image_reaches_the_model(tiny_multimodal, pictures):
+    first = chat_with_image(tiny_multimodal, pictures / "p1.png")
+    other = chat_with_image(tiny_multimodal, pictures / "p2.png")
+    again = chat_with_image(tiny_multimodal, pictures / "p1.png")
+    assert first.stdout.strip() and first.stdout == again.stdout  # stdout is the answer alone
+    assert first.stdout != other.stdout
+    assert "openvino on CPU" in first.stderr and "(1 image, encoded in " in first.stderr
+    text = run_phi3("chat", QUESTION, "--model", tiny_multimodal, "--backend", "openvino", "-n", "8")
+    assert text.returncode == 0 and text.stdout != first.stdout and "image" not in text.stderr.splitlines()[-1]
+
+
+def test_image_command_in_a_session_goes_with_the_next_message(tiny_multimodal, pictures, tmp_path):
+    from tests.test_sessions import Terminal
+
+    term = Terminal(
+        "chat", "-m", tiny_multimodal, "-b", "openvino", "-n", "8", cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}
+    )
+    term.expect(r">>> ")
+    term.type(f"/image {pictures / 'p2.png'}")
+    term.expect(r"p2.png \(90x60\) goes with your next message")
+    term.type(QUESTION)
+    term.expect(r"\(1 image, encoded in \d+ ms\)")
+    term.type("/image absent.png")
+    term.expect(r"No image at absent.png")  # an error does not end the chat
+    term.type("/save s.json")
+    term.expect(r"Saved 2 messages")
+    term.type("/exit")
+    assert term.close() == 0
+    assert json.loads((tmp_path / "s.json").read_text())["messages"][0]["images"] == ["p2.png"]
+
+
+def test_bad_images_are_one_line_before_loading(tiny_multimodal, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png(3)[:150])
+    result = run_phi3("chat", QUESTION, "--model", tiny_multimodal, "--image", str(broken))
+    assert result.returncode == 1 and "damaged or truncated" in result.stderr and "Traceback" not in result.stderr
+    big = tmp_path / "big.png"
+    big.write_bytes(png(4, size=(100, 100)))
+    result = run_phi3("chat", QUESTION, "--model", tiny_multimodal, "--image", str(big), "--max-image-pixels", "9999")
+    assert result.returncode == 1 and "over the limit of 9,999 pixels" in result.stderr
+
+
+def test_a_text_only_model_given_an_image_says_so(demo_source, pictures):
+    result = run_phi3("chat", QUESTION, "--model", "demo", "--backend", "openvino", "--image", str(pictures / "p1.png"))
+    assert result.returncode == 1
+    assert "Error: demo reads no images: it is a text-only model." in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_ready_made_vision_ir_repo_runs_by_its_id(tiny_multimodal, store, pictures, tmp_path):
+    """An IR repo laid out as OpenVINO's organisation publishes vision models (the IRs at its root), offline."""
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import ConvertRecipe
+    from phi3cli.convert import ensure_variant
+    from phi3cli.sources import resolve_source
+    from tests.hub_repos import publish
+
+    built = ensure_variant(
+        get_backend("openvino"), resolve_source(tiny_multimodal, store), ConvertRecipe("int4"), store
+    )
+    publish(tmp_path / "hub", "acme/tiny-vision-int4-ov", {"": built})
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PHI3_HOME": str(tmp_path / "home")}
+    mine = chat_with_image(tiny_multimodal, pictures / "p1.png")
+    hub = run_phi3(
+        "chat", QUESTION, "-m", "acme/tiny-vision-int4-ov", "-n", "8", "--image", str(pictures / "p1.png"), env=env
+    )
+    assert hub.returncode == 0, hub.stderr
+    assert hub.stdout == mine.stdout and "Converting" not in hub.stderr
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64," + base64.b64encode(data).decode()
+
+
+def ask(client, image_url: str | None, **kwargs):
+    content = [{"type": "text", "text": QUESTION}]
+    if image_url:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+    return client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=8,
+        temperature=0,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def vision_server(tiny_multimodal, tmp_path_factory):
+    srv = Server(free_port(), tmp_path_factory.mktemp("vision-serve") / "server.log")
+    srv.start("--api-key", KEY, backend="openvino", model=tiny_multimodal)
+    srv.ready()
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+def test_serve_image_url_parts_reach_the_model_streamed_and_not(vision_server):
+    client = vision_server.client()
+    first = ask(client, data_url(png(1))).choices[0].message.content
+    other = ask(client, data_url(png(2))).choices[0].message.content
+    assert first and first == ask(client, data_url(png(1))).choices[0].message.content
+    assert first != other
+    stream = ask(client, data_url(png(2)), stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == other
+    assert ask(client, None).choices[0].message.content != first
+
+
+def test_serve_responses_api_takes_input_image_parts(vision_server):
+    client = vision_server.client()
+    name = client.models.list().data[0].id
+
+    def answer(png_bytes):
+        content = [{"type": "input_image", "image_url": data_url(png_bytes)}, {"type": "input_text", "text": QUESTION}]
+        reply = client.responses.create(
+            model=name, input=[{"role": "user", "content": content}], max_output_tokens=8, temperature=0
+        )
+        return reply.output_text
+
+    assert answer(png(1)) == ask(client, data_url(png(1))).choices[0].message.content
+    assert answer(png(1)) != answer(png(2))
+
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("https://example.com/cat.png", "--allow-image-urls"),
+        (data_url(b"plain text", "text/plain"), "media type 'text/plain'"),
+        (data_url(png(5)[:100]), "damaged or truncated"),
+    ],
+    ids=["remote-url", "wrong-media-type", "truncated"],
+)
+def test_serve_refuses_bad_images_with_a_400(vision_server, url, words):
+    with pytest.raises(openai.BadRequestError, match=words) as caught:
+        ask(vision_server.client(), url)
+    assert caught.value.status_code == 400
+    assert ask(vision_server.client(), None).choices[0].message.content  # the server still answers
+
+
+def test_serve_text_only_model_given_an_image_is_a_400_naming_it(demo_source, tmp_path):
+    srv = Server(free_port(), tmp_path / "server.log")
+    srv.start("--api-key", KEY, "--max-sequences", "1", backend="openvino", model="demo")
+    srv.ready()
+    try:
+        with pytest.raises(openai.BadRequestError, match="demo reads no images: it is a text-only model") as caught:
+            ask(srv.client(), data_url(png(1)))
+        assert caught.value.status_code == 400
+    finally:
+        srv.stop()
