@@ -25,6 +25,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
+from phi3cli.backends.adapters import ADAPTERS
 from phi3cli.backends.base import (
     GenerationSettings,
     IncrementalDecoder,
@@ -242,6 +243,7 @@ class OpenVINOModel(LoadedModel):
         self.scorer_properties: dict[str, Any] = {}  # how token_logprobs compiles the IR (on the CPU)
         self.compiled_properties: dict[str, str] = {}  # what OpenVINO compiled the LLM with, read from its log
         self._scorer = None
+        self.adapters = None  # an OpenVINOAdapters when loaded with LoRA adapters
         # What the paged KV cache holds for this conversation, kept (and counted) only with prefix caching on.
         self.prompt_cache = PromptCache(enabled=reuse, block=BLOCK_TOKENS["cpu"])
 
@@ -257,7 +259,10 @@ class OpenVINOModel(LoadedModel):
         return a, b
 
     def generation_config(self, settings: GenerationSettings):
-        return generation_config(self.pipe.get_generation_config(), settings)
+        config = generation_config(self.pipe.get_generation_config(), settings)
+        if self.adapters is not None:  # the active adapters, switched per generate
+            config.adapters = self.adapters.runtime_config()
+        return config
 
     def constraint_refusal(self) -> str | None:
         if self.device == "npu":
@@ -334,6 +339,12 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
     # The KV cache is kept between generates by PagedAttention's prefix caching, checked on the CPU only (the NPU's
     # static shapes and the GPU read the whole conversation every turn).
     reuse = request.cache_reuse and request.device == "cpu" and properties.get("ATTENTION_BACKEND") == "PA"
+    adapters = None
+    if request.options.get(ADAPTERS):
+        from phi3cli.backends.openvino.adapters import attach
+
+        adapters = attach(folder, request.options[ADAPTERS], properties)
+        reuse = False  # prefix caching finds KV blocks by tokens alone, whichever adapter computed them
     if properties.get("ATTENTION_BACKEND") == "PA":
         scheduler = ov_genai.SchedulerConfig()
         scheduler.enable_prefix_caching = reuse
@@ -350,6 +361,7 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
     executed = execution_devices(log) or device
     model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit, reuse=reuse)
     model.compiled_properties = compiled_properties(log)
+    model.adapters = adapters
     scorer = {"CACHE_DIR": properties["CACHE_DIR"]} if "CACHE_DIR" in properties else {}
     model.scorer_properties = {**scorer, **precision_properties("cpu", request.options)}
     return model
