@@ -106,15 +106,22 @@ def merged_source(
     return replace(source, spec=f"{source.spec}+{label}", kind="folder", path=final, slug=slug, route=None)
 
 
+def check_runtime(backend, request) -> None:
+    """Refuse run-time adapters where the backend (on that device, for that use) cannot apply them."""
+    from phi3cli.backends.adapters import MERGE_HINT, adapter_refusal
+
+    if why := adapter_refusal(backend, request):
+        raise AdapterError(f"Run-time adapters: {why}.", hint=MERGE_HINT)
+
+
 def runtime_request(backend, folder: Path, request, store: ModelStore):
     """The request with its adapters (AdapterChoices) read, checked against the base in folder, and normalised."""
-    from phi3cli.backends.adapters import ADAPTERS, MERGE_HINT, RuntimeAdapter, adapter_refusal
+    from phi3cli.backends.adapters import ADAPTERS, RuntimeAdapter
 
     choices = request.options.get(ADAPTERS)
     if not choices:
         return request
-    if why := adapter_refusal(backend, request):
-        raise AdapterError(f"Run-time adapters: {why}.", hint=MERGE_HINT)
+    check_runtime(backend, request)
     adapters = read_choices(list(choices), base_config(folder))
     loaded = tuple(RuntimeAdapter(a.name, normalised_file(a, store), alpha, tuple(a.pairs)) for a, alpha in adapters)
     return replace(request, options={**request.options, ADAPTERS: loaded})

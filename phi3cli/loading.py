@@ -84,10 +84,12 @@ def prepare(
         cache_reuse=cache_reuse,
     )
     impl = get_backend(route.backend)
-    folder, request = runtime_folder(impl, request, store, progress)
-    if request.options.get(ADAPTERS):  # LoRA adapters applied at run time: read and checked against this base
-        from phi3cli.adapter_store import runtime_request
+    if adapters := request.options.get(ADAPTERS):  # LoRA at run time: refused before building, read against the base
+        from phi3cli.adapter_store import check_runtime, runtime_request
 
+        check_runtime(impl, request)
+    folder, request = runtime_folder(impl, request, store, progress)
+    if adapters:
         request = runtime_request(impl, folder, request, store)
     return Prepared(impl, folder, request, route)
 

@@ -65,6 +65,23 @@ class AdapterSet:
             raise Phi3Error("This runtime applies one adapter at a time.")
         self.active = dict(choice)
 
+    def command(self, arg: str) -> str:
+        """/adapter in a chat: '' lists; 'none' is the base; 'NAME[:ALPHA] ...' applies exactly those. Says what is on."""
+        words = arg.split()
+        if not words:
+            listed = ", ".join(f"{n}{' (on)' if n in self.active else ''}" for n in self.loaded)
+            return f"Loaded adapters: {listed}. Active: {self.describe()}. /adapter NAME[:ALPHA] ... or /adapter none."
+        choice: dict[str, float] = {}
+        for word in [] if words == ["none"] else words:
+            name, _, alpha = word.partition(":")
+            known = self.loaded.get(name)
+            try:
+                choice[name] = float(alpha) if alpha else self.active.get(name, known.alpha if known else 1.0)
+            except ValueError:
+                raise Phi3Error(f"/adapter {word}: {alpha!r} is not an alpha (a number).") from None
+        self.use(choice)
+        return f"Adapters: {self.describe()}."
+
     def describe(self) -> str:
         """The active adapters, as the /model line and /health show them."""
         if not self.active:
@@ -79,3 +96,17 @@ class AdapterSet:
 def model_adapters(model: Any) -> AdapterSet | None:
     """The adapters a loaded model can switch, or None (loaded without, or a runtime that has none)."""
     return getattr(model, "adapters", None)
+
+
+def adapters_note(model: Any) -> str:
+    """What the /model line adds: ' · adapters: ...' for a model loaded with adapters, else nothing."""
+    adapters = model_adapters(model)
+    return f" · adapters: {adapters.describe()}" if adapters else ""
+
+
+def adapter_command(model: Any, arg: str) -> str:
+    """The reply to /adapter ARG in a chat (AdapterSet.command), or why there is nothing to switch."""
+    adapters = model_adapters(model)
+    if adapters is None:
+        return "No adapters loaded: start the chat with --adapter DIR (OpenVINO) to switch them here."
+    return adapters.command(arg)
