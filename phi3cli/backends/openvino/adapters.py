@@ -74,3 +74,37 @@ def attach(folder: Path, adapters: tuple[RuntimeAdapter, ...], properties: dict[
         raise Phi3Error(f"OpenVINO GenAI could not read an adapter: {str(exc).splitlines()[0]}") from exc
     properties["adapters"] = found.pipeline_config()
     return found
+
+
+def with_lora_branches(model: Any, adapters: OpenVINOAdapters) -> Any:
+    """The IR with each active adapter as a branch beside the layers it changes: y = x·Wᵀ + alpha·(x·Aᵀ)·Bᵀ.
+
+    For scoring (next_token_logprobs compiles the IR itself, outside GenAI): the same sum GenAI's run-time LoRA
+    computes, on the same base weights.
+    """
+    import openvino.opset13 as ops
+    from safetensors.numpy import load_file
+
+    from phi3cli.adapter_store import PREFIX
+
+    matmuls = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "MatMul"}
+    for name, alpha in adapters.active.items():
+        loaded = adapters.loaded[name]
+        tensors = load_file(str(loaded.file))
+        for module in loaded.modules:
+            node = matmuls.get(f"__module.{module}/ov_ext::linear/MatMul")
+            if node is None:
+                raise Phi3Error(f"The IR has no MatMul for {module}; phi3 cannot score adapter {name} on it.")
+            out = node.output(0)
+            targets = list(out.get_target_inputs())
+            a = ops.constant(tensors[f"{PREFIX}{module}.lora_A.weight"])
+            b = ops.constant(tensors[f"{PREFIX}{module}.lora_B.weight"] * alpha)
+            x = node.input_value(0)
+            if x.get_element_type() != a.get_output_element_type(0):
+                a, b = ops.convert(a, x.get_element_type()), ops.convert(b, x.get_element_type())
+            lora = ops.matmul(ops.matmul(x, a, False, True), b, False, True)
+            total = ops.add(out, lora)
+            for target in targets:
+                target.replace_source_output(total.output(0))
+    model.validate_nodes_and_infer_types()
+    return model

@@ -244,6 +244,7 @@ class OpenVINOModel(LoadedModel):
         self.compiled_properties: dict[str, str] = {}  # what OpenVINO compiled the LLM with, read from its log
         self._scorer = None
         self.adapters = None  # an OpenVINOAdapters when loaded with LoRA adapters
+        self._scored_adapters: dict[str, float] = {}  # the adapters the scorer was compiled with
         # What the paged KV cache holds for this conversation, kept (and counted) only with prefix caching on.
         self.prompt_cache = PromptCache(enabled=reuse, block=BLOCK_TOKENS["cpu"])
 
@@ -289,10 +290,16 @@ class OpenVINOModel(LoadedModel):
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         """One forward pass of the IR over ids with a fresh KV state (compiled on first use, on the CPU)."""
-        if self._scorer is None:
+        active = dict(self.adapters.active) if self.adapters is not None else {}
+        if self._scorer is None or self._scored_adapters != active:
             core = ov.Core()
             model = core.read_model(str(self.path / "openvino_model.xml"))
+            if active:  # the active LoRA adapters as branches in the graph (GenAI applies them only in generate)
+                from phi3cli.backends.openvino.adapters import with_lora_branches
+
+                model = with_lora_branches(model, self.adapters)
             self._scorer = core.compile_model(model, "CPU", self.scorer_properties)
+            self._scored_adapters = active
         request = self._scorer.create_infer_request()
         request.reset_state()
         n = len(ids)
