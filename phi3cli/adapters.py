@@ -101,10 +101,13 @@ class LoraAdapter:
 
 def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
     """(out, in) of every Linear an adapter may target in one Phi-3 decoder layer, fused and unfused names."""
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        inter = int(config["intermediate_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterError(f"The base model's config.json lacks {exc} to check an adapter's shapes against.") from exc
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
-    inter = int(config["intermediate_size"])
     q, kv = heads * head_dim, kv_heads * head_dim
     return {
         "self_attn.qkv_proj": (q + 2 * kv, hidden),
@@ -171,7 +174,7 @@ def _read_pairs(folder: Path, config: dict, base: dict) -> dict[tuple[int, str],
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as exc:  # a truncated file, or a dtype numpy cannot hold (bf16)
         raise AdapterError(f"{folder / WEIGHTS_FILE} cannot be read: {exc}") from exc
-    shapes, layers = module_shapes(base), int(base["num_hidden_layers"])
+    shapes, layers = module_shapes(base), int(base.get("num_hidden_layers") or 1 << 30)
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     foreign = sorted({k.rsplit(".lora_", 1)[0].split(".")[-1] for k in tensors if not KEY.match(k)})
     names = sorted({m.group("module").split(".")[-1] for k in tensors if (m := KEY.match(k))})
