@@ -315,3 +315,36 @@ def test_one_shot_chat_with_adapter_answers_as_convert_adapter(demo_source, lora
     merged = run_phi3("chat", "-m", str(out), "-n", "24", PROMPTS[0])
     assert merged.returncode == 0, merged.stderr
     assert merged.stdout == with_adapter.stdout
+
+
+@pytest.mark.slow
+def test_serve_picks_the_adapter_by_model_name(demo_source, store, loras, tmp_path):
+    from tests.test_serve import Server, free_port
+
+    model = load_demo(demo_source, store, "fp16", [f"sea={loras['sea']}"])
+    try:
+        expected = {"demo:sea": ask(model, n=16)}
+        model.adapters.use({})
+        expected["demo"] = ask(model, n=16)
+    finally:
+        model.close()
+    srv = Server(free_port(), tmp_path / "server.log")
+    srv.start("--format", "fp16", "--adapter", f"sea={loras['sea']}", backend="openvino")
+    try:
+        srv.ready()
+        client = srv.client(key="none")
+        answers = {}
+        for name in ("demo:sea", "demo", "demo:sea"):  # switched back and forth on one server
+            reply = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=16, temperature=0
+            )
+            assert answers.setdefault(name, reply.choices[0].message.content) == reply.choices[0].message.content
+        assert answers == expected
+        health = srv.raw("GET", "/health")[1]
+        assert (
+            health["adapters"]["models"] == {"demo:sea": 1.0} and "one request at a time" in health["adapters"]["note"]
+        )
+        with pytest.raises(Exception, match="demo:nope"):
+            client.chat.completions.create(model="demo:nope", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        srv.stop()
