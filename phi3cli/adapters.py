@@ -86,7 +86,7 @@ class LoraAdapter:
     rank: int  # the largest rank of any layer after fusing
     source_modules: tuple[str, ...]  # the module names the file targets, as written (q_proj, qkv_proj, ...)
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)  # module -> (A, B)
-    digest: str = ""  # identifies the file's content, for store keys
+    digest: str = ""  # identifies the weights it applies (scale included), for store keys
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -255,12 +255,14 @@ def read_adapter(folder: Path, base: dict, name: str | None = None) -> LoraAdapt
         raise AdapterError(f"The base model is a '{base.get('model_type')}' model; phi3 applies adapters to Phi-3.")
     pairs = _read_pairs(folder, config, base)
     fused = _fuse(pairs, base)
-    digest = hashlib.sha256((folder / CONFIG_FILE).read_bytes() + (folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+    digest = hashlib.sha256()  # of what is applied (PEFT writes target_modules in no fixed order)
+    for module, (a, b) in sorted(fused.items()):
+        digest.update(module.encode() + a.tobytes() + b.tobytes())
     return LoraAdapter(
         name=name or folder.name,
         path=folder,
         rank=max(a.shape[0] for a, _ in fused.values()),
         source_modules=tuple(sorted({m for _, m in pairs})),
         pairs=fused,
-        digest=digest[:16],
+        digest=digest.hexdigest()[:16],
     )

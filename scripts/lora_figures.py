@@ -28,7 +28,7 @@ from phi3cli.backends.base import GenerationSettings
 from phi3cli.bench.measure import peak_rss_bytes
 from phi3cli.bench.quality import next_token_divergence, perplexity_text
 from phi3cli.generation import ReplyStats, stream_reply
-from phi3cli.loading import load
+from phi3cli.loading import load, prepare
 from phi3cli.routing import given
 from phi3cli.sources import resolve_source
 from phi3cli.store import ModelStore
@@ -51,21 +51,28 @@ def make(out: Path, seed: int = 2, std: float = 0.07) -> None:
     model.save_pretrained(out)
 
 
-def load_config(what: str, fmt: str, adapter: Path, store: ModelStore):
+def how(what: str, fmt: str, adapter: Path, store: ModelStore) -> tuple:
+    """The source and load keywords of a configuration (the merged source is built here, once)."""
     source = resolve_source("demo", store)
     options = {}
     if what == "merged":
         source = merged_source(source, [AdapterChoice.parse(str(adapter))], store)
     elif what.startswith("adapter"):
         options = {ADAPTERS: (AdapterChoice.parse(str(adapter)),)}
-    return load(source, route=given("openvino", "cpu"), format=fmt, options=options, store=store, threads=2)
+    return source, dict(route=given("openvino", "cpu"), format=fmt, options=options, store=store, threads=2)
+
+
+def load_config(what: str, fmt: str, adapter: Path, store: ModelStore):
+    source, keywords = how(what, fmt, adapter, store)
+    return load(source, **keywords)
 
 
 def run(what: str, fmt: str, adapter: Path) -> dict:
     store = ModelStore()
-    merged_source(resolve_source("demo", store), [AdapterChoice.parse(str(adapter))], store)  # built before timing
+    source, keywords = how(what, fmt, adapter, store)
+    prepare(source, **keywords)  # converts the variant if it is not in the store yet, before anything is timed
     start = time.perf_counter()
-    model = load_config(what, fmt, adapter, store)
+    model = load(source, **keywords)
     load_s = time.perf_counter() - start
     if what == "adapter-off":
         model.adapters.use({})

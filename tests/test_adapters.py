@@ -58,6 +58,14 @@ def test_fused_targets_read_with_scale_folded_in(tmp_path):
     np.testing.assert_allclose(adapter.delta("model.layers.0.self_attn.qkv_proj"), 2.0 * b @ a, rtol=1e-4, atol=1e-4)
 
 
+def test_the_store_key_follows_the_weights_not_the_config_text(tmp_path):
+    tensors = pair("self_attn.qkv_proj") | pair("mlp.down_proj")
+    first = read_adapter(write_lora(tmp_path / "a", tensors, target_modules=["qkv_proj", "down_proj"]), BASE)
+    again = read_adapter(write_lora(tmp_path / "b", tensors, target_modules=["down_proj", "qkv_proj"]), BASE)
+    stronger = read_adapter(write_lora(tmp_path / "c", tensors, lora_alpha=16), BASE)
+    assert first.digest == again.digest != stronger.digest
+
+
 def test_unfused_q_k_v_and_gate_up_map_exactly_onto_the_fused_layers(tmp_path):
     # A Llama-style fine-tune: separate q/k/v and gate/up projections, of different ranks, some missing (no v).
     parts = {"self_attn.q_proj": 4, "self_attn.k_proj": 2, "mlp.gate_proj": 4, "mlp.up_proj": 3}
