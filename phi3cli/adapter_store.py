@@ -10,13 +10,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from phi3cli.adapters import AdapterChoice, AdapterError, LoraAdapter, read_adapter
+from phi3cli.adapters import AdapterChoice, LoraAdapter, read_adapter
+from phi3cli.backends.adapters import PREFIX, AdapterError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.sources import ModelSource
 from phi3cli.store import ModelStore
 from phi3cli.util import atomic_output, short_hash, write_atomically
-
-PREFIX = "base_model.model."  # PEFT's key prefix, kept in the normalised file (OpenVINO GenAI matches on it)
 
 
 def base_config(folder: Path) -> dict:

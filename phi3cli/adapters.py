@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from phi3cli.errors import Phi3Error
+from phi3cli.backends.adapters import AdapterError, check_alpha
 
 if TYPE_CHECKING:
     import numpy as np
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-ALPHA_RANGE = (0.0, 4.0)  # the multiplier on the adapter's own scale; beyond 4 a LoRA trained at 1 gives noise
 # Phi-3's Linear layers per decoder layer, and the unfused names other trainers write: (fused layer, part index).
 FUSED_MODULES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 UNFUSED = {
@@ -38,10 +37,6 @@ KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<module>(?:self_attn|mlp)\.\w+)"
     r"\.lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight$"
 )
-
-
-class AdapterError(Phi3Error):
-    """An adapter folder that is missing, malformed, or does not fit the base model."""
 
 
 @dataclass(frozen=True)
@@ -67,14 +62,6 @@ class AdapterChoice:
         path = Path(rest).expanduser()
         check_alpha(alpha, f"--adapter {text}")
         return cls(name or path.name, path, alpha)
-
-
-def check_alpha(alpha: float, what: str) -> float:
-    """Refuse an alpha outside ALPHA_RANGE (or not a number) in one line."""
-    low, high = ALPHA_RANGE
-    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and low <= alpha <= high):
-        raise AdapterError(f"{what}: alpha must be from {low:g} to {high:g}, not {alpha}.")
-    return float(alpha)
 
 
 @dataclass

@@ -9,6 +9,7 @@ under LoadRequest.options[ADAPTERS]. A backend that applies adapters at run time
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,21 @@ from typing import Any
 from phi3cli.errors import Phi3Error
 
 ADAPTERS = "adapters"  # the LoadRequest.options key: a tuple of RuntimeAdapter, read at load
+PREFIX = "base_model.model."  # PEFT's key prefix, kept in the normalised file (OpenVINO GenAI matches on it)
+ALPHA_RANGE = (0.0, 4.0)  # the multiplier on the adapter's own scale; beyond 4 a LoRA trained at 1 gives noise
 MERGE_HINT = "Merge it into a converted copy instead: phi3 convert MODEL --adapter DIR (then run that copy)."
+
+
+class AdapterError(Phi3Error):
+    """An adapter folder that is missing, malformed, or does not fit the base model, or an alpha out of range."""
+
+
+def check_alpha(alpha: float, what: str) -> float:
+    """Refuse an alpha outside ALPHA_RANGE (or not a number) in one line."""
+    low, high = ALPHA_RANGE
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and low <= alpha <= high):
+        raise AdapterError(f"{what}: alpha must be from {low:g} to {high:g}, not {alpha}.")
+    return float(alpha)
 
 
 @dataclass(frozen=True)
@@ -52,8 +67,6 @@ class AdapterSet:
 
     def use(self, choice: Mapping[str, float]) -> None:
         """Apply exactly these adapters (name -> alpha) from the next generate on; {} is the base model."""
-        from phi3cli.adapters import check_alpha
-
         for name, alpha in choice.items():
             if name not in self.loaded:
                 raise Phi3Error(

@@ -15,7 +15,7 @@ from typing import Any
 
 import openvino_genai as ov_genai
 
-from phi3cli.backends.adapters import AdapterSet, RuntimeAdapter
+from phi3cli.backends.adapters import PREFIX, AdapterSet, RuntimeAdapter
 from phi3cli.errors import Phi3Error
 
 LAYER_NAME = re.compile(r"model\.layers\.\d+\.(?:self_attn|mlp)\.\w+")
@@ -84,8 +84,6 @@ def with_lora_branches(model: Any, adapters: OpenVINOAdapters) -> Any:
     """
     import openvino.opset13 as ops
     from safetensors.numpy import load_file
-
-    from phi3cli.adapter_store import PREFIX
 
     matmuls = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "MatMul"}
     for name, alpha in adapters.active.items():
