@@ -5,7 +5,8 @@ down_proj: the tests' "sea" adapter). `run` measures one configuration in this p
 own) and prints one JSON line: base (the base alone), adapter (base + adapter, active), adapter-off (loaded, none
 active), merged (the adapter merged, then converted). `quality` prints the KL divergence and top-1 agreement, on
 bench's perplexity text, of the base + run-time adapter against the merged model at fp16 (the reference), for each
-format given. Decode speed: 128 new tokens with end of text ignored, median of 3 after one warm-up reply.
+format given. Decode speed: 128 new tokens with end of text ignored, median of 3 after one warm-up reply; beside it the process's
+CPU time per generated token (prefill included), which other work on a busy machine disturbs less.
 
     python scripts/lora_figures.py make /tmp/sea
     for f in fp16 int4; do for c in base adapter adapter-off merged; do
@@ -77,17 +78,20 @@ def run(what: str, fmt: str, adapter: Path) -> dict:
     if what == "adapter-off":
         model.adapters.use({})
     ids = model.encode(model.chat_template.render([{"role": "user", "content": "Write a story about the sea."}]))
-    rates = []
+    rates, cpu = [], []
     for _ in range(4):
+        start = time.process_time()
         for event in stream_reply(model, ids, GenerationSettings(max_new_tokens=128, ignore_eos=True)):
             if isinstance(event, ReplyStats):
                 rates.append(event.decode_tps)
+                cpu.append((time.process_time() - start) / event.generated_tokens)
     return {
         "config": what,
         "format": fmt,
         "load_s": round(load_s, 2),
         "peak_rss_mib": round(peak_rss_bytes() / 2**20),
         "decode_tok_s": round(statistics.median(rates[1:]), 1),
+        "cpu_ms_per_token": round(1000 * statistics.median(cpu[1:]), 1),  # all threads: steadier on a busy machine
         "folder_mib": round(dir_size(model.path) / 2**20),
     }
 
