@@ -8,10 +8,10 @@ bench's perplexity text, of the base + run-time adapter against the merged model
 format given. Decode speed: 128 new tokens with end of text ignored, median of 3 after one warm-up reply; beside it the process's
 CPU time per generated token (prefill included), which other work on a busy machine disturbs less.
 
-    python scripts/lora_figures.py make /tmp/sea
+    python -m benchmarks.lora_figures make /tmp/sea
     for f in fp16 int4; do for c in base adapter adapter-off merged; do
-        flock LOCK python scripts/lora_figures.py run $c $f /tmp/sea; done; done
-    python scripts/lora_figures.py quality /tmp/sea fp16 int4
+        flock LOCK python -m benchmarks.lora_figures run $c $f /tmp/sea; done; done
+    python -m benchmarks.lora_figures quality /tmp/sea fp16 int4
 """
 
 from __future__ import annotations
