@@ -105,12 +105,18 @@ def merged_source(
     return replace(source, spec=f"{source.spec}+{label}", kind="folder", path=final, slug=slug, route=None)
 
 
-def check_runtime(backend, request) -> None:
-    """Refuse run-time adapters where the backend (on that device, for that use) cannot apply them."""
-    from phi3cli.backends.adapters import MERGE_HINT, adapter_refusal
+def check_runtime(backend, request, store: ModelStore, progress: Progress | None = None):
+    """The request, or where the backend cannot apply adapters at run time a one-line refusal; a backend that runs
+    Hugging Face folders itself (the torch reference) gets the request for the merged source instead."""
+    from phi3cli.backends.adapters import ADAPTERS, MERGE_HINT, adapter_refusal
 
-    if why := adapter_refusal(backend, request):
-        raise AdapterError(f"Run-time adapters: {why}.", hint=MERGE_HINT)
+    if not (why := adapter_refusal(backend, request)):
+        return request
+    if backend.spec.marker is None and not request.source.runtime:
+        merged = merged_source(request.source, list(request.options[ADAPTERS]), store, progress)
+        options = {k: v for k, v in request.options.items() if k != ADAPTERS}
+        return replace(request, source=merged, options=options)
+    raise AdapterError(f"Run-time adapters: {why}.", hint=MERGE_HINT)
 
 
 def runtime_request(backend, folder: Path, request, store: ModelStore):
@@ -120,7 +126,6 @@ def runtime_request(backend, folder: Path, request, store: ModelStore):
     choices = request.options.get(ADAPTERS)
     if not choices:
         return request
-    check_runtime(backend, request)
     adapters = read_choices(list(choices), base_config(folder))
     loaded = tuple(RuntimeAdapter(a.name, normalised_file(a, store), alpha, tuple(a.pairs)) for a, alpha in adapters)
     return replace(request, options={**request.options, ADAPTERS: loaded})

@@ -84,12 +84,12 @@ def prepare(
         cache_reuse=cache_reuse,
     )
     impl = get_backend(route.backend)
-    if adapters := request.options.get(ADAPTERS):  # LoRA at run time: refused before building, read against the base
+    if request.options.get(ADAPTERS):  # LoRA at run time: refused before building, read against the base
         from phi3cli.adapter_store import check_runtime, runtime_request
 
-        check_runtime(impl, request)
+        request = check_runtime(impl, request, store, progress)  # merged instead, for a backend running HF folders
     folder, request = runtime_folder(impl, request, store, progress)
-    if adapters:
+    if request.options.get(ADAPTERS):
         request = runtime_request(impl, folder, request, store)
     return Prepared(impl, folder, request, route)
 

@@ -356,3 +356,23 @@ def test_serve_picks_the_adapter_by_model_name(demo_source, store, loras, tmp_pa
             client.chat.completions.create(model="demo:nope", messages=[{"role": "user", "content": "hi"}])
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_the_torch_reference_runs_an_adapter_merged(demo_source, store, loras):
+    from phi3cli.backends.adapters import ADAPTERS, model_adapters
+    from phi3cli.loading import load
+    from phi3cli.routing import given
+
+    runtime = load_demo(demo_source, store, "fp16", [str(loras["sea"])])
+    try:
+        expected = ask(runtime)
+    finally:
+        runtime.close()
+    choice = (AdapterChoice.parse(str(loras["sea"])),)
+    reference = load(demo_source, route=given("torch", "cpu"), format="fp32", options={ADAPTERS: choice}, store=store)
+    try:
+        assert model_adapters(reference) is None and reference.path != demo_source.path  # a merged copy, not the base
+        assert ask(reference) == expected
+    finally:
+        reference.close()
