@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3cli.backends import BackendSpec, get_backend, get_spec
+from phi3cli.backends.adapters import ADAPTERS
 from phi3cli.backends.base import BATCHING, Backend, ConvertRecipe, LoadedModel, LoadRequest
 from phi3cli.backends.options import check_options
 from phi3cli.convert import ensure_variant
@@ -64,7 +65,7 @@ def prepare(
     if route is not None:
         backend, device = route.backend, route.device
     if backend:  # a wrong option fails before the model is fetched or built
-        check_options(get_spec(backend), options or {}, skip=(BATCHING,))
+        check_options(get_spec(backend), options or {}, skip=(BATCHING, ADAPTERS))
     source = model if isinstance(model, ModelSource) else resolve_source(
         model, store, progress=progress, device=device, backend=backend, format=format, convert=convert
     )
@@ -83,7 +84,13 @@ def prepare(
         cache_reuse=cache_reuse,
     )
     impl = get_backend(route.backend)
+    if request.options.get(ADAPTERS):  # LoRA at run time: refused before building, read against the base
+        from phi3cli.adapter_store import check_runtime, runtime_request
+
+        request = check_runtime(impl, request, store, progress)  # merged instead, for a backend running HF folders
     folder, request = runtime_folder(impl, request, store, progress)
+    if request.options.get(ADAPTERS):
+        request = runtime_request(impl, folder, request, store)
     return Prepared(impl, folder, request, route)
 
 
@@ -120,8 +127,8 @@ def load(
 
 def checked_options(spec: BackendSpec, device: str, options: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """The options checked against what the backend declares (a one-line error naming what it takes), typed; one
-    that does not apply on this device is noted and dropped. phi3's own (BATCHING, set by serve) pass as they are."""
-    checked = check_options(spec, options, skip=(BATCHING,))
+    that does not apply on this device is noted and dropped. phi3's own (BATCHING, set by serve; ADAPTERS) pass as they are."""
+    checked = check_options(spec, options, skip=(BATCHING, ADAPTERS))
     declared = {o.name: o for o in spec.options}
     idle = [k for k in checked if k in declared and declared[k].devices and device not in declared[k].devices]
     for key in idle:

@@ -16,6 +16,7 @@ from phi3cli.cli.chat_repl import HELP, ChatState, interactive
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.images import read_images
 from phi3cli.cli.options import (
+    AdapterOpt,
     AllowFallbackOpt,
     BackendOpt,
     CacheReuseOpt,
@@ -33,6 +34,7 @@ from phi3cli.cli.options import (
     OptionOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
+    adapter_options,
     backend_options,
 )
 from phi3cli.cli.render import RichProgress, err_console, stats_line, trim_notice
@@ -92,6 +94,7 @@ def chat(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_fallback: AllowFallbackOpt = False,
     option: OptionOpt = None,
+    adapter: AdapterOpt = None,
     max_prompt_len: MaxPromptLenOpt = None,
     min_response_len: MinResponseLenOpt = None,
     npu_hint: NpuHintOpt = None,
@@ -164,7 +167,7 @@ def chat(
         min_response_len=min_response_len,
         generate_hint=npu_hint,
         inference_precision=inference_precision,
-    )
+    ) | adapter_options(adapter)
     how = dict(
         threads=threads,
         trust_remote_code=trust_remote_code,

@@ -19,8 +19,9 @@ if TYPE_CHECKING:  # imported where used, so `phi3 --help` does not load the cor
 HELP = """\
 Commands: /reset clears the history · /system TEXT sets the system prompt · /image FILE goes with the next message ·
 /stats shows the last reply's figures · /model shows what is loaded and where it runs · /save [FILE] and /load FILE
-keep and restore the conversation · /clear clears the screen · \"\"\" starts and ends a multi-line message · /exit or Ctrl-D leaves ·
-Ctrl-C stops a reply and keeps the session."""
+keep and restore the conversation · /adapter [NAME[:ALPHA] ...|none] lists or switches the LoRA adapters · /clear
+clears the screen · \"\"\" starts and ends a multi-line message · /exit or Ctrl-D leaves · Ctrl-C stops a reply and
+keeps the session."""
 
 
 @dataclass
@@ -115,6 +116,7 @@ def _stream(session: ChatSession, text: str, console: Console) -> None:
 
 def _command(state: ChatState, text: str, console: Console) -> bool:
     """Run a slash command; True means leave."""
+    from phi3cli.backends.adapters import adapter_command, adapters_note
     from phi3cli.context import describe_context
     from phi3cli.generation import prompt_budget
     from phi3cli.sessions import load_session, restore
@@ -137,7 +139,7 @@ def _command(state: ChatState, text: str, console: Console) -> bool:
             f"[dim]{escape(state.model_spec)} ({escape(str(model.path))}) · {model.backend} · {model.format} · "
             f"asked {model.device}, running on {model.executed_device} · "
             f"{describe_context(model.context_length, model.path)}, "
-            f"prompt up to {prompt_budget(model)} · {len(session.messages)} messages[/]"
+            f"prompt up to {prompt_budget(model)} · {len(session.messages)} messages{escape(adapters_note(model))}[/]"
         )
     elif name == "/save":
         path = Path(arg.strip()).expanduser() if arg.strip() else state.autosave or state.file
@@ -164,6 +166,8 @@ def _command(state: ChatState, text: str, console: Console) -> bool:
         from phi3cli.cli.images import image_command
 
         image_command(session, arg, console)
+    elif name == "/adapter":
+        console.print(f"[dim]{escape(adapter_command(model, arg))}[/]")
     elif name == "/clear":
         console.clear()
     elif name == "/help":

@@ -75,11 +75,21 @@ def convert(
         typer.Option("--output", "-o", help="Output folder (default: the model store, reused by chat and bench)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="Merge a LoRA adapter (a PEFT folder: adapter_config.json + adapter_model.safetensors) into the "
+            "weights before converting: DIR or DIR:ALPHA (0 to 4, default 1); repeat it to merge several. The merged "
+            "model is stored apart from the base. For backends and devices without run-time adapters.",
+        ),
+    ] = None,
 ) -> None:
     """Convert a Phi-3 model to OpenVINO IR or ONNX Runtime GenAI at int4, int8 or fp16.
 
     The output folder appears only when the conversion is complete; a failure or Ctrl-C leaves nothing behind.
     """
+    from phi3cli.adapters import AdapterChoice
     from phi3cli.backends import converters, get_backend, get_spec
     from phi3cli.backends.base import ConvertRecipe
     from phi3cli.convert import convert as convert_model
@@ -108,10 +118,16 @@ def convert(
         dataset=dataset,
         preset=recipe_name,
     )
+    choices = [AdapterChoice.parse(a) for a in adapter or []]  # bad input fails here, before anything is fetched
     with RichProgress() as progress:
         source = resolve_source(model, progress=progress, convert=True)  # a catalogue name: its source checkpoint
+        if choices:
+            from phi3cli.adapter_store import merged_source
+            from phi3cli.store import ModelStore
+
+            source = merged_source(source, choices, ModelStore(), progress)
         path = convert_model(source, spec.name, recipe, output, force=force, progress=progress)
     Console(highlight=False).print(
-        f"[green]Converted[/] {model} → [bold]{path}[/] ({spec.name}, {format}, {recipe.target}, "
+        f"[green]Converted[/] {model}{''.join(f' + {a}' for a in adapter or [])} → [bold]{path}[/] ({spec.name}, {format}, {recipe.target}, "
         f"{dir_size(path) / 1e6:.0f} MB)"
     )

@@ -101,6 +101,29 @@ def backend_options(pairs: list[str] | None, **shorthands) -> dict[str, str]:
     return {**given, **parse_pairs(pairs or [])}
 
 
+AdapterOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--adapter",
+        help="A LoRA adapter (a PEFT folder: adapter_config.json + adapter_model.safetensors) applied at run time to "
+        "the base model, which is converted once and shared: DIR, DIR:ALPHA (0 to 4, default 1) or NAME=DIR[:ALPHA]. "
+        "Repeat it to load several (all apply, summed; /adapter switches them). OpenVINO on the CPU or GPU; elsewhere "
+        "merge it with `phi3 convert --adapter`.",
+        rich_help_panel="Adapters",
+    ),
+]
+
+
+def adapter_options(values: list[str] | None) -> dict:
+    """LoadRequest.options for --adapter (empty when none is given)."""
+    if not values:
+        return {}
+    from phi3cli.adapters import AdapterChoice
+    from phi3cli.backends.adapters import ADAPTERS
+
+    return {ADAPTERS: tuple(AdapterChoice.parse(v) for v in values)}
+
+
 # Flags from before --option, kept working (hidden from --help): each sets the backend option named in the comment.
 MaxPromptLenOpt = Annotated[int | None, typer.Option("--max-prompt-len", hidden=True)]  # max_prompt_len
 MinResponseLenOpt = Annotated[int | None, typer.Option("--min-response-len", hidden=True)]  # min_response_len

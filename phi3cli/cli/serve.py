@@ -20,6 +20,7 @@ from phi3cli.cli.options import (
     OptionOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
+    adapter_options,
     backend_options,
 )
 from phi3cli.cli.render import RichProgress, err_console
@@ -145,6 +146,16 @@ def serve(
     ] = 1,
     allow_image_urls: AllowImageUrlsOpt = False,
     max_image_pixels: MaxImagePixelsOpt = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="Load a LoRA adapter (a PEFT folder) beside the model, as NAME=DIR[:ALPHA]; repeat it for several. "
+            "A request whose model is MODEL:NAME runs with adapter NAME, one naming MODEL alone runs the base. With "
+            "adapters, requests are answered one at a time (/health says so). OpenVINO on the CPU or GPU.",
+            rich_help_panel="Adapters",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP in the OpenAI format: /v1/chat/completions, /v1/completions, /v1/responses, /v1/models.
 
@@ -165,8 +176,8 @@ def serve(
         raise typer.BadParameter("--metrics is not available with --ray (each replica would count alone).")
     from phi3cli.backends.base import BATCHING, BatchingOptions
 
-    options = backend_options(option)
-    if max_sequences > 1:
+    options = backend_options(option) | adapter_options(adapter)
+    if max_sequences > 1 and not adapter:  # with run-time adapters: one request at a time
         options[BATCHING] = BatchingOptions(max_sequences, kv_cache_gb, prefix_caching)
     load_kwargs = dict(
         backend=backend,

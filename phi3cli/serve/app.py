@@ -14,6 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from phi3cli.backends.base import LoadedModel
+from phi3cli.serve.adapters import adapters_health
 from phi3cli.serve.completions import chat_completions, completions
 from phi3cli.serve.images import ImageOptions
 from phi3cli.serve.pool import ModelPool
@@ -38,6 +39,7 @@ async def health(request: Request) -> Response:
     if first := pool.loaded.get(pool.default):  # the default model's runtime, as before several models
         answer |= {"backend": first.model.backend, "executed_device": first.model.executed_device}
         answer |= {"batching": first.jobs.describe(), "supports": first.support}
+        answer |= adapters_health(first.model, first.name)
     return JSONResponse(answer)
 
 

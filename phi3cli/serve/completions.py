@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from phi3cli.generation import ReplyStats, TokenEvent
 from phi3cli.serve import protocol
+from phi3cli.serve.adapters import pick_adapter
 from phi3cli.serve.images import resolve_images
 from phi3cli.serve.pool import served
 from phi3cli.serve.protocol import ApiError, GenerationRequest
@@ -43,6 +44,7 @@ async def completions(request: Request) -> Response:
 async def _generate(request: Request, kind: str) -> Response:
     try:
         body = await read_json(request)
+        body, adapter = pick_adapter(body, list(request.app.state.pool.loaded.values()))  # MODEL:ADAPTER
         ctx = await served(request, body)
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         parsed = parse(body, ctx.model.context_length)
@@ -50,6 +52,7 @@ async def _generate(request: Request, kind: str) -> Response:
             parse_structured(body, parsed)
             resolve_images(parsed.messages, ctx.model, ctx.name, request.app.state.images)
         parse_sampling(body, parsed)
+        parsed.adapter = adapter
     except ApiError as error:
         return fail(request, error)
     started = await start(request, ctx, parsed)

@@ -65,6 +65,7 @@ class GenerationRequest:
     tool_name: str | None = None
     parallel_tool_calls: bool = True
     logprobs: int | None = None  # None: no log-probabilities; n: each token's and its n likeliest alternatives
+    adapter: dict[str, float] | None = None  # the run-time LoRA adapter a MODEL:ADAPTER name picks (None: the base)
 
     @property
     def calls_forced(self) -> bool:

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from phi3cli.generation import ReplyStats, TokenEvent
 from phi3cli.serve import protocol
+from phi3cli.serve.adapters import pick_adapter
 from phi3cli.serve.completions import finish, start
 from phi3cli.serve.images import resolve_images
 from phi3cli.serve.pool import served
@@ -39,9 +40,11 @@ STATELESS = "this server is stateless (it stores no responses); send the whole c
 async def responses(request: Request) -> Response:
     try:
         body = await read_json(request)
+        body, adapter = pick_adapter(body, list(request.app.state.pool.loaded.values()))  # MODEL:ADAPTER
         ctx = await served(request, body)
         parsed = parse_response_request(body, ctx.model.context_length)
         resolve_images(parsed.messages, ctx.model, ctx.name, request.app.state.images)
+        parsed.adapter = adapter
     except ApiError as error:
         return fail(request, error)
     started = await start(request, ctx, parsed)

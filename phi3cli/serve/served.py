@@ -9,6 +9,7 @@ from phi3cli.backends.base import LoadedModel
 from phi3cli.backends.vision import ImagePrompt, with_placeholders
 from phi3cli.generation import prompt_budget
 from phi3cli.serve import protocol
+from phi3cli.serve.adapters import use_adapter
 from phi3cli.serve.protocol import ApiError, GenerationRequest
 from phi3cli.serve.queue import GenerationQueue
 from phi3cli.serve.structured import supports
@@ -64,6 +65,7 @@ class Served:
 
     def prompt_ids(self, parsed: GenerationRequest, loaded: LoadedModel) -> list[int]:
         """The request's prompt, templated and tokenized on the worker; an ApiError when it cannot fit."""
+        use_adapter(loaded, parsed.adapter)  # the request's run-time LoRA adapter, set before its generate
         tools_format = self.tools_format
         if parsed.kind == "chat":
             messages = parsed.messages

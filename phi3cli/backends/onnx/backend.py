@@ -46,6 +46,16 @@ class OnnxBackend(Backend):
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
         quantize_folder(Path(model_dir), recipe, out, progress)
 
+    def adapter_refusal(self, request: LoadRequest) -> str | None:
+        """Why run-time LoRA adapters (phi3cli.backends.adapters) are refused here: always, with 0.13.2's builder."""
+        # Multi-LoRA (og.Adapters, set_active_adapter) needs a graph whose LoRA weights are inputs and the adapters
+        # as .onnx_adapter files. 0.13.2's builder, given adapter_path, bakes the weights in as constants
+        # (make_matmul_lora) and writes no .onnx_adapter.
+        return (
+            "ONNX Runtime GenAI 0.13.2's model builder bakes an adapter into the graph (no LoRA inputs, no "
+            ".onnx_adapter file), so its Multi-LoRA cannot switch adapters on a model phi3 builds"
+        )
+
     def folder_format(self, folder: Path) -> str:
         return detect_format(folder, read_genai_config(folder)["model"]["decoder"]["filename"])
 

@@ -86,6 +86,12 @@ class OpenVINOBackend(Backend):
         copy_missing(model_dir, out, TOKENIZER_FILES + SUPPORT_FILES)
         _note_weights(out, progress)
 
+    def adapter_refusal(self, request: LoadRequest) -> str | None:
+        """Run-time LoRA adapters (phi3cli.backends.adapters): OpenVINO GenAI's, on LLMPipeline."""
+        from phi3cli.backends.openvino.adapters import adapter_refusal
+
+        return adapter_refusal(request)
+
     def folder_format(self, folder: Path) -> str:
         check_ir(folder)
         return ir_format(folder / main_xml(folder))

@@ -25,6 +25,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
+from phi3cli.backends.adapters import ADAPTERS
 from phi3cli.backends.base import (
     GenerationSettings,
     IncrementalDecoder,
@@ -242,6 +243,8 @@ class OpenVINOModel(LoadedModel):
         self.scorer_properties: dict[str, Any] = {}  # how token_logprobs compiles the IR (on the CPU)
         self.compiled_properties: dict[str, str] = {}  # what OpenVINO compiled the LLM with, read from its log
         self._scorer = None
+        self.adapters = None  # an OpenVINOAdapters when loaded with LoRA adapters
+        self._scored_adapters: dict[str, float] = {}  # the adapters the scorer was compiled with
         # What the paged KV cache holds for this conversation, kept (and counted) only with prefix caching on.
         self.prompt_cache = PromptCache(enabled=reuse, block=BLOCK_TOKENS["cpu"])
 
@@ -257,7 +260,10 @@ class OpenVINOModel(LoadedModel):
         return a, b
 
     def generation_config(self, settings: GenerationSettings):
-        return generation_config(self.pipe.get_generation_config(), settings)
+        config = generation_config(self.pipe.get_generation_config(), settings)
+        if self.adapters is not None:  # the active adapters, switched per generate
+            config.adapters = self.adapters.runtime_config()
+        return config
 
     def constraint_refusal(self) -> str | None:
         if self.device == "npu":
@@ -284,10 +290,16 @@ class OpenVINOModel(LoadedModel):
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         """One forward pass of the IR over ids with a fresh KV state (compiled on first use, on the CPU)."""
-        if self._scorer is None:
+        active = dict(self.adapters.active) if self.adapters is not None else {}
+        if self._scorer is None or self._scored_adapters != active:
             core = ov.Core()
             model = core.read_model(str(self.path / "openvino_model.xml"))
+            if active:  # the active LoRA adapters as branches in the graph (GenAI applies them only in generate)
+                from phi3cli.backends.openvino.adapters import with_lora_branches
+
+                model = with_lora_branches(model, self.adapters)
             self._scorer = core.compile_model(model, "CPU", self.scorer_properties)
+            self._scored_adapters = active
         request = self._scorer.create_infer_request()
         request.reset_state()
         n = len(ids)
@@ -334,6 +346,12 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
     # The KV cache is kept between generates by PagedAttention's prefix caching, checked on the CPU only (the NPU's
     # static shapes and the GPU read the whole conversation every turn).
     reuse = request.cache_reuse and request.device == "cpu" and properties.get("ATTENTION_BACKEND") == "PA"
+    adapters = None
+    if request.options.get(ADAPTERS):
+        from phi3cli.backends.openvino.adapters import attach
+
+        adapters = attach(folder, request.options[ADAPTERS], properties)
+        reuse = False  # prefix caching finds KV blocks by tokens alone, whichever adapter computed them
     if properties.get("ATTENTION_BACKEND") == "PA":
         scheduler = ov_genai.SchedulerConfig()
         scheduler.enable_prefix_caching = reuse
@@ -350,6 +368,7 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
     executed = execution_devices(log) or device
     model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit, reuse=reuse)
     model.compiled_properties = compiled_properties(log)
+    model.adapters = adapters
     scorer = {"CACHE_DIR": properties["CACHE_DIR"]} if "CACHE_DIR" in properties else {}
     model.scorer_properties = {**scorer, **precision_properties("cpu", request.options)}
     return model
