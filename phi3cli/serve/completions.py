@@ -15,7 +15,7 @@ from phi3cli.serve.adapters import pick_adapter
 from phi3cli.serve.images import resolve_images
 from phi3cli.serve.pool import served
 from phi3cli.serve.protocol import ApiError, GenerationRequest
-from phi3cli.serve.queue import FINISHED, Job, Started
+from phi3cli.serve.queue import FINISHED, GenerationJob, Started
 from phi3cli.serve.sampling import check_sampling, logprobs_body, parse_sampling
 from phi3cli.serve.served import Served
 from phi3cli.serve.structured import check_structured, parse_structured, reply_calls
@@ -73,7 +73,7 @@ async def _generate(request: Request, kind: str) -> Response:
     return JSONResponse(body)
 
 
-async def start(request: Request, ctx: Served, parsed: GenerationRequest) -> tuple[Job, Started] | Response:
+async def start(request: Request, ctx: Served, parsed: GenerationRequest) -> tuple[GenerationJob, Started] | Response:
     """Check what the model can honour, queue the request and wait until it starts; an error response otherwise."""
     if parsed.ignored:
         request.scope.setdefault("phi3.log", {})["ignored"] = parsed.ignored
@@ -96,7 +96,7 @@ async def start(request: Request, ctx: Served, parsed: GenerationRequest) -> tup
     return job, first
 
 
-async def finish(request: Request, job: Job) -> ReplyStats | Response:
+async def finish(request: Request, job: GenerationJob) -> ReplyStats | Response:
     """The whole reply of a started job (not streamed); an error response if it failed or the client left."""
     try:
         return await collect(job, request)
@@ -110,7 +110,7 @@ async def finish(request: Request, job: Job) -> ReplyStats | Response:
 
 
 async def _stream(
-    ctx: Served, request: Request, job: Job, parsed: GenerationRequest, rid: str, started: Started
+    ctx: Served, request: Request, job: GenerationJob, parsed: GenerationRequest, rid: str, started: Started
 ) -> AsyncIterator[bytes]:
     created_at = int(time.time())
     complete = False

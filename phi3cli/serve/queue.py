@@ -4,7 +4,7 @@ Everything that touches the model (templating, tokenizing, generating) runs on w
 event loop. A model without a batch engine gets one worker: one request at a time (the backends are blocking and
 not safe to share between threads). A model with one (LoadedModel.batch_engine) gets as many workers as the
 engine runs sequences, each driving stream_reply over the engine's generate, so every request is timed by the
-same code as `phi3 chat` while the engine steps them all together. Each request is a Job whose events the web
+same code as `phi3 chat` while the engine steps them all together. Each request is a GenerationJob whose events the web
 side awaits; cancelling a job (the client went away) stops its generation and frees its place at once.
 """
 
@@ -44,7 +44,7 @@ FINISHED = Finished()
 JobItem = Started | TokenEvent | ReplyStats | BaseException | Finished
 
 
-class Job:
+class GenerationJob:
     """One request's generation; its items arrive on the event loop in order."""
 
     def __init__(
@@ -94,11 +94,11 @@ class GenerationQueue:
         self.model = model
         self.engine = model.batch_engine()
         self.workers = self.engine.max_sequences if self.engine else 1
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: queue.Queue[GenerationJob | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._scoring = threading.Lock()  # one teacher-forced scoring pass at a time (its scorer is made on first use)
-        self.active: set[Job] = set()
+        self.active: set[GenerationJob] = set()
         self.served = 0
         self.stopping = False
         self.on_reply: Callable[[ReplyStats], None] | None = None  # told of every finished reply (serve's metrics)
@@ -111,8 +111,8 @@ class GenerationQueue:
 
     def submit(
         self, prepare: Callable[[LoadedModel], list[int]], settings: GenerationSettings, logprobs: int | None = None
-    ) -> Job:
-        job = Job(prepare, settings, asyncio.get_running_loop(), logprobs)
+    ) -> GenerationJob:
+        job = GenerationJob(prepare, settings, asyncio.get_running_loop(), logprobs)
         if self.stopping:
             job.cancel()
             job.deliver(FINISHED)
@@ -179,7 +179,7 @@ class GenerationQueue:
                     self.served += 1
                 job.deliver(FINISHED)
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: GenerationJob) -> None:
         ids = job.prepare(self.model)
         started = Started(len(ids), time.perf_counter() - job.submitted)
         settings, generate = job.settings, None

@@ -26,7 +26,7 @@ from phi3cli.serve.completions import finish, start
 from phi3cli.serve.images import resolve_images
 from phi3cli.serve.pool import served
 from phi3cli.serve.protocol import ApiError, GenerationRequest, image_url_of
-from phi3cli.serve.queue import FINISHED, Job, Started
+from phi3cli.serve.queue import FINISHED, GenerationJob, Started
 from phi3cli.serve.served import Served
 from phi3cli.serve.structured import parse_structured
 from phi3cli.serve.web import JobStream, as_api_error, fail, note, read_json, shutting_down, stats_note
@@ -207,7 +207,7 @@ class ResponseRecord:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def _events(request: Request, job: Job, record: ResponseRecord, started: Started) -> AsyncIterator[bytes]:
+async def _events(request: Request, job: GenerationJob, record: ResponseRecord, started: Started) -> AsyncIterator[bytes]:
     where = {"item_id": record.item_id, "output_index": 0, "content_index": 0}
     yield record.event("response.created", response=record.response("in_progress", []))
     yield record.event("response.in_progress", response=record.response("in_progress", []))

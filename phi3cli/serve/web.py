@@ -13,7 +13,7 @@ from phi3cli.errors import ConstraintError, ContextOverflowError
 from phi3cli.generation import ReplyStats
 from phi3cli.serve import protocol
 from phi3cli.serve.protocol import ApiError
-from phi3cli.serve.queue import FINISHED, Job
+from phi3cli.serve.queue import FINISHED, GenerationJob
 
 log = logging.getLogger("phi3.serve")
 
@@ -33,7 +33,7 @@ def shutting_down() -> ApiError:
 class JobStream(StreamingResponse):
     """A streamed answer whose job is cancelled however the response ends, even before its first chunk."""
 
-    def __init__(self, content, job: Job):
+    def __init__(self, content, job: GenerationJob):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.job = job
 
@@ -134,7 +134,7 @@ async def read_json(request: Request) -> dict:
     return protocol.parse_body(await request.body())
 
 
-async def next_item(job: Job, request: Request):
+async def next_item(job: GenerationJob, request: Request):
     """The job's next item, checking at most every DISCONNECT_POLL_S that the client is still there."""
     while True:
         item = await job.next(DISCONNECT_POLL_S)
@@ -147,7 +147,7 @@ async def next_item(job: Job, request: Request):
             return item
 
 
-async def collect(job: Job, request: Request) -> ReplyStats:
+async def collect(job: GenerationJob, request: Request) -> ReplyStats:
     """The finished reply's stats (a non-streamed answer)."""
     stats = None
     while (item := await next_item(job, request)) is not FINISHED:
