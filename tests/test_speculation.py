@@ -7,15 +7,13 @@ tokenizers built here; the slow ones load the demo on openvino (chat's pipeline,
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from phi3cli.errors import BackendUnavailableError, Phi3Error, UnsupportedModelError
 from phi3cli.speculation import Speculation, acceptance, check_backend, check_vocabularies, requested
-from tests.conftest import TEST_HOME, run_phi3
+from tests.conftest import run_phi3
 
 
 def write_tokenizer(folder, words: list[str]):
@@ -100,17 +98,10 @@ def test_greedy_answer_is_the_same_with_speculation(demo_source, store, kind):
 
 @pytest.fixture(scope="module")
 def other_vocabulary(demo_source):
-    """The tiny random Phi-4-mini (the demo's vocabulary plus Phi-4-mini's special tokens), as test_structured."""
-    from tests.test_structured import write_tiny_phi4_mini
+    """The tiny random Phi-4-mini: the demo's vocabulary plus Phi-4-mini's special tokens."""
+    from tests.test_structured import tiny_phi4_mini
 
-    folder = TEST_HOME / "fixtures" / "tiny-phi4-mini"
-    if not (folder / "model.safetensors").is_file():
-        staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        write_tiny_phi4_mini(demo_source.path, staging)
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
-    return folder
+    return tiny_phi4_mini(demo_source.path)
 
 
 @pytest.mark.slow
