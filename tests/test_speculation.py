@@ -61,6 +61,14 @@ def test_a_draft_with_another_vocabulary_is_refused(tmp_path):
     assert "The draft other" in caught.value.message and "first difference at id 2" in caught.value.message
 
 
+def test_the_commands_refuse_what_does_not_apply_in_one_line():
+    numbers = run_phi3("chat", "--model", "demo", "--num-assistant-tokens", "3", "Hi")
+    assert numbers.returncode == 1 and "apply with --draft or --prompt-lookup" in numbers.stderr, numbers.stderr
+    bench = run_phi3("bench", "--model", "demo", "--prompt-lookup", "--all")
+    assert bench.returncode == 1 and "--all, --compare" in bench.stderr, bench.stderr
+    assert "Traceback" not in numbers.stderr + bench.stderr
+
+
 # --- the real demo model on openvino ---
 
 

@@ -168,6 +168,9 @@ def bench(
     if speculation := requested(draft, prompt_lookup, num_assistant_tokens, max_ngram_size):
         from phi3cli.cli.speculate import bench_speculation
 
+        if everything or compare or load or turns or csv_out or plot:
+            raise Phi3Error("--all, --compare, --load, --turns, --csv and --plot do not apply with --draft or "
+                            "--prompt-lookup, which measure one configuration without and with.")  # fmt: skip
         one = {"backend": (backend or [None])[0], "device": (device[0].value if device else "auto")}
         return bench_speculation(
             speculation,
