@@ -183,6 +183,7 @@ def bench(
             gen_tokens=gen_tokens or 128,
             warmup=1 if warmup is None else warmup,
             repetitions=repetitions or 3,
+            options=backend_options(option) if option else None,
             **one,
         )
     margin = parse_margin(max_regression)
