@@ -37,7 +37,7 @@ def grounded_prompt(model: LoadedModel) -> list[int]:
 
 def _task_prompts(model: LoadedModel, prompt_tokens: int, runs: int) -> dict[str, list[list[int]]]:
     return {
-        "synthetic": [synthetic_prompt(model, prompt_tokens, seed) for seed in range(runs)],
+        "synthetic": [synthetic_prompt(model.encode, prompt_tokens, seed) for seed in range(runs)],
         "copy a given text": [grounded_prompt(model)] * runs,
     }
 
