@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from phi3cli.backends.base import GenerationSettings, LoadedModel, RawToken
 from phi3cli.backends.vision import ImagePrompt
 from phi3cli.errors import ContextOverflowError
+from phi3cli.speculation import Speculation, acceptance, steps_of
 
 
 @dataclass
@@ -42,6 +43,18 @@ class ReplyStats:
     cached_tokens: int = 0  # prompt tokens taken from the KV cache kept since the last reply (not prefilled)
     images: int = 0  # images in the prompt (a vision model's)
     image_s: float | None = None  # the runtime's own time encoding them, part of ttft_s, where it reports one
+    speculation: Speculation | None = None  # how the reply was decoded speculatively, if it was
+
+    @property
+    def steps(self) -> int:
+        """Passes of the model the reply took (fewer than its tokens when speculation was accepted)."""
+        return steps_of(self.token_times)
+
+    @property
+    def acceptance(self) -> float | None:
+        """The share of proposed tokens the model kept, counted from the stream (None without speculation)."""
+        spec = self.speculation
+        return acceptance(self.generated_tokens, self.steps, spec.num_assistant_tokens) if spec else None
 
     @classmethod
     def from_times(cls, prompt_tokens: int, token_times: list[float], **about) -> ReplyStats:
@@ -150,6 +163,7 @@ def stream_reply(
         cached_tokens=cached,
         images=len(ids.images) if isinstance(ids, ImagePrompt) else 0,
         image_s=ids.image_seconds if isinstance(ids, ImagePrompt) else None,
+        speculation=model.speculation if run.speculate else None,
     )
 
 

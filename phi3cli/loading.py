@@ -24,6 +24,7 @@ from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.routing import Route
 from phi3cli.sources import ModelSource, refuse_vision_elsewhere, resolve_source
+from phi3cli.speculation import SPECULATION, Speculation, check_backend, check_vocabularies, vocabulary
 from phi3cli.store import ModelStore
 
 
@@ -100,9 +101,13 @@ def load(
     allow_fallback: bool = False,
     store: ModelStore | None = None,
     progress: Progress | None = None,
+    speculation: Speculation | None = None,
     **how: Any,
 ) -> LoadedModel:
     """Resolve, route, build or find, and load a model (how: prepare()'s keywords).
+
+    speculation: decode speculatively; its draft is resolved and built as any model is, for the same backend and
+    device, and must share the model's tokenizer.
 
     The model is stamped with its route (whose reason says why, for --device auto) and its load time, the runtime's
     own load of the ready folder. If the runtime reports another device than
@@ -111,6 +116,8 @@ def load(
     """
     progress = progress or SilentProgress()
     ready = prepare(model, store=store, progress=progress, **how)
+    if speculation is not None:
+        ready = with_speculation(ready, speculation, store, progress, **how)
     start = time.perf_counter()
     loaded = ready.backend.load(ready.folder, ready.request, progress)
     loaded.load_seconds = time.perf_counter() - start
@@ -135,6 +142,26 @@ def checked_options(spec: BackendSpec, device: str, options: dict[str, Any], pro
         where = " and ".join(declared[key].devices)
         progress.note(f"--option {key} applies on {where} only; ignored on {device}.")
     return {k: v for k, v in checked.items() if k not in idle}
+
+
+def with_speculation(
+    ready: Prepared, speculation: Speculation, store: ModelStore | None, progress: Progress, **how: Any
+) -> Prepared:
+    """The prepared model with its speculation in the request: the backend checked, the draft ready and matching."""
+    check_backend(ready.backend.spec, speculation, ready.request.device)
+    if speculation.draft:
+        store = store or ModelStore()
+        keep = {k: how[k] for k in ("threads", "trust_remote_code", "convert") if k in how}
+        route, name = ready.route, ready.request.source.spec
+        progress.phase(f"Preparing the draft {speculation.draft}")
+        source = resolve_source(speculation.draft, store, progress=progress, device=route.device, backend=route.backend)
+        if vocabulary(source.path) is not None:  # compared before a draft is built, where its source tells
+            check_vocabularies(ready.folder, source.path, name, source.spec)
+        draft = prepare(source, route=route, store=store, progress=progress, **keep)
+        check_vocabularies(ready.folder, draft.folder, name, source.spec)
+        speculation = replace(speculation, draft_folder=draft.folder, draft_format=draft.request.format)
+    options = {**ready.request.options, SPECULATION: speculation}
+    return replace(ready, request=replace(ready.request, options=options))
 
 
 def _route(source: ModelSource, *, device: str, backend: str | None) -> Route:

@@ -194,17 +194,23 @@ def write_tiny_phi4_mini(demo: Path, out: Path) -> Path:
     return out
 
 
+def tiny_phi4_mini(demo: Path) -> Path:
+    """The tiny Phi-4-mini in the test home, written once (one path, so the store converts it once)."""
+    folder = TEST_HOME / "fixtures" / "tiny-phi4-mini"
+    if not (folder / "model.safetensors").is_file():
+        staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        write_tiny_phi4_mini(demo, staging)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny(demo_source, tmp_path_factory):
     """`phi3 serve` (onnx) on the tiny random-weight Phi-4-mini, and its model id."""
     pytest.importorskip("onnxruntime_genai")
-    folder = TEST_HOME / "fixtures" / "tiny-phi4-mini"  # one path, so the store converts it once
-    if not (folder / "model.safetensors").is_file():
-        staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        write_tiny_phi4_mini(demo_source.path, staging)
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
+    folder = tiny_phi4_mini(demo_source.path)
     srv = Server(free_port(), tmp_path_factory.mktemp("structured-tools") / "server.log")
     srv.start("--api-key", KEY, backend="onnx", model=str(folder))
     srv.ready()

@@ -74,6 +74,7 @@ class BackendSpec:
     instead: str = ""  # what to use where it is unavailable (a hint naming the flags)
     constrains: bool = False  # its runtime has a grammar engine: it honours GenerationSettings.constraint
     options: tuple[BackendOption, ...] = ()  # what `--option KEY=VALUE` may set (backends/options.py)
+    speculates: tuple[str, ...] = ()  # the kinds of speculative decoding its runtime has: "draft", "prompt-lookup"
     origin: str = field(default="", compare=False)  # the entry point that registered it
 
     def missing(self) -> str | None:

@@ -1,9 +1,8 @@
 """The one interface every backend implements, and the small pieces they share.
 
-A backend turns a model source into a LoadedModel for a device. A LoadedModel encodes text and
-generates RawTokens; it does not time anything itself beyond stamping when each token was
-produced. phi3cli.generation turns those tokens into TokenEvents and ReplyStats, so every backend
-is measured by the same code.
+A backend turns a model source into a LoadedModel for a device. A LoadedModel encodes text and generates RawTokens;
+it does not time anything itself beyond stamping when each token was produced. phi3cli.generation turns those
+tokens into TokenEvents and ReplyStats, so every backend is measured by the same code.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ if TYPE_CHECKING:
     from phi3cli.routing import Route
     from phi3cli.sizing import BuildEstimate
     from phi3cli.sources import ModelSource
+    from phi3cli.speculation import Speculation
+
 
 @dataclass(frozen=True)
 class OutputConstraint:
@@ -62,6 +63,7 @@ class GenerationSettings:
     stop: Sequence[str] = ()
     constraint: OutputConstraint | None = None  # what the reply must be, enforced by the runtime's grammar engine
     sampling: SamplingControls = SamplingControls()  # penalties and biases (backends/sampling.py)
+    speculate: bool = True  # use the speculation the model was loaded with (serve's per-request switch turns it down)
 
     @property
     def greedy(self) -> bool:
@@ -81,10 +83,10 @@ class RawToken:
 class PromptCache:
     """The token ids whose keys and values a runtime's KV cache holds between generates.
 
-    The conversation stays the source of truth: each generate keeps the longest common prefix of what the cache
-    holds and the new prompt, rewinds the rest and prefills only the remainder. So a history trimmed or reset, a
-    new system prompt, a loaded session, an answer interrupted or cut at a stop string (whose tokens are not in
-    the next prompt) all come out right by construction, with no event to invalidate the cache.
+    The conversation stays the source of truth: each generate keeps the longest common prefix of what the cache holds
+    and the new prompt, rewinds the rest and prefills only the remainder. So a history trimmed or reset, a new system
+    prompt, a loaded session, an answer interrupted or cut at a stop string (whose tokens are not in the next prompt)
+    all come out right by construction, with no event to invalidate the cache.
     """
 
     enabled: bool = True  # may be turned off between generates (bench measures its one-prompt tests so)
@@ -141,6 +143,7 @@ class LoadedModel(ABC):
     prompt_cache: PromptCache | None = None  # set by runtimes that keep their KV cache between generates
     sampling_controls: frozenset[str] = frozenset()  # the SamplingControls fields generate() acts on
     vocab_size: int | None = None  # token ids run from 0 to vocab_size - 1 (where the backend says)
+    speculation: Speculation | None = None  # set by runtimes loaded to decode speculatively (LoadRequest.options)
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -168,8 +171,7 @@ class LoadedModel(ABC):
         logprobs = self.next_token_logprobs(ids)
         return logprobs[np.arange(len(ids) - 1), ids[1:]].astype(float).tolist()
 
-    # Why this model generates one request at a time, for `phi3 serve` (its /health and start-up line).
-    serial_reason: str = "this runtime generates one request at a time"
+    serial_reason: str = "this runtime generates one request at a time"  # why, for serve's /health and start-up
 
     def constraint_refusal(self) -> str | None:
         """Why generate() cannot honour settings.constraint on this model, or None when it can.
@@ -180,10 +182,7 @@ class LoadedModel(ABC):
         return f"the {self.backend} backend has no grammar engine to constrain its output"
 
     def batch_engine(self) -> BatchEngine | None:
-        """The engine that runs many requests at once on this model, or None (then serve queues them).
-
-        A backend returns one only when the model was loaded with LoadRequest.options[BATCHING] set.
-        """
+        """The engine that runs many requests at once, or None (serve queues them): only with options[BATCHING]."""
         return None
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from phi3cli.cli.bench_tables import show_comparison, show_report
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import ConvertOpt, OptionOpt, ThreadsOpt, backend_options, choices
 from phi3cli.cli.render import RichProgress, err_console, out_console
+from phi3cli.cli.speculate import AssistantTokensOpt, DraftOpt, NgramOpt, PromptLookupOpt
 from phi3cli.errors import Phi3Error
 
 EXIT_REGRESSION = 3
@@ -148,15 +149,43 @@ def bench(
         typer.Option("--load", help="Show, export or compare a saved report (--json) instead of measuring."),
     ] = None,
     chart: Annotated[bool, typer.Option("--chart/--no-chart", help="Bar chart of decode tok/s and TTFT.")] = True,
+    draft: DraftOpt = None,
+    prompt_lookup: PromptLookupOpt = False,
+    num_assistant_tokens: AssistantTokensOpt = None,
+    max_ngram_size: NgramOpt = None,
 ) -> None:
     """Measure load time, time to first token, prefill and decode speed, memory, size and answer quality.
 
     Each configuration runs in its own process, on the code path `phi3 chat` uses, with a new synthetic prompt
     every run. Figures are mean ± standard deviation. Missing variants are converted into the model store first.
+    With --draft or --prompt-lookup it measures one configuration without and with speculative decoding, side by
+    side, on the synthetic prompt and on an input-grounded task (copying a given text).
     """
     from phi3cli.bench import compare as compare_reports
     from phi3cli.bench import load_report, parse_margin, settings_with_baseline
+    from phi3cli.speculation import requested
 
+    if speculation := requested(draft, prompt_lookup, num_assistant_tokens, max_ngram_size):
+        from phi3cli.cli.speculate import bench_speculation
+
+        if everything or compare or load or turns or csv_out or plot:
+            raise Phi3Error("--all, --compare, --load, --turns, --csv and --plot do not apply with --draft or "
+                            "--prompt-lookup, which measure one configuration without and with.")  # fmt: skip
+        one = {"backend": (backend or [None])[0], "device": (device[0].value if device else "auto")}
+        return bench_speculation(
+            speculation,
+            markdown_out=markdown_out,
+            json_out=json_out,
+            model=model or DEFAULT_MODEL,
+            format=(format or [None])[0],
+            threads=threads,
+            prompt_tokens=(_ints(prompt_tokens, "-p") or [512])[0],
+            gen_tokens=gen_tokens or 128,
+            warmup=1 if warmup is None else warmup,
+            repetitions=repetitions or 3,
+            options=backend_options(option) if option else None,
+            **one,
+        )
     margin = parse_margin(max_regression)
     baseline = load_report(compare) if compare else None
     console = out_console()

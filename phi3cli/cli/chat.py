@@ -39,6 +39,7 @@ from phi3cli.cli.options import (
 )
 from phi3cli.cli.render import RichProgress, err_console, stats_line, trim_notice
 from phi3cli.cli.sampling import FrequencyPenaltyOpt, MinPOpt, PresencePenaltyOpt, RepeatPenaltyOpt, apply_sampling
+from phi3cli.cli.speculate import AssistantTokensOpt, DraftOpt, NgramOpt, PromptLookupOpt, describe, requested
 from phi3cli.errors import (
     BackendUnavailableError,
     DeviceUnavailableError,
@@ -100,6 +101,10 @@ def chat(
     npu_hint: NpuHintOpt = None,
     inference_precision: InferencePrecisionOpt = None,
     cache_reuse: CacheReuseOpt = True,
+    draft: DraftOpt = None,
+    prompt_lookup: PromptLookupOpt = False,
+    num_assistant_tokens: AssistantTokensOpt = None,
+    max_ngram_size: NgramOpt = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -175,6 +180,7 @@ def chat(
         options=options,
         cache_reuse=cache_reuse and prompt is None,  # one answer: no next turn to reuse it
         convert=convert,
+        speculation=requested(draft, prompt_lookup, num_assistant_tokens, max_ngram_size),
     )
     loaded = _load(chosen, saved, resume, how)
     try:
@@ -185,7 +191,7 @@ def chat(
         else:
             err_console.print(
                 f"[bold]{escape(state.model_spec)}[/] · {loaded.backend} on {loaded.executed_device} · loaded in "
-                f"{loaded.load_seconds:.1f} s\n[dim]{HELP}[/]"
+                f"{loaded.load_seconds:.1f} s{escape(describe(loaded.speculation))}\n[dim]{HELP}[/]"
             )
             interactive(state, Console(highlight=False))
     finally:

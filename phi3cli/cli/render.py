@@ -120,7 +120,7 @@ def stats_line(stats: ReplyStats) -> str:
         f"{stats.backend} on {stats.executed_device} · TTFT {stats.ttft_s * 1000:.0f} ms{image_part(stats)} · "
         f"{stats.decode_tps:.1f} tok/s · {stats.generated_tokens} tokens "
         f"({stats.prompt_tokens} prompt{f', {stats.cached_tokens} cached' if stats.cached_tokens else ''}) · "
-        f"{stats.finish_reason}"
+        f"{stats.finish_reason}{speculation_figures(stats)}"
     )
 
 
@@ -130,6 +130,13 @@ def image_part(stats: ReplyStats) -> str:
         return ""
     count = f"{stats.images} image{'s' if stats.images > 1 else ''}"
     return f" ({count}, encoded in {stats.image_s * 1000:.0f} ms)" if stats.image_s is not None else f" ({count})"
+
+
+def speculation_figures(stats: ReplyStats) -> str:
+    """Acceptance after a speculative reply (counted from the stream: tokens per pass of the model), else ''."""
+    if stats.acceptance is None:
+        return ""
+    return f" · {stats.acceptance:.0%} accepted ({stats.generated_tokens / stats.steps:.1f} tokens a pass)"
 
 
 def trim_notice(event, session) -> str:

@@ -24,6 +24,7 @@ from phi3cli.cli.options import (
     backend_options,
 )
 from phi3cli.cli.render import RichProgress, err_console
+from phi3cli.cli.speculate import AssistantTokensOpt, DraftOpt, NgramOpt, PromptLookupOpt, describe, requested
 
 
 @user_errors
@@ -120,6 +121,10 @@ def serve(
             rich_help_panel="Batching",
         ),
     ] = True,
+    draft: DraftOpt = None,
+    prompt_lookup: PromptLookupOpt = False,
+    num_assistant_tokens: AssistantTokensOpt = None,
+    max_ngram_size: NgramOpt = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -162,7 +167,8 @@ def serve(
     The model loads once (converted first if needed). Where the backend can, requests are batched
     (continuous batching: each starts as soon as there is room, all advance together); otherwise
     they are answered one at a time, in order. A client that disconnects stops its generation.
-    With --ray, Ray Serve runs --replicas copies and routes the requests to them.
+    With --ray, Ray Serve runs --replicas copies and routes the requests to them. With --draft or --prompt-lookup
+    every request decodes speculatively; a request with `"speculative": false` proposes one token a pass instead.
     Point any OpenAI client at http://HOST:PORT/v1.
     """
     names = list(dict.fromkeys(models or [DEFAULT_MODEL]))
@@ -188,6 +194,7 @@ def serve(
         allow_fallback=allow_fallback,
         options=options,
         convert=convert,
+        speculation=requested(draft, prompt_lookup, num_assistant_tokens, max_ngram_size),
     )
     if ray:
         return _serve_with_ray(model, load_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
@@ -222,7 +229,8 @@ def _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, id
     url = server.url_of(sock)
     err_console.print(
         f"[bold]{model}[/] · {loaded.backend} {loaded.format} on {loaded.executed_device} · "
-        f"context {loaded.context_length} tokens · loaded in {loaded.load_seconds:.1f} s",
+        f"context {loaded.context_length} tokens · loaded in {loaded.load_seconds:.1f} s"
+        f"{describe(loaded.speculation)}",
         soft_wrap=True,
     )
     err_console.print(f"Requests: {server.describe(loaded)}.", soft_wrap=True, markup=False)

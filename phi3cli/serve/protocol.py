@@ -21,6 +21,7 @@ from phi3cli.generation import ReplyStats
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream"}
 COMMON_FIELDS |= {"stream_options", "n", "ignore_eos", "keep_alive"}
 COMMON_FIELDS |= {"frequency_penalty", "presence_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs"}
+COMMON_FIELDS |= {"speculative"}  # phi3's extension: false turns the server's speculative decoding down
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice"}
 CHAT_FIELDS |= {"parallel_tool_calls", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
@@ -221,6 +222,7 @@ def _common(body: dict, kind: str, max_tokens: int | None, known: set[str], cont
         seed=seed,
         ignore_eos=_flag(body, "ignore_eos"),
         stop=_stops(body.get("stop")),
+        speculate=body.get("speculative") is None or _flag(body, "speculative"),
     )
     ignored = sorted(k for k, v in body.items() if k not in known and v is not None)
     return GenerationRequest(kind, settings, max_tokens, stream, include_usage, ignored=ignored)

@@ -116,4 +116,5 @@ SPEC = BackendSpec(
     ),
     constrains=True,  # XGrammar, through GenerationConfig.structured_output_config
     options=OPTIONS,
+    speculates=("draft", "prompt-lookup"),  # draft_model / prompt_lookup on LLMPipeline and continuous batching
 )

@@ -47,6 +47,7 @@ from phi3cli.backends.openvino.runtime import (
     generation_config,
     ov_device_for,
 )
+from phi3cli.backends.openvino.speculative import pipeline_properties, requested
 from phi3cli.errors import ContextOverflowError, Phi3Error
 from phi3cli.progress import Progress
 from phi3cli.util import first_line
@@ -179,7 +180,7 @@ class ContinuousBatchingEngine(BatchEngine):
             settings = GenerationSettings(**{**settings.__dict__, "max_new_tokens": room})
         if self.grammar is not None:
             self.grammar.check(settings)
-        config = generation_config(self._pipe.get_config(), settings)
+        config = generation_config(self._pipe.get_config(), settings, self._model.speculation)
         return self._stream(prompt_ids, config, cancelled)
 
     def _stream(self, prompt_ids: list[int], config, cancelled: threading.Event | None) -> Iterator[RawToken]:
@@ -278,6 +279,7 @@ class ContinuousBatchingEngine(BatchEngine):
             "prefix_caching": self.prefix_caching,
             "steps": self.steps,
             "schemas_checked": self.grammar.checked if self.grammar else 0,
+            "speculation": self._model.speculation.describe() if self._model.speculation else None,
             **self.notes,
         }
 
@@ -300,7 +302,7 @@ class OpenVINOBatchedModel(OpenVINOModel):
     engine: ContinuousBatchingEngine
 
     def generation_config(self, settings: GenerationSettings):
-        return generation_config(self.pipe.get_config(), settings)
+        return generation_config(self.pipe.get_config(), settings, self.speculation)
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[RawToken]:
         return self.engine.generate(prompt_ids, settings)
@@ -343,6 +345,8 @@ def load_batched(folder: Path, fmt: str, request: LoadRequest, progress: Progres
     scheduler.num_kv_blocks = pool.blocks
     scheduler.max_num_seqs = options.max_sequences
     scheduler.enable_prefix_caching = options.prefix_caching
+    speculation = requested(request)
+    properties.update(pipeline_properties(speculation, device, properties))
     progress.phase(f"Loading {folder.name} on {device} with OpenVINO GenAI (continuous batching)")
     try:
         with _compile_log() as compile_lines:
@@ -357,6 +361,7 @@ def load_batched(folder: Path, fmt: str, request: LoadRequest, progress: Progres
     model.compiled_properties = compiled_properties(compile_lines)
     # The scoring pass (log-probabilities) at the pipeline's precision, not the CPU's default (bf16 where it has it).
     model.scorer_properties = {k: v for k, v in properties.items() if k in ("CACHE_DIR", "INFERENCE_PRECISION_HINT")}
+    model.speculation = speculation
     grammar = GrammarCheck(folder, {k: v for k, v in properties.items() if k == "CACHE_DIR"})
     model.engine = ContinuousBatchingEngine(model, pipe, pool, options, notes, grammar)
     return model

@@ -17,6 +17,7 @@ import random
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ from phi3cli.backends.base import (
 from phi3cli.backends.openvino import SPEC
 from phi3cli.backends.openvino.ir import context_length
 from phi3cli.backends.openvino.kvcache import BLOCK_TOKENS, decode_properties, kv_cache_properties
+from phi3cli.backends.openvino.speculative import assist, pipeline_properties, requested
 from phi3cli.errors import ConstraintError, DeviceUnavailableError, Phi3Error
 from phi3cli.progress import Progress
+from phi3cli.speculation import Speculation
 from phi3cli.templates import ChatTemplate, load_chat_template
 from phi3cli.util import first_line, log_softmax
 
@@ -166,9 +169,10 @@ class TokenStreamer(ov_genai.StreamerBase):
 
     def write(self, token) -> ov_genai.StreamingStatus:
         status = ov_genai.StreamingStatus.RUNNING
+        t = time.perf_counter()  # the tokens of one write came from one pass of the model (speculation counts them)
         for token_id in [token] if isinstance(token, int) else token:
             self.ids.append(token_id)
-            if not self._emit(RawToken(self._decoder.push(token_id), token_id=token_id)):
+            if not self._emit(RawToken(self._decoder.push(token_id), t=t, token_id=token_id)):
                 status = ov_genai.StreamingStatus.CANCEL
         return status
 
@@ -176,11 +180,12 @@ class TokenStreamer(ov_genai.StreamerBase):
         pass
 
 
-def generation_config(config, settings: GenerationSettings):
+def generation_config(config, settings: GenerationSettings, speculation: Speculation | None = None):
     """One request's settings on the pipeline's GenerationConfig (LLMPipeline and continuous batching share it).
 
     A constraint becomes the request's StructuredOutputConfig (XGrammar), so each request of a batch has its own.
     """
+    assist(config, speculation, settings)
     config.max_new_tokens = settings.max_new_tokens
     if settings.constraint is not None:
         config.structured_output_config = ov_genai.StructuredOutputConfig(json_schema=settings.constraint.schema_text)
@@ -260,7 +265,7 @@ class OpenVINOModel(LoadedModel):
         return a, b
 
     def generation_config(self, settings: GenerationSettings):
-        config = generation_config(self.pipe.get_generation_config(), settings)
+        config = generation_config(self.pipe.get_generation_config(), settings, self.speculation)
         if self.adapters is not None:  # the active adapters, switched per generate
             config.adapters = self.adapters.runtime_config()
         return config
@@ -356,6 +361,8 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
         scheduler = ov_genai.SchedulerConfig()
         scheduler.enable_prefix_caching = reuse
         properties["scheduler_config"] = scheduler
+    speculation = requested(request)
+    properties.update(pipeline_properties(speculation, device, properties))
     progress.phase(f"Loading {folder.name} on {device} with OpenVINO GenAI")
     try:
         with _compile_log() as log:
@@ -369,6 +376,7 @@ def load_ir(folder: Path, fmt: str, request: LoadRequest, progress: Progress) ->
     model = OpenVINOModel(folder, pipe, fmt, request.device, executed, context, prompt_limit, reuse=reuse)
     model.compiled_properties = compiled_properties(log)
     model.adapters = adapters
+    model.speculation = speculation
     scorer = {"CACHE_DIR": properties["CACHE_DIR"]} if "CACHE_DIR" in properties else {}
     model.scorer_properties = {**scorer, **precision_properties("cpu", request.options)}
     return model
