@@ -36,20 +36,22 @@ from phi3cli.store import ModelStore
 from phi3cli.util import dir_size
 
 
-def make(out: Path, seed: int = 2, std: float = 0.07) -> None:
+def make(out: Path, seed: int = 2, std: float = 0.07, base: Path | None = None) -> Path:
+    """A random LoRA made by peft itself: r 8, alpha 16, on Phi-3's four Linear layers of base (default: the demo)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(resolve_source("demo").path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base or resolve_source("demo").path, dtype=torch.float32)
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
     with torch.no_grad():
-        for name, tensor in model.named_parameters():
+        for name, tensor in peft_model.named_parameters():
             if "lora_" in name:
                 tensor.normal_(0, std)
-    model.save_pretrained(out)
+    peft_model.save_pretrained(out)
+    return out
 
 
 def how(what: str, fmt: str, adapter: Path, store: ModelStore) -> tuple:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.lora_figures import make as make_random_lora
 from phi3cli.adapters import AdapterChoice, AdapterError, module_shapes, read_adapter
 from tests.conftest import PROMPTS, TEST_HOME, run_phi3
 
@@ -187,21 +188,7 @@ def test_onnx_refuses_run_time_adapters_before_building(config_only_model, tmp_p
 
 
 def peft_lora(base: Path, out: Path, seed: int, std: float = 0.07) -> Path:
-    """A random LoRA for the demo, made by peft itself: r 8, alpha 16, on Phi-3's four Linear layers."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, tensor in peft_model.named_parameters():
-            if "lora_" in name:
-                tensor.normal_(0, std)
-    peft_model.save_pretrained(out)
-    return out
+    return make_random_lora(out, seed=seed, std=std, base=base)
 
 
 @pytest.fixture(scope="module")
