@@ -221,7 +221,7 @@ def local_cluster(nodes: int):
     return cluster
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--backend")
@@ -243,7 +243,11 @@ def main() -> None:
     parser.add_argument("--ray-address", help="With --ray: use this existing cluster instead of a local one.")
     parser.add_argument("--kill-replica", action="store_true", help="With --ray: a last round that kills a replica.")
     parser.add_argument("--json", help="Also write the figures to this file.")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
     process = cluster = None
@@ -303,7 +307,15 @@ def main() -> None:
             cluster.shutdown()
         log.close()
     os.unlink(log.name)  # kept (and named above) only when something failed
+    report(results, fault)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": card.id, "server": info, "batching": batching, "levels": [asdict(r) for r in results],
+                       "fault": fault}, f, indent=2)  # fmt: skip
 
+
+def report(results: list, fault: dict | None) -> None:
+    """The table per number of clients, the scaling against one client, and the fault round if any."""
     print("| clients | requests | failed | requests/s | latency p50 | latency p95 | TTFT p50 | TTFT p95 | "
           "queued p50 | output tok/s (all) | decode tok/s (each) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -325,10 +337,6 @@ def main() -> None:
             f"{fault['lost_before_streaming']} lost before streaming; the replica was back after "
             f"{fault['replica_back_after_s']} s."
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": card.id, "server": info, "batching": batching, "levels": [asdict(r) for r in results],
-                       "fault": fault}, f, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

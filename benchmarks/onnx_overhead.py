@@ -70,7 +70,7 @@ def figures(times: list[float], cpu_s: float) -> dict:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", nargs="+", default=["int4", "fp16", "fp32"])
     parser.add_argument("--reps", type=int, default=7, help="measured repetitions per format and path")
@@ -82,15 +82,17 @@ def main() -> None:
         "thread's CPU time measures all the work and stays steady on a busy machine",
     )
     parser.add_argument("--json", type=Path, help="write every measurement here")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     import onnxruntime_genai as og
 
     from phi3cli.loading import load
     from phi3cli.routing import given
     from phi3cli.sources import resolve_source
     from phi3cli.store import ModelStore
-    from phi3cli.util import dir_size
 
     store = ModelStore()
     demo = resolve_source("demo", store)
@@ -118,6 +120,17 @@ def main() -> None:
             ]
             for name, run in runs if rep % 2 == 0 else reversed(runs):
                 results[fmt][name].append({**run(), "prompt_tokens": len(ids)})
+
+    summary = report(og, args, prompts, results, setups)
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+    for ours, _, _ in setups.values():
+        ours.close()
+
+
+def report(og, args: argparse.Namespace, prompts: list, results: dict, setups: dict) -> dict:
+    """Print the table of medians and paired overheads; return the summary."""
+    from phi3cli.util import dir_size
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
@@ -154,10 +167,7 @@ def main() -> None:
             f"{decode_overhead:+.1%} | {med['phi3']['ttft_s'] * 1000:.0f} ms | {med['direct']['ttft_s'] * 1000:.0f} ms | "
             f"{ttft_overhead:+.1%} | {cpu_overhead:+.1%} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
-    for ours, _, _ in setups.values():
-        ours.close()
+    return summary
 
 
 if __name__ == "__main__":

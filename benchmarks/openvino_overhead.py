@@ -165,16 +165,17 @@ def cold_warm(real_root: Path, fmt: str, pairs: int) -> tuple[list[float], list[
     return cold, warm
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", nargs="+", default=["int4", "int8", "fp16"])
     parser.add_argument("--reps", type=int, default=8, help="measured repetitions per format and path")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--load-pairs", type=int, default=3, help="cold/warm load pairs per format (0 skips)")
     parser.add_argument("--json", type=Path, help="write every measurement here")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import openvino as ov
+
+def main() -> None:
     import openvino_genai as ov_genai
 
     from phi3cli.backends.openvino.runtime import attention_properties, precision_properties
@@ -182,8 +183,8 @@ def main() -> None:
     from phi3cli.routing import given
     from phi3cli.sources import resolve_source
     from phi3cli.store import ModelStore
-    from phi3cli.util import dir_size
 
+    args = parse_args()
     store = ModelStore()
     demo = resolve_source("demo", store)
     properties = {
@@ -192,6 +193,28 @@ def main() -> None:
         **attention_properties("cpu", {}),
     }
     models = {fmt: load(demo, route=given("openvino", "cpu"), format=fmt, store=store) for fmt in args.formats}
+    prompts, results = measure(models, args)
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"openvino-genai {ov_genai.__version__} · {platform.machine()} {os.cpu_count()} cores · "
+        f"{args.reps} interleaved reps · {args.new_tokens} new tokens (eos ignored), greedy · "
+        f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens · {properties} · "
+        f"load average {load_avg:.1f}\n"
+    )
+    summary = report(models, prompts, results)
+    for model in models.values():
+        model.close()
+    if args.load_pairs:
+        report_loads(store, args, summary)
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+
+
+def measure(models: dict, args: argparse.Namespace) -> tuple[list, dict]:
+    """Interleaved repetitions of phi3's path and the two bare OpenVINO GenAI loops on each format."""
+    import openvino as ov
+    import openvino_genai as ov_genai
+
     first = next(iter(models.values()))  # the formats share the tokenizer and the template
     paths_run = {
         "phi3": lambda model, ids: run_ours(model, ids, args.new_tokens),
@@ -214,16 +237,13 @@ def main() -> None:
         for fmt, model in models.items():
             for name, ids in zip(order, batch, strict=True):
                 results[fmt][name].append({**paths_run[name](model, ids), "prompt_tokens": len(ids)})
-    paths = {fmt: model.path for fmt, model in models.items()}
-    owned = models  # closed after the replay measurement below
+    return prompts, results
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"openvino-genai {ov_genai.__version__} · {platform.machine()} {os.cpu_count()} cores · "
-        f"{args.reps} interleaved reps · {args.new_tokens} new tokens (eos ignored), greedy · "
-        f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens · {properties} · "
-        f"load average {load:.1f}\n"
-    )
+
+def report(models: dict, prompts: list, results: dict) -> dict:
+    """Print the medians, phi3's overhead against each bare loop, and phi3's own work per token."""
+    from phi3cli.util import dir_size
+
     print(
         "| format | size | path | decode tok/s | TTFT | phi3's decode overhead | phi3's TTFT overhead |\n"
         "| --- | --- | --- | --- | --- | --- | --- |"
@@ -239,13 +259,13 @@ def main() -> None:
             "decode_tps": statistics.median(r["ov_decode_tps"] for r in runs["phi3"]),
             "ttft_s": statistics.median(r["ov_ttft_s"] for r in runs["phi3"]),
         }
-        own = own_work_per_token(owned[fmt], prompts[0], runs["phi3"][0]["token_ids"])
+        own = own_work_per_token(models[fmt], prompts[0], runs["phi3"][0]["token_ids"])
         summary[fmt] = {"median": med, "own_work_per_token_s": own}
         own_lines.append(
             f"| {fmt} | {own * 1e6:.0f} µs | {1000 / med['phi3']['decode_tps']:.1f} ms | "
             f"{own * med['phi3']['decode_tps']:.1%} |"
         )
-        cells = [fmt, f"{dir_size(paths[fmt]) / 1e6:.0f} MB"]
+        cells = [fmt, f"{dir_size(models[fmt].path) / 1e6:.0f} MB"]
         for name, m in med.items():
             overheads = " | "
             if name.startswith("direct"):  # >0: phi3 is slower than calling OpenVINO GenAI this way
@@ -262,19 +282,19 @@ def main() -> None:
         "decoder, thread hand-off and stream_reply):\n\n| format | per token | phi3's TPOT | share |\n| --- | --- | --- | --- |"
     )
     print("\n".join(own_lines))
-    for model in owned.values():
-        model.close()
-    loads = {fmt: cold_warm(store.root, fmt, args.load_pairs) for fmt in args.formats} if args.load_pairs else {}
-    if loads:
-        print(f"\nLoad time in a fresh process (phi3cli.loading.load, median of {args.load_pairs}):\n")
-        print("| format | cold (empty compiled-model cache) | warm (cache filled) | warm / cold |")
-        print("| --- | --- | --- | --- |")
-        for fmt, (cold, warm) in loads.items():
-            c, w = statistics.median(cold), statistics.median(warm)
-            summary[fmt]["load"] = {"cold_s": cold, "warm_s": warm}
-            print(f"| {fmt} | {c:.2f} s | {w:.2f} s | {w / c:.2f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+    return summary
+
+
+def report_loads(store, args: argparse.Namespace, summary: dict) -> None:
+    """Cold and warm load times in fresh processes, per format."""
+    loads = {fmt: cold_warm(store.root, fmt, args.load_pairs) for fmt in args.formats}
+    print(f"\nLoad time in a fresh process (phi3cli.loading.load, median of {args.load_pairs}):\n")
+    print("| format | cold (empty compiled-model cache) | warm (cache filled) | warm / cold |")
+    print("| --- | --- | --- | --- |")
+    for fmt, (cold, warm) in loads.items():
+        c, w = statistics.median(cold), statistics.median(warm)
+        summary[fmt]["load"] = {"cold_s": cold, "warm_s": warm}
+        print(f"| {fmt} | {c:.2f} s | {w:.2f} s | {w / c:.2f} |")
 
 
 if __name__ == "__main__":
