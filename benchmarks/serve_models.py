@@ -1,6 +1,6 @@
 """The memory of one and of two models loaded in one `phi3 serve`, and the time to load the second on demand.
 
-Usage: python scripts/serve_models.py MODEL_A MODEL_B [serve options...]
+Usage: python -m benchmarks.serve_models MODEL_A MODEL_B [serve options...]
 Starts `phi3 serve --model MODEL_A --model MODEL_B`, reads the server's resident memory once MODEL_A is loaded,
 asks MODEL_B one question (the client's wall time includes loading it), then reads the memory again.
 """
@@ -18,6 +18,8 @@ import psutil
 
 
 def main() -> None:
+    if len(sys.argv) < 3 or sys.argv[1] in ("-h", "--help"):
+        raise SystemExit(__doc__)
     first, second, *options = sys.argv[1:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
