@@ -93,6 +93,7 @@ def test_every_backend_ran_and_counted_exactly_the_tokens_asked(bench_run):
         row = rows[key]
         assert row["status"] == "ok", f"{key}: {row['reason']}"
         assert "CPU" in row["executed_device"].upper()
+        assert row["image"] is None  # a text-only model runs no image test
         assert [run["prompt_tokens"] for run in row["runs"]] == list(PROMPTS)
         for run in row["runs"]:
             assert run["gen_tokens"] == GEN
@@ -266,6 +267,14 @@ def test_bad_counts_are_refused(args, flag):
     done = run_phi3("bench", "--model", "demo", "-b", "torch", *args)
     assert done.returncode == 1 and flag in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_unreadable_image_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "notes.png").write_text("not a picture")
+    for path, words in ((tmp_path / "none.png", "No image at"), (tmp_path / "notes.png", "is not an image")):
+        done = run_phi3("bench", "--model", "demo", "-b", "torch", "--image", str(path))
+        assert done.returncode == 1 and words in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "Measuring" not in done.stderr
 
 
 @pytest.mark.slow

@@ -218,3 +218,25 @@ def test_serve_text_only_model_given_an_image_is_a_400_naming_it(demo_source, tm
         assert caught.value.status_code == 400
     finally:
         srv.stop()
+
+
+def test_bench_measures_the_image_beside_the_text(tiny_multimodal, pictures, tmp_path):
+    """On a vision model bench adds the image test: encoding time, TTFT with the image, decode speed."""
+    report_path = tmp_path / "report.json"
+    args = ["--model", tiny_multimodal, "-b", "openvino", "-f", "int4", "-p", "16", "-n", "4", "-r", "2"]
+    done = run_phi3("bench", *args, "--no-quality", "--no-chart", "--image", str(pictures / "p1.png"),
+                    "--json", str(report_path), "--markdown", str(tmp_path / "report.md"), env={"COLUMNS": "200"})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "One image (p1.png (90x60))" in done.stdout and "image ms" in done.stdout, done.stdout
+    assert "pp16+tg4" in done.stdout and "1 image+tg4" in done.stdout
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["image"] == str(pictures / "p1.png")
+    (row,) = [r for r in report["results"] if r["status"] == "ok"]
+    test = row["image"]
+    assert test["image"] == "p1.png (90x60)" and test["tokens_counted"] == [4, 4]
+    for key in ("image_ms", "ttft_ms", "decode_tps"):
+        assert test[key]["n"] == 2 and test[key]["min"] > 0, (key, test[key])
+    # The runtime's encoding is part of the time to first token, in every run.
+    assert all(e < t for e, t in zip(test["image_ms"]["values"], test["ttft_ms"]["values"], strict=True))
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| image encoding ms | TTFT ms | decode tok/s |" in markdown and "| 1 image+tg4 |" in markdown

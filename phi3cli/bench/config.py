@@ -67,6 +67,7 @@ class BenchSettings:
     turns: int = 0  # the multi-turn test: conversations of this many user messages of each prompt length (0: none)
     cache_reuse: bool = True  # whether the multi-turn test keeps the KV cache between turns, as `phi3 chat` does
     options: dict[str, str] = field(default_factory=dict)  # --option: each configuration gets those its backend takes
+    image: str | None = None  # --image: the image test's file on vision models (None: a generated picture)
 
     def validate(self) -> None:
         """Refuse counts that cannot give a measurement, naming the flag to change."""
@@ -190,6 +191,7 @@ def settings_with_baseline(
     turns: int | None = None,
     cache_reuse: bool | None = None,
     options: dict[str, str] | None = None,
+    image: str | None = None,
 ) -> BenchSettings:
     """Checked settings: the options given (not None), the --compare baseline's for those unset, else the defaults.
 
@@ -213,6 +215,7 @@ def settings_with_baseline(
         turns=pick(turns, "turns"),
         cache_reuse=pick(cache_reuse, "cache_reuse"),
         options=dict(pick(options, "options")),
+        image=pick(image, "image"),
     )
     settings.validate()
     return settings

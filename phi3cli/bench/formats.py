@@ -11,6 +11,7 @@ from phi3cli.context import LONG_CONTEXT, fmt_memory
 from .report import CSV_COLUMNS, RUN_KEYS, run_label
 from .stats import fmt_figure
 from .turns import multi_turn_label, multi_turn_markdown
+from .vision import image_markdown
 
 
 def to_json(report: dict) -> str:
@@ -160,5 +161,6 @@ def to_markdown(report: dict) -> str:
                 cells += [""] * 13
             lines.append("| " + " | ".join(cells + [note]) + " |")
     lines += multi_turn_markdown(report)
+    lines += image_markdown(report)
     lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)

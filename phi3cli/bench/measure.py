@@ -37,6 +37,7 @@ from .quality import (
     reference_path,
     save_reference,
 )
+from .vision import measure_image
 
 
 @dataclass
@@ -59,6 +60,7 @@ class MeasureJob:
     turns: int = 0  # the multi-turn test: conversations of this many user messages (0: none)
     cache_reuse: bool = True
     options: dict = field(default_factory=dict)
+    image: str | None = None  # the image test's file (None: a generated picture); run on vision models only
     convert: bool = False  # a catalogue name's source checkpoint, as the parent resolved it, not a ready-made variant
 
 
@@ -195,6 +197,7 @@ def _measure(job: MeasureJob, store: ModelStore, report: Callable[[str], None], 
         kept = bool(model.prompt_cache and model.prompt_cache.enabled)
         _keep_cache(model, False)
         result["runs"] = _measure_speed(model, job, report) if job.measure_speed else []
+        result["image"] = measure_image(model, job, report) if job.measure_speed else None
         _keep_cache(model, kept)
         result["multi_turn"] = _measure_turns(model, job, report) if job.measure_speed and job.turns else []
         _keep_cache(model, False)

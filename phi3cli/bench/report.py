@@ -9,8 +9,9 @@ Layout of a report (every key always present; figures are null where not measure
     machine       {cpu, cores_logical, cores_physical, memory_bytes, os, python}
     versions      {package: version} of phi3cli and every runtime library installed
     settings      {prompt_tokens, gen_tokens, warmup, repetitions, threads, timeout_s, quality,
-                   quality_tokens, turns, cache_reuse, options, greedy, ignore_eos, reference}
+                   quality_tokens, turns, cache_reuse, options, image, greedy, ignore_eos, reference}
                   options: the --option KEY=VALUE pairs, each given to the configurations whose backend takes it
+                  image: --image, the image test's file (null: a generated 448x448 picture)
     results       one row per configuration:
         backend, device, format     what was asked
         status                      ok | failed | skipped
@@ -37,6 +38,11 @@ Layout of a report (every key always present; figures are null where not measure
             cached_tokens               of which the kept KV cache held, mean (0 with --no-cache-reuse)
             ttft_ms                     per turn: {mean, std, min, max, n, values}
             ttft_growth                 turn N's TTFT / turn 1's, per repetition: {mean, std, ...}
+        image                       on a model that reads images (else null): one image and a question, as
+                                    `phi3 chat --image` sends them, answered with gen_tokens tokens
+                                    (phi3cli.bench.vision): image (what was sent), gen_tokens, tokens_counted,
+                                    image_ms (the runtime's image-encoding time), ttft_ms (encoding included),
+                                    decode_tps: {mean, std, min, max, n, values}
         quality                     {perplexity, perplexity_tokens, kl_divergence, top1, agreement,
                                      agreement_tokens, agreement_prompts, notes}:
             perplexity              of the shipped text (perplexity_tokens ids), teacher-forced
@@ -77,6 +83,7 @@ SETTINGS_KEYS = (
     "turns",
     "cache_reuse",
     "options",
+    "image",
     "greedy",
     "ignore_eos",
     "reference",
@@ -100,6 +107,7 @@ RESULT_KEYS = (
     "versions",
     "runs",
     "multi_turn",
+    "image",
     "quality",
 )
 RUN_KEYS = (
@@ -265,8 +273,10 @@ def load_report(path: Path) -> dict:
     # Written before the multi-turn test or --option existed: none was run, none was set.
     data["settings"].setdefault("turns", 0)
     data["settings"].setdefault("options", {})
+    data["settings"].setdefault("image", None)
     for row in data["results"]:
         row.setdefault("multi_turn", [])
+        row.setdefault("image", None)
     return data
 
 

@@ -33,6 +33,7 @@ from .quality import agreement, agreement_prompts
 from .report import build_report, empty_row
 from .stats import summarize
 from .turns import multi_turn_figures
+from .vision import image_figures
 from .worker import PROGRESS_PREFIX
 
 FIGURES = ("ttft_ms", "prefill_tps", "tpot_ms", "decode_tps", "e2e_tps")
@@ -163,6 +164,7 @@ def _job(
         turns=settings.turns,
         cache_reuse=settings.cache_reuse,
         options=options_for(get_spec(config.backend), settings.options),
+        image=settings.image,
     )
 
 
@@ -187,6 +189,7 @@ def _row_from(config: Configuration, result: dict, settings: BenchSettings) -> d
             }
         )
     row["multi_turn"] = [multi_turn_figures(test) for test in result.get("multi_turn", [])]
+    row["image"] = image_figures(result["image"]) if result.get("image") else None
     short = [
         f"{n} of {run['gen_tokens']}" for run in row["runs"] for n in run["tokens_counted"] if n != run["gen_tokens"]
     ]

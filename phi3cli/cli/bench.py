@@ -153,6 +153,15 @@ def bench(
     prompt_lookup: PromptLookupOpt = False,
     num_assistant_tokens: AssistantTokensOpt = None,
     max_ngram_size: NgramOpt = None,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image",
+            help="On a vision model, the image of the image test (image-encoding time, time to first token with "
+            "one image, decode speed), which runs beside the text tests. Text-only models skip that test.",
+            show_default="a generated 448x448 picture",
+        ),
+    ] = None,
 ) -> None:
     """Measure load time, time to first token, prefill and decode speed, memory, size and answer quality.
 
@@ -206,6 +215,7 @@ def bench(
             turns=turns,
             cache_reuse=cache_reuse,
             options=backend_options(option) if option else None,
+            image=_image_file(image),
         )
         convert = convert or (model is None and baseline is not None)  # a baseline's model as it was measured
         selection = dict(backends=backend or [], devices=[d.value for d in device or ()], formats=format or [])
@@ -219,6 +229,16 @@ def bench(
             raise typer.Exit(EXIT_REGRESSION)
     if not load and not any(r["status"] == "ok" for r in report["results"]):
         raise Phi3Error("No configuration could be measured; the table says why.")
+
+
+def _image_file(path: Path | None) -> str | None:
+    """--image, read and checked here (a one-line error before anything runs), as an absolute path for the workers."""
+    if path is None:
+        return None
+    from phi3cli.images import read_image
+
+    read_image(path)
+    return str(path.expanduser().resolve())
 
 
 def _measure(model, baseline: dict | None, settings, selection: dict, *, everything: bool, convert: bool) -> dict:

@@ -133,6 +133,31 @@ def show_report(report: dict, console: Console, *, chart: bool = True) -> None:
     if chart and ok:
         show_chart(ok, console)
     show_multi_turn(report, console)
+    show_image(report, console)
+
+
+def show_image(report: dict, console: Console) -> None:
+    """The image test of a vision model: image-encoding time, time to first token with the image, decode speed."""
+    from phi3cli.bench.stats import fmt_figure
+    from phi3cli.bench.vision import image_label, image_rows
+
+    tests = list(image_rows(report))
+    if not tests:
+        return
+    table = Table(
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        title=f"One image ({tests[0][1]['image']}): encoding, time to first token (encoding included) and decode",
+        title_justify="left",
+    )
+    for i, name in enumerate(["device", "backend", "format", "test", "image ms", "TTFT ms", "decode tok/s"]):
+        table.add_column(name, justify="left" if i < 4 else "right", no_wrap=True)
+    for row, test in tests:
+        figures = fmt_figure(test["image_ms"], 0), fmt_figure(test["ttft_ms"], 0), fmt_figure(test["decode_tps"])
+        table.add_row(row["device"], row["backend"], row["format"], image_label(test), *figures)
+    console.print(table)
 
 
 def show_multi_turn(report: dict, console: Console) -> None:
