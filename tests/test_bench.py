@@ -277,6 +277,17 @@ def test_an_unreadable_image_is_refused_before_anything_runs(tmp_path):
         assert "Traceback" not in done.stderr and "Measuring" not in done.stderr
 
 
+def test_an_image_where_it_does_not_apply_is_refused(tmp_path):
+    picture = tmp_path / "p.png"
+    for args, words in (
+        (["--prompt-lookup"], "--image do not apply with --draft"),
+        (["--load", str(tmp_path / "report.json")], "--image does not apply with --load"),
+    ):
+        done = run_phi3("bench", "--model", "demo", "--image", str(picture), *args)
+        assert done.returncode == 1 and words in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
 @pytest.mark.slow
 def test_a_hang_becomes_a_failure_row():
     # One second is too short for any runtime to load: the worker is killed like a hung one.

@@ -177,9 +177,9 @@ def bench(
     if speculation := requested(draft, prompt_lookup, num_assistant_tokens, max_ngram_size):
         from phi3cli.cli.speculate import bench_speculation
 
-        if everything or compare or load or turns or csv_out or plot:
-            raise Phi3Error("--all, --compare, --load, --turns, --csv and --plot do not apply with --draft or "
-                            "--prompt-lookup, which measure one configuration without and with.")  # fmt: skip
+        if everything or compare or load or turns or csv_out or plot or image:
+            raise Phi3Error("--all, --compare, --load, --turns, --csv, --plot and --image do not apply with --draft "
+                            "or --prompt-lookup, which measure one configuration without and with.")  # fmt: skip
         one = {"backend": (backend or [None])[0], "device": (device[0].value if device else "auto")}
         return bench_speculation(
             speculation,
@@ -200,6 +200,8 @@ def bench(
     console = out_console()
 
     if load:
+        if image:
+            raise Phi3Error("--image does not apply with --load, which shows a report already measured.")
         report = load_report(load)
     else:
         settings = settings_with_baseline(
