@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from phi3cli.adapters import AdapterChoice
-from phi3cli.backends.adapters import ADAPTERS, AdapterError
+from phi3cli.backends.adapters import ADAPTERS, MERGE_HINT, AdapterError
 from phi3cli.backends.base import LoadedModel
 from phi3cli.bench.quality import next_token_divergence, perplexity_text
 from phi3cli.bench.speculative import figures, measure_tasks
@@ -42,6 +42,7 @@ def run_adapter_bench(
 ) -> dict:
     """Measure the model (how: loading.load's keywords) without, then with the adapters; returns the report."""
     from phi3cli.adapter_store import merged_source
+    from phi3cli.backends import get_backend
     from phi3cli.loading import load as load_model
     from phi3cli.loading import prepare
     from phi3cli.sources import resolve_source
@@ -51,6 +52,10 @@ def run_adapter_bench(
     progress = progress or SilentProgress()
     plain = {k: v for k, v in (how.pop("options", None) or {}).items() if k != ADAPTERS}
     where = {k: how.get(k) for k in ("backend", "format") if how.get(k)} | {"device": how.get("device", "auto")}
+    if how.get("backend") and not hasattr(impl := get_backend(how["backend"]), "adapter_refusal"):
+        raise AdapterError(
+            f"Run-time adapters: the {impl.name} backend applies none; nothing to compare.", hint=MERGE_HINT
+        )
     source = resolve_source(model, store, progress=progress, **where)
     # Refused (another backend, a merged copy instead) and built before anything is measured.
     ready = prepare(source, store=store, progress=progress, options={**plain, ADAPTERS: choices}, **how)
