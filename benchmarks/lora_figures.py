@@ -7,6 +7,9 @@ active), merged (the adapter merged, then converted). `quality` prints the KL di
 bench's perplexity text, of the base + run-time adapter against the merged model at fp16 (the reference), for each
 format given. Decode speed: 128 new tokens with end of text ignored, median of 3 after one warm-up reply; beside it the process's
 CPU time per generated token (prefill included), which other work on a busy machine disturbs less.
+`phi3 bench --adapter DIR` measures the decode speed and TTFT side by side and the quality of the run-time adapter
+against the merged model at the measured format; this script adds memory, load time, CPU time and the int4 IR against
+a merged fp16 reference.
 
     python -m benchmarks.lora_figures make /tmp/sea
     for f in fp16 int4; do for c in base adapter adapter-off merged; do

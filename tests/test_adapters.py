@@ -187,6 +187,21 @@ def test_onnx_refuses_run_time_adapters_before_building(config_only_model, tmp_p
     )
 
 
+def test_bench_adapter_refuses_what_does_not_apply_in_one_line(config_only_model, tmp_path):
+    folder = write_lora(tmp_path / "a", pair("self_attn.o_proj"))
+    model = str(config_only_model)
+    done = run_phi3("bench", "-m", model, "--adapter", str(folder), "--all")
+    assert_one_line_error(done, "--all, --compare", "do not apply with --adapter")
+    done = run_phi3("bench", "-m", model, "--adapter", str(folder), "--prompt-lookup")
+    assert_one_line_error(done, "do not apply with --adapter")
+    done = run_phi3("bench", "-m", model, "-b", "onnx", "--adapter", str(folder))
+    assert_one_line_error(done, "ONNX Runtime GenAI 0.13.2's model builder bakes an adapter")
+    done = run_phi3("bench", "-m", model, "-b", "torch", "--adapter", str(folder))
+    assert_one_line_error(done, "the torch backend applies none", "phi3 convert MODEL --adapter")
+    done = run_phi3("bench", "-m", model, "--adapter", f"{folder}:9")
+    assert_one_line_error(done, "alpha must be from 0 to 4")
+
+
 def peft_lora(base: Path, out: Path, seed: int, std: float = 0.07) -> Path:
     return make_random_lora(out, seed=seed, std=std, base=base)
 
@@ -363,3 +378,24 @@ def test_the_torch_reference_runs_an_adapter_merged(demo_source, store, loras):
         assert ask(reference) == expected
     finally:
         reference.close()
+
+
+@pytest.mark.slow
+def test_bench_measures_without_and_with_the_adapter_and_its_quality_against_merged(demo_source, loras, tmp_path):
+    report = tmp_path / "adapter.json"
+    done = run_phi3(
+        "bench", "-m", "demo", "-b", "openvino", "-d", "cpu", "-f", "fp16", "--threads", "2",
+        "-p", "32", "-n", "8", "-r", "1", "--adapter", str(loras["sea"]), "--json", str(report),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    header = next(line for line in done.stdout.splitlines() if "decode tok/s" in line)
+    for column in ("TTFT ms", "speed", "KLD vs merged", "top-1 vs merged"):
+        assert column in header, done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.strip("│ ").startswith(("without ", "with "))]
+    assert len(rows) == 2 and "1.00×" in rows[0] and "×" in rows[1], done.stdout
+    figures = json.loads(report.read_text())
+    without, with_ = figures["rows"]
+    assert figures["ratio"] == pytest.approx(with_["decode_tps"]["mean"] / without["decode_tps"]["mean"])
+    # The run-time adapter is the merged model (fp16); the base is not, which is what the adapter changes.
+    assert with_["kl_divergence"] < 1e-3 < without["kl_divergence"], figures["rows"]
+    assert with_["top1"] > without["top1"]

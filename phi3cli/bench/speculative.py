@@ -21,6 +21,7 @@ from phi3cli.generation import ReplyStats, generate_text
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.speculation import SAME_NUMERICS, Speculation
 
+TASKS = ("synthetic", "copy a given text")
 GROUNDED_ASK = "Repeat this text:\n\n"  # of the asks tried, the one the demo follows most closely
 
 
@@ -42,10 +43,14 @@ def _task_prompts(model: LoadedModel, prompt_tokens: int, runs: int) -> dict[str
     }
 
 
-def _measure(model: LoadedModel, gen_tokens: int, prompt_tokens: int, warmup: int, runs: int, note) -> dict:
+def measure_tasks(
+    model: LoadedModel, gen_tokens: int, prompt_tokens: int, warmup: int, runs: int, note, tasks=TASKS
+) -> dict:
     """Per task: the replies of `runs` repetitions after `warmup` unmeasured ones (the first prompt's)."""
     out = {}
     for task, prompts in _task_prompts(model, prompt_tokens, warmup + runs).items():
+        if task not in tasks:
+            continue
         # The synthetic prompt runs to its length as bench's own test does; the copy stops where the model ends it.
         settings = GenerationSettings(max_new_tokens=gen_tokens, ignore_eos=task == "synthetic")
         replies: list[ReplyStats] = []
@@ -58,10 +63,11 @@ def _measure(model: LoadedModel, gen_tokens: int, prompt_tokens: int, warmup: in
     return out
 
 
-def _figures(replies: list[ReplyStats]) -> dict:
+def figures(replies: list[ReplyStats]) -> dict:
     accepted = [r.acceptance for r in replies if r.acceptance is not None]
     return {
         "decode_tps": summarize([r.decode_tps for r in replies]),
+        "ttft_s": summarize([r.ttft_s for r in replies]),
         "tokens": summarize([r.generated_tokens for r in replies]),
         "passes": summarize([r.steps for r in replies]),
         "acceptance": sum(accepted) / len(accepted) if accepted else None,
@@ -93,13 +99,13 @@ def run_speculation_bench(
         loaded = load(model, progress=progress, speculation=spec, **how)
         try:
             described = {"backend": loaded.backend, "device": loaded.executed_device, "format": loaded.format}
-            runs[label] = _measure(loaded, gen_tokens, prompt_tokens, warmup, repetitions, progress.phase)
+            runs[label] = measure_tasks(loaded, gen_tokens, prompt_tokens, warmup, repetitions, progress.phase)
         finally:
             loaded.close()
     tasks = []
     for task, plain in runs["without"].items():
         fast = runs["with"][task]
-        without, with_ = _figures(plain), _figures(fast)
+        without, with_ = figures(plain), figures(fast)
         tasks.append(
             {
                 "task": task,

@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from phi3cli import DEFAULT_MODEL
 from phi3cli.backends import DEVICES
+from phi3cli.cli.bench_adapter import BenchAdapterOpt
 from phi3cli.cli.bench_tables import show_comparison, show_report
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import ConvertOpt, OptionOpt, ThreadsOpt, backend_options, choices
@@ -162,29 +163,23 @@ def bench(
             show_default="a generated 448x448 picture",
         ),
     ] = None,
+    adapter: BenchAdapterOpt = None,
 ) -> None:
     """Measure load time, time to first token, prefill and decode speed, memory, size and answer quality.
 
     Each configuration runs in its own process, on the code path `phi3 chat` uses, with a new synthetic prompt
     every run. Figures are mean ± standard deviation. Missing variants are converted into the model store first.
     With --draft or --prompt-lookup it measures one configuration without and with speculative decoding, side by
-    side, on the synthetic prompt and on an input-grounded task (copying a given text).
+    side, on the synthetic prompt and on an input-grounded task (copying a given text). With --adapter, one
+    configuration without and with a run-time LoRA adapter, and the quality of each against the adapter merged.
     """
     from phi3cli.bench import compare as compare_reports
     from phi3cli.bench import load_report, parse_margin, settings_with_baseline
     from phi3cli.speculation import requested
 
-    if speculation := requested(draft, prompt_lookup, num_assistant_tokens, max_ngram_size):
-        from phi3cli.cli.speculate import bench_speculation
-
-        if everything or compare or load or turns or csv_out or plot or image:
-            raise Phi3Error("--all, --compare, --load, --turns, --csv, --plot and --image do not apply with --draft "
-                            "or --prompt-lookup, which measure one configuration without and with.")  # fmt: skip
-        one = {"backend": (backend or [None])[0], "device": (device[0].value if device else "auto")}
-        return bench_speculation(
-            speculation,
-            markdown_out=markdown_out,
-            json_out=json_out,
+    speculation = requested(draft, prompt_lookup, num_assistant_tokens, max_ngram_size)
+    if adapter or speculation:
+        one = dict(  # --adapter, --draft, --prompt-lookup: one configuration, without and with
             model=model or DEFAULT_MODEL,
             format=(format or [None])[0],
             threads=threads,
@@ -193,8 +188,24 @@ def bench(
             warmup=1 if warmup is None else warmup,
             repetitions=repetitions or 3,
             options=backend_options(option) if option else None,
-            **one,
+            backend=(backend or [None])[0],
+            device=device[0].value if device else "auto",
         )
+    if adapter:
+        from phi3cli.cli.bench_adapter import bench_adapter
+
+        if everything or compare or load or turns or csv_out or plot or image or speculation:
+            raise Phi3Error("--all, --compare, --load, --turns, --csv, --plot, --image, --draft and "
+                            "--prompt-lookup do not apply with --adapter, which measures one configuration "
+                            "without and with.")  # fmt: skip
+        return bench_adapter(adapter, markdown_out=markdown_out, json_out=json_out, **one)
+    if speculation:
+        from phi3cli.cli.speculate import bench_speculation
+
+        if everything or compare or load or turns or csv_out or plot or image:
+            raise Phi3Error("--all, --compare, --load, --turns, --csv, --plot and --image do not apply with --draft "
+                            "or --prompt-lookup, which measure one configuration without and with.")  # fmt: skip
+        return bench_speculation(speculation, markdown_out=markdown_out, json_out=json_out, **one)
     margin = parse_margin(max_regression)
     baseline = load_report(compare) if compare else None
     console = out_console()
