@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phi3cli.errors import Phi3Error
+from phi3cli.errors import BackendUnavailableError, Phi3Error
 
 DEFAULT_MAX_PIXELS = 50_000_000  # width x height; Phi-4-multimodal reads at most 36 crops of 448x448 (7.2 Mpx)
 DATA_URL_TYPES = ("image/png", "image/jpeg", "image/webp")
@@ -52,9 +52,15 @@ class Image:
 
 def decode_image(data: bytes, label: str, limits: ImageLimits) -> Image:
     """Image bytes (any format Pillow reads), decoded to RGB and checked against the limits."""
-    import numpy as np
-    from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
+    try:
+        import numpy as np
+        from PIL import Image as PILImage
+        from PIL import UnidentifiedImageError
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"Reading images needs {exc.name}, which is not installed.",
+            hint="pip install 'phi3cli[openvino]' (vision models run on OpenVINO; it brings Pillow and numpy).",
+        ) from exc
 
     PILImage.MAX_IMAGE_PIXELS = None  # phi3's own limit below, reported as one line, replaces Pillow's warning
     try:

@@ -172,3 +172,16 @@ def test_a_saved_session_names_its_images_and_resumes_as_text(tmp_path):
     path = save_session(tmp_path / "chat.json", snapshot(session, model="tiny", device="cpu"))
     assert json.loads(path.read_text())["messages"][0]["images"] == ["a.png"]
     assert load_session(path).messages[0] == {"role": "user", "content": "What is this?"}
+
+
+def test_without_pillow_reading_an_image_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from phi3cli.errors import BackendUnavailableError
+
+    picture = tmp_path / "p.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n")
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL raises ImportError, as where it is not installed
+    with pytest.raises(BackendUnavailableError) as caught:
+        read_image(picture)
+    assert "needs PIL" in caught.value.message and "phi3cli[openvino]" in caught.value.hint
