@@ -103,8 +103,10 @@ def build_artifact(config: pb.Config, hf_dir: Path, work: Path, model: str) -> d
     if "error" in out:
         sys.exit(f"Building {config.name} failed: {out['error']}")
     out["cached"] = out["build_s"] < 1.0  # found, not built: no figure
-    print(f"{hf_dir.name}: {config.name}: built in {out['build_s']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MiB",
-          file=sys.stderr)
+    print(
+        f"{hf_dir.name}: {config.name}: built in {out['build_s']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MiB",
+        file=sys.stderr,
+    )
     return out
 
 

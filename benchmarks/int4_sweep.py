@@ -341,7 +341,9 @@ def main() -> None:
     p.add_argument("--scale-estimation", action="store_true")
     p.add_argument("--gptq", action="store_true")
     p.add_argument("--lora-correction", action="store_true")
-    p.add_argument("--dataset", help=f"'auto' or a text file (default file: phi3's calibration text, {CALIBRATION.name})")
+    p.add_argument(
+        "--dataset", help=f"'auto' or a text file (default file: phi3's calibration text, {CALIBRATION.name})"
+    )
     p.add_argument("--num-samples", type=int)
     p.add_argument("--sensitivity")
     p.add_argument("--dtype", default="int4")

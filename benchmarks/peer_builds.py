@@ -309,5 +309,3 @@ def ensure(config: Config, hf_dir: Path, work: Path, model: str) -> Path:
     if config.runtime == "ov":
         return ov_ir(hf_dir, work, config.recipe)
     return ort_model(hf_dir, work, config.recipe)
-
-

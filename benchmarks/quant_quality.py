@@ -65,7 +65,9 @@ def sizes_mb(path: Path, runtime: str) -> tuple[float, float]:
         return path.stat().st_size / 1e6, path.stat().st_size / 1e6
     files = [f for f in path.rglob("*") if f.is_file()]
     weights = (".safetensors", ".bin", ".onnx", ".data", ".xml")
-    model = [f for f in files if f.suffix in weights and not f.name.startswith(("openvino_tokenizer", "openvino_detok"))]
+    model = [
+        f for f in files if f.suffix in weights and not f.name.startswith(("openvino_tokenizer", "openvino_detok"))
+    ]
     return sum(f.stat().st_size for f in model) / 1e6, sum(f.stat().st_size for f in files) / 1e6
 
 

@@ -115,7 +115,9 @@ def stream_reply(
     the runtime and yields nothing more.
     """
     start = time.perf_counter()
-    ids = model.encode(prompt) if isinstance(prompt, str) else prompt if isinstance(prompt, ImagePrompt) else list(prompt)
+    ids = (
+        model.encode(prompt) if isinstance(prompt, str) else prompt if isinstance(prompt, ImagePrompt) else list(prompt)
+    )
     if len(ids) > prompt_budget(model):
         raise ContextOverflowError(
             f"The prompt is {len(ids)} tokens; this model accepts at most {prompt_budget(model)}.",

@@ -35,7 +35,12 @@ CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja", 
 PICKLED = ("*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib", "pytorch_model*.bin", "training_args.bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Words in a variant's name that say its weight format, narrowest first ("int4 before wider formats").
-FORMAT_WORDS = (("int4", "q4", "nf4", "uint4", "4bit"), ("int8", "q8", "8bit"), ("fp16", "bf16", "f16"), ("fp32", "f32"))
+FORMAT_WORDS = (
+    ("int4", "q4", "nf4", "uint4", "4bit"),
+    ("int8", "q8", "8bit"),
+    ("fp16", "bf16", "f16"),
+    ("fp32", "f32"),
+)
 
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
@@ -194,7 +199,9 @@ def fetch(repo: str, revision: str | None, paths: list[str], *, cached: bool) ->
 
 def find_variants(listing: RepoListing) -> list[HubVariant]:
     """Every folder of the repo that holds a backend's marker file, by folder."""
-    markers = [(m, spec.name) for spec in registry().values() if spec.marker for m in (spec.marker, *spec.other_markers)]
+    markers = [
+        (m, spec.name) for spec in registry().values() if spec.marker for m in (spec.marker, *spec.other_markers)
+    ]
     found = []
     for folder in sorted({posixpath.dirname(p) for p in listing.files}):
         for marker, backend in markers:
@@ -207,7 +214,9 @@ def find_variants(listing: RepoListing) -> list[HubVariant]:
 def with_devices(listing: RepoListing, variants: list[HubVariant]) -> list[HubVariant]:
     """The variants with what each is built to run on, read from its marker file (downloaded alone first)."""
     readers = {v.backend: get_spec(v.backend) for v in variants}
-    wanted = [posixpath.join(v.folder, readers[v.backend].marker) for v in variants if readers[v.backend].folder_devices]
+    wanted = [
+        posixpath.join(v.folder, readers[v.backend].marker) for v in variants if readers[v.backend].folder_devices
+    ]
     if not wanted:
         return variants
     snapshot = fetch(listing.repo, listing.revision, wanted, cached=listing.from_cache)

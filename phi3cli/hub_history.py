@@ -159,9 +159,7 @@ def _delete_revision(use: HubUse) -> int:
 
 def _delete_files(use: HubUse, mine: set[Path]) -> int:
     repo_dir = use.snapshot.parent.parent
-    kept = {
-        os.path.realpath(p) for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink() and p not in mine
-    }
+    kept = {os.path.realpath(p) for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink() and p not in mine}
     freed = 0
     for link in sorted(mine):
         blob = Path(os.path.realpath(link)) if link.is_symlink() else None

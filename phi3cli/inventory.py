@@ -148,7 +148,9 @@ class StoreInventory:
                 path = self.store.root / path  # relative to the store root, as `models list` shows it
             resolved = _resolved(path)
             if not _is_within(resolved, _resolved(self.store.root)):
-                raise Phi3Error(f"{target} is not in the model store ({self.store.root}); phi3 removes only its own files.")
+                raise Phi3Error(
+                    f"{target} is not in the model store ({self.store.root}); phi3 removes only its own files."
+                )
             found = [e for e in entries if _resolved(e.path) == resolved]
             if found:
                 return found
@@ -224,4 +226,3 @@ class StoreInventory:
     def total_size(self) -> int:
         """Bytes on disk under the store root, as `du -s -B1` counts them."""
         return dir_size(self.store.root) if self.store.root.exists() else 0
-

@@ -67,8 +67,12 @@ def prepare(
         backend, device = route.backend, route.device
     if backend:  # a wrong option fails before the model is fetched or built
         check_options(get_spec(backend), options or {}, skip=(BATCHING, ADAPTERS))
-    source = model if isinstance(model, ModelSource) else resolve_source(
-        model, store, progress=progress, device=device, backend=backend, format=format, convert=convert
+    source = (
+        model
+        if isinstance(model, ModelSource)
+        else resolve_source(
+            model, store, progress=progress, device=device, backend=backend, format=format, convert=convert
+        )
     )
     if route is None and (kept := source.route) and backend in (None, kept.backend) and device in ("auto", kept.device):
         route = kept  # routed while resolving: not probed again

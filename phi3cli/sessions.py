@@ -73,7 +73,9 @@ def snapshot(session: ChatSession, *, model: str, device: str) -> SavedSession:
         executed_device=loaded.executed_device,
         format=loaded.format,
         # An image's name is kept to say which turn had it; its pixels are not saved (a resumed chat is text).
-        messages=[{**m, "images": [i.label for i in m["images"]]} if m.get("images") else dict(m) for m in session.messages],
+        messages=[
+            {**m, "images": [i.label for i in m["images"]]} if m.get("images") else dict(m) for m in session.messages
+        ],
         system=session.system,
         settings=replace(session.settings),
         saved_at=time.time(),

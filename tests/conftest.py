@@ -45,7 +45,8 @@ def pytest_collection_modifyitems(config, items):
     ]
     if unmarked:
         raise pytest.UsageError(
-            "These tests use the real demo model but are not marked slow (@pytest.mark.slow):\n  " + "\n  ".join(unmarked)
+            "These tests use the real demo model but are not marked slow (@pytest.mark.slow):\n  "
+            + "\n  ".join(unmarked)
         )
 
 

@@ -62,7 +62,9 @@ def test_benchmarks_use_no_private_phi3cli_names_and_no_sys_path():
 
 def measured(tmp_path, monkeypatch, *argv: str) -> dict:
     monkeypatch.chdir(ROOT)  # the workers run as `python -m benchmarks.peer_workers`
-    args = bench_peers.parse_args(["demo", "--work", str(tmp_path), "--prompt-tokens", "24", "--gen-tokens", "6", *argv])
+    args = bench_peers.parse_args(
+        ["demo", "--work", str(tmp_path), "--prompt-tokens", "24", "--gen-tokens", "6", *argv]
+    )
     return bench_peers.measure_model("demo", bench_peers.plan(args), args)
 
 

@@ -10,7 +10,17 @@ import pytest
 
 from tests.conftest import ROOT, run_phi3
 
-HEAVY = ("torch", "transformers", "openvino", "openvino_genai", "onnxruntime", "onnxruntime_genai", "optimum", "nncf", "ray")
+HEAVY = (
+    "torch",
+    "transformers",
+    "openvino",
+    "openvino_genai",
+    "onnxruntime",
+    "onnxruntime_genai",
+    "optimum",
+    "nncf",
+    "ray",
+)
 
 
 def imported_modules(*args: str, full: bool = False) -> set[str]:

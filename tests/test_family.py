@@ -334,6 +334,7 @@ def test_onnx_int4_made_layer_by_layer_equals_the_builders_own(family, tmp_path)
 
     whole, layered = matmuls(tmp_path / "whole"), matmuls(tmp_path / "layered")
     assert len(whole) == len(layered) == TINY_LAYERS * 5 + 1  # qkv, o, gate, up, down per layer, and the lm_head
+
     def codes(packed, bits):  # 4-bit codes two to a byte
         return np.stack([packed & 15, packed >> 4], -1).astype(int) if bits == 4 else packed.astype(int)
 
@@ -345,7 +346,10 @@ def test_onnx_int4_made_layer_by_layer_equals_the_builders_own(family, tmp_path)
         # a few codes, and the zero points rounded from them, sit one step apart.
         for a, b in [(q_w, q_l), *zip(zp_w, zp_l, strict=True)]:
             diff = np.abs(codes(a, attrs_w["bits"]) - codes(b, attrs_w["bits"]))
-            assert diff.max() <= (1 if attrs_w["bits"] == 4 else 2) and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+            assert diff.max() <= (1 if attrs_w["bits"] == 4 else 2) and (diff > 0).mean() < 0.01, (
+                diff.max(),
+                (diff > 0).mean(),
+            )
     assert layered[-1][0]["bits"] == 8  # rtn_last: the lm_head in int8
 
     # The untied embedding table is int8 (the builder keeps it float32), and both folders run to the same logits

@@ -169,7 +169,9 @@ def test_models_list_shows_hub_models_and_rm_asks_for_hub_cache(built, tmp_path,
     for model in (IR_REPO, ONNX_REPO, f"{ONNX_REPO}:{DML_DIR}"):  # what chat resolves first, each use recorded
         resolve_source(model, ModelStore(home), device="cpu")
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PHI3_HOME": str(home)}
-    hub = {(h["repo"], h["variant"]): h for h in json.loads(run_phi3("models", "list", "--json", env=env).stdout)["hub"]}
+    hub = {
+        (h["repo"], h["variant"]): h for h in json.loads(run_phi3("models", "list", "--json", env=env).stdout)["hub"]
+    }
     assert set(hub) == {(IR_REPO, ""), (ONNX_REPO, CPU_DIR), (ONNX_REPO, DML_DIR)}
     assert hub[IR_REPO, ""]["runs_with"] == "openvino" and hub[ONNX_REPO, DML_DIR]["runs_with"] == "onnx"
     assert hub[ONNX_REPO, CPU_DIR]["size_bytes"] >= sum(p.stat().st_size for p in built["cpu"].iterdir())

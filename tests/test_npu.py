@@ -130,7 +130,6 @@ def test_loading_never_unpickles_and_tokens_stream(fake_lib, int4_run, store, mo
     import torch
     from intel_npu_acceleration_library import nn as npu_nn
 
-
     def refuse(*args, **kwargs):
         raise AssertionError("something tried to unpickle")
 
@@ -191,7 +190,6 @@ def test_chat_through_the_store_answers_and_does_not_recompile(fake_lib, store):
 def test_no_npu_is_an_error_not_a_silent_fallback(fake_lib, int4_run, store):
     from intel_npu_acceleration_library import _fake
 
-
     _fake.reset(npu_present=False)
     try:
         source = resolve_source(str(int4_run[0]), store)
@@ -223,7 +221,9 @@ def test_npu_lib_quantize_refuses_options_it_cannot_honour(fake_lib, config_only
     from phi3cli.cli import app
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["quantize", str(config_only_model), "--backend", "npu-lib", "-o", str(out), *args])
+    result = CliRunner().invoke(
+        app, ["quantize", str(config_only_model), "--backend", "npu-lib", "-o", str(out), *args]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     for needle in needles:
         assert needle in result.stderr

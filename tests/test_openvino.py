@@ -284,7 +284,9 @@ def test_hub_calibration_set_needs_datasets_and_says_what_works_offline():
     if importlib.util.find_spec("datasets") is not None:
         pytest.skip("the datasets package is installed here")
     with pytest.raises(ConversionError, match="datasets") as info:
-        ov_recipe.resolve_recipe(ConvertRecipe("int4", awq=True, dataset="wikitext2"), {"hidden_size": 576}, SilentProgress())
+        ov_recipe.resolve_recipe(
+            ConvertRecipe("int4", awq=True, dataset="wikitext2"), {"hidden_size": 576}, SilentProgress()
+        )
     assert "--dataset auto" in info.value.hint
 
 
@@ -349,7 +351,11 @@ def test_device_names_and_npu_properties():
     assert ov_runtime.ov_device_for("gpu", ["CPU", "GPU.0", "GPU.1"]) == "GPU.0"
     with pytest.raises(DeviceUnavailableError, match=r"no NPU .*lists: CPU, GPU"):
         ov_runtime.ov_device_for("npu", ["CPU", "GPU"])
-    assert ov_runtime.npu_properties({}) == {"MAX_PROMPT_LEN": 1024, "MIN_RESPONSE_LEN": 128, "GENERATE_HINT": "FAST_COMPILE"}
+    assert ov_runtime.npu_properties({}) == {
+        "MAX_PROMPT_LEN": 1024,
+        "MIN_RESPONSE_LEN": 128,
+        "GENERATE_HINT": "FAST_COMPILE",
+    }
     props = ov_runtime.npu_properties({"max_prompt_len": 2048, "generate_hint": "best_perf", "prefill_hint": "static"})
     assert props == {
         "MAX_PROMPT_LEN": 2048,

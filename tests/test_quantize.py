@@ -71,7 +71,11 @@ def test_existing_output_needs_force(onnx_fp32, tmp_path):
         *[  # these resolve or convert the real demo model
             pytest.param(*case, marks=pytest.mark.slow)
             for case in [
-                ("demo", ["--backend", "openvino"], ["demo is a Hugging Face model", "phi3 convert demo --to openvino"]),
+                (
+                    "demo",
+                    ["--backend", "openvino"],
+                    ["demo is a Hugging Face model", "phi3 convert demo --to openvino"],
+                ),
                 ("demo", ["--backend", "onnx"], ["quantizes an ONNX Runtime GenAI folder", "--to onnx --format fp32"]),
                 ("onnx_fp32", ["--backend", "openvino"], ["is an onnx model", "Quantize it with --backend onnx"]),
                 ("openvino_fp16", ["--backend", "npu-lib"], ["npu-lib"]),  # unavailable here, or the wrong input

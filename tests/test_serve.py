@@ -253,7 +253,11 @@ BAD_INPUTS = {
         400,
         "invalid_image",
     ),
-    "audio part": ({**GOOD, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400, "invalid_value"),
+    "audio part": (
+        {**GOOD, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+        400,
+        "invalid_value",
+    ),
     "negative max_tokens": ({**GOOD, "max_tokens": -5}, 400, "invalid_value"),
     "string max_tokens": ({**GOOD, "max_tokens": "ten"}, 400, "invalid_value"),
     "temperature out of range": ({**GOOD, "temperature": 2.5}, 400, "invalid_value"),
@@ -340,4 +344,3 @@ def test_validation_defaults_follow_openai():
     assert chat_request.settings.temperature == 1.0 and chat_request.max_tokens is None
     assert chat_request.settings.max_new_tokens == 100  # until the context is full
     assert parse_completion({"prompt": ["x"]}, 100).max_tokens == 16
-

@@ -93,7 +93,11 @@ def test_models_and_health(server):
     assert (card["backend"], card["context_length"], card["max_prompt_tokens"]) == ("fake", CONTEXT, CONTEXT - 1)
     status, body = server.raw("GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["model"] == "demo"
-    assert body["batching"] == {"mode": "serial", "max_sequences": 1, "reason": "this runtime generates one request at a time"}
+    assert body["batching"] == {
+        "mode": "serial",
+        "max_sequences": 1,
+        "reason": "this runtime generates one request at a time",
+    }
 
 
 def test_chat_equals_the_chat_pipeline_and_reports_its_figures(server, fake):

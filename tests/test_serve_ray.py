@@ -107,7 +107,11 @@ def answering_pids(server, expected: set[int], tries: int = 5) -> set[int]:
 
 def ask(server, question: str, max_tokens: int) -> str:
     stream = server.client(timeout=300).chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0, stream=True
+        model="demo",
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
     )
     return streamed_text(stream)[0]
 

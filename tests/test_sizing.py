@@ -59,7 +59,16 @@ def test_size_decides_the_int4_default():
     from phi3cli.sizing import calibrated_by_default
 
     assert not calibrated_by_default(PHI3_MINI_SHAPED)
-    assert calibrated_by_default({**PHI3_MINI_SHAPED, "num_hidden_layers": 2, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3})
+    assert calibrated_by_default(
+        {
+            **PHI3_MINI_SHAPED,
+            "num_hidden_layers": 2,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+        }
+    )
 
 
 def test_estimates_of_both_converters():
@@ -85,7 +94,14 @@ def test_convert_refuses_what_does_not_fit(tmp_path, backend):
     (model / "config.json").write_text(json.dumps(PHI3_MINI_SHAPED))
     out = tmp_path / "out"
     proc = run_phi3(
-        "convert", str(model), "--to", backend, "--format", "int4", "-o", str(out),
+        "convert",
+        str(model),
+        "--to",
+        backend,
+        "--format",
+        "int4",
+        "-o",
+        str(out),
         env={"PHI3_MEMORY_LIMIT_GB": "2"},
     )
     assert proc.returncode == 1, proc.stderr

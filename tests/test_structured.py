@@ -27,8 +27,9 @@ PERSON = {
     "required": ["name", "age"],
 }
 ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON with a name and an age."}]
-ASK_COLOUR = [{"role": "user", "content": 'Answer with a JSON object like {"colour": "red"} naming one colour of '
-                                         "the rainbow."}]
+ASK_COLOUR = [
+    {"role": "user", "content": 'Answer with a JSON object like {"colour": "red"} naming one colour of the rainbow.'}
+]
 REFUSED = {"type": "object", "properties": {"a": {"type": "strin"}}}  # both engines refuse the unknown type
 # Phi-4-mini-instruct's chat template: tools as JSON on the system turn, inside <|tool|>...<|/tool|>.
 PHI4_MINI_TEMPLATE = (

@@ -148,7 +148,10 @@ def registry() -> dict[str, BackendSpec]:
             print(f"phi3: ignoring backend entry point {ep.name} ({ep.value}): {exc}", file=sys.stderr)
             continue
         if not isinstance(spec, BackendSpec) or spec.name != ep.name:
-            print(f"phi3: ignoring backend entry point {ep.name}: it is not a BackendSpec named {ep.name}", file=sys.stderr)
+            print(
+                f"phi3: ignoring backend entry point {ep.name}: it is not a BackendSpec named {ep.name}",
+                file=sys.stderr,
+            )
             continue
         if spec.name not in found:  # the same distribution seen twice on sys.path
             found[spec.name] = BackendSpec(**{**spec.__dict__, "origin": ep.value})

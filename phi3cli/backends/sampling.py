@@ -19,6 +19,7 @@ class LoadedModel(Protocol):
     backend: str
     sampling_controls: frozenset[str]
 
+
 MAX_TOP_LOGPROBS = 20
 
 

@@ -126,7 +126,9 @@ def chat(
     json_object: Annotated[
         bool,
         typer.Option(
-            "--json", help="Answer with a JSON object (any), enforced while generating.", rich_help_panel="Structured output"
+            "--json",
+            help="Answer with a JSON object (any), enforced while generating.",
+            rich_help_panel="Structured output",
         ),
     ] = False,
     image: ImageOpt = None,

@@ -34,7 +34,9 @@ def convert(
     ] = None,
     format: Annotated[
         str | None,
-        typer.Option("--format", "-f", help="Weights: int4, int8, fp16 or fp32, as the runtime offers. Default: its first."),
+        typer.Option(
+            "--format", "-f", help="Weights: int4, int8, fp16 or fp32, as the runtime offers. Default: its first."
+        ),
     ] = None,
     device: Annotated[
         str | None,
@@ -65,11 +67,26 @@ def convert(
     ] = None,
     ratio: Annotated[
         float | None,
-        typer.Option("--ratio", min=0.0, max=1.0, help="Share of the weights in int4, the rest int8 (OpenVINO; ONNX on the CPU)."),
+        typer.Option(
+            "--ratio", min=0.0, max=1.0, help="Share of the weights in int4, the rest int8 (OpenVINO; ONNX on the CPU)."
+        ),
     ] = None,
-    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric int4 (default: the recipe's).")] = None,
-    awq: Annotated[bool, typer.Option("--awq", help="Data-aware AWQ scaling, on phi3's calibration text unless --dataset gives another.")] = False,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Calibration text instead of phi3's (for scale estimation and --awq): a text file, paragraphs split by blank lines; OpenVINO also takes a hub data set name or auto.")] = None,
+    sym: Annotated[
+        bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric int4 (default: the recipe's).")
+    ] = None,
+    awq: Annotated[
+        bool,
+        typer.Option(
+            "--awq", help="Data-aware AWQ scaling, on phi3's calibration text unless --dataset gives another."
+        ),
+    ] = False,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            help="Calibration text instead of phi3's (for scale estimation and --awq): a text file, paragraphs split by blank lines; OpenVINO also takes a hub data set name or auto.",
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Output folder (default: the model store, reused by chat and bench)."),

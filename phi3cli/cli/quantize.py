@@ -35,7 +35,9 @@ def quantize(
     ],
     backend: Annotated[
         str,
-        typer.Option("--backend", "-b", help="Whose quantizer to use: openvino, onnx or npu-lib (see above).", show_default=False),
+        typer.Option(
+            "--backend", "-b", help="Whose quantizer to use: openvino, onnx or npu-lib (see above).", show_default=False
+        ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.", show_default=False)],
     format: Annotated[QuantizeFormat, typer.Option("--format", "-f", help="Weight format to produce.")] = (
@@ -52,8 +54,16 @@ def quantize(
         float | None, typer.Option("--ratio", min=0.0, max=1.0, help="openvino: share of layers in int4.")
     ] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="openvino/onnx: symmetric int4.")] = None,
-    awq: Annotated[bool, typer.Option("--awq", help="Data-aware AWQ, on phi3's calibration text unless --dataset gives another.")] = False,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Calibration text for --awq instead of phi3's: a text file, paragraphs split by blank lines; openvino also takes a hub data set name or auto.")] = None,
+    awq: Annotated[
+        bool, typer.Option("--awq", help="Data-aware AWQ, on phi3's calibration text unless --dataset gives another.")
+    ] = False,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            help="Calibration text for --awq instead of phi3's: a text file, paragraphs split by blank lines; openvino also takes a hub data set name or auto.",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Quantize a model's weights to int4, int8 or fp16 with a runtime's own quantizer.

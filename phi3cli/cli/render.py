@@ -150,7 +150,9 @@ def trim_notice(event, session) -> str:
         if model.max_prompt_tokens and limit == model.max_prompt_tokens
         else f"the {model.context_length}-token context with room for the reply"
     )
-    notice = f"Dropped the {event.messages} oldest messages to fit {why}; the prompt is now {event.prompt_tokens} tokens"
+    notice = (
+        f"Dropped the {event.messages} oldest messages to fit {why}; the prompt is now {event.prompt_tokens} tokens"
+    )
     if model.prompt_cache and model.prompt_cache.enabled:
         notice += ", read again past the system prompt (the kept cache began with the dropped messages)"
     return notice + "."

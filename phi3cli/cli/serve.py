@@ -145,9 +145,7 @@ def serve(
     ] = None,
     replicas: Annotated[
         int,
-        typer.Option(
-            "--replicas", min=1, help="With --ray: how many replicas load the model.", rich_help_panel="Ray"
-        ),
+        typer.Option("--replicas", min=1, help="With --ray: how many replicas load the model.", rich_help_panel="Ray"),
     ] = 1,
     allow_image_urls: AllowImageUrlsOpt = False,
     max_image_pixels: MaxImagePixelsOpt = None,

@@ -53,8 +53,10 @@ def describe(model: LoadedModel) -> str:
         parts.append(f"prefix caching {'on' if info['prefix_caching'] else 'off'}")
     if "threads" in info:
         threads = info["threads"]
-        same = "greedy answers do not change with load" if info.get("greedy_invariant") else (
-            "greedy answers may change with load (one thread keeps them the same)"
+        same = (
+            "greedy answers do not change with load"
+            if info.get("greedy_invariant")
+            else ("greedy answers may change with load (one thread keeps them the same)")
         )
         parts.append(f"{threads} CPU thread{'s' if threads > 1 else ''}: {same}")
     return " · ".join(parts)

@@ -158,7 +158,8 @@ def _message(message: Any, index: int) -> dict[str, Any]:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ApiError(
-                    f"{where}.content has a {kind!r} part; phi3 reads text and image_url parts.", param=f"{where}.content"
+                    f"{where}.content has a {kind!r} part; phi3 reads text and image_url parts.",
+                    param=f"{where}.content",
                 )
             texts.append(part["text"])
         content = "".join(texts)

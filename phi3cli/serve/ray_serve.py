@@ -96,7 +96,13 @@ def deploy(plan: RayPlan, note: Callable[[str], None]) -> None:
     runtime_env = {"env_vars": plan.env} if plan.env else None
     if plan.address is None:
         cpus = max(os.cpu_count() or 1, int(plan.replicas * plan.replica_cpus + 0.999))
-        ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            runtime_env=runtime_env,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
     else:
         ray.init(address=plan.address, runtime_env=runtime_env, logging_level=logging.WARNING)
     note(f"Ray {ray.__version__}: {len(ray.nodes())} node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs")

@@ -32,7 +32,15 @@ from phi3cli.serve.structured import parse_structured
 from phi3cli.serve.web import JobStream, as_api_error, fail, note, read_json, shutting_down, stats_note
 
 KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "text", "store"}
-KNOWN |= {"keep_alive", "previous_response_id", "conversation", "background", "tools", "tool_choice", "parallel_tool_calls"}
+KNOWN |= {
+    "keep_alive",
+    "previous_response_id",
+    "conversation",
+    "background",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+}
 ROLES = {"user", "assistant", "system", "developer"}
 STATELESS = "this server is stateless (it stores no responses); send the whole conversation as 'input' items"
 
@@ -125,7 +133,9 @@ def _input(value: Any) -> list[dict]:
             content = "".join(t for t in texts if isinstance(t, str))
         if not isinstance(content, str):
             raise ApiError(f"{where}.content must be a string or a list of input_text parts.", param=where)
-        messages.append({"role": item["role"], "content": [*images, {"type": "text", "text": content}] if images else content})
+        messages.append(
+            {"role": item["role"], "content": [*images, {"type": "text", "text": content}] if images else content}
+        )
     return messages
 
 
@@ -207,7 +217,9 @@ class ResponseRecord:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def _events(request: Request, job: GenerationJob, record: ResponseRecord, started: Started) -> AsyncIterator[bytes]:
+async def _events(
+    request: Request, job: GenerationJob, record: ResponseRecord, started: Started
+) -> AsyncIterator[bytes]:
     where = {"item_id": record.item_id, "output_index": 0, "content_index": 0}
     yield record.event("response.created", response=record.response("in_progress", []))
     yield record.event("response.in_progress", response=record.response("in_progress", []))

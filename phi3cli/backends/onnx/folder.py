@@ -69,5 +69,3 @@ def detect_format(folder: Path, filename: str) -> str:
     if onnx.TensorProto.FLOAT16 in types:
         return "fp16"
     return "fp32" if onnx.TensorProto.FLOAT in types else "unknown"
-
-

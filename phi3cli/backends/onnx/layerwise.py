@@ -65,7 +65,9 @@ def layer_by_layer() -> Iterator[None]:
     def quantize_now(self, matmul, basename, root_input, **kwargs):
         lm_head = bool(kwargs.get("logits"))
         excluded = basename in self.quant_attrs["int4"]["nodes_to_exclude"]
-        if hasattr(matmul, "qweight") or excluded or (lm_head and self.shared_embeddings):  # float now, final pass later
+        if (
+            hasattr(matmul, "qweight") or excluded or (lm_head and self.shared_embeddings)
+        ):  # float now, final pass later
             return original["make_matmul_int4"](self, matmul, basename, root_input, **kwargs)
         quantized_matmul = quantized(self, matmul.weight, 8 if lm_head and self.int8_lm_head else 4)
         if lm_head:
@@ -88,8 +90,15 @@ def layer_by_layer() -> Iterator[None]:
         name = "/model/embed_tokens/GatherBlockQuantized"
         output = f"{name}/output_0"
         self.make_node(
-            "GatherBlockQuantized", inputs=names, outputs=[output], name=name, domain="com.microsoft",
-            bits=8, block_size=table.group_size, gather_axis=0, quantize_axis=1,
+            "GatherBlockQuantized",
+            inputs=names,
+            outputs=[output],
+            name=name,
+            domain="com.microsoft",
+            bits=8,
+            block_size=table.group_size,
+            gather_axis=0,
+            quantize_axis=1,
         )
         self.make_value(output, self.io_dtype, shape=["batch_size", "sequence_length", table.in_features])
         self.layernorm_attrs["root_input"] = self.layernorm_attrs["skip_input"] = output

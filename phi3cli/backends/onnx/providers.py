@@ -92,4 +92,3 @@ def configured_providers(genai: dict) -> list[str]:
 
 
 EXECUTED = {"CPU": "CPU", "DML": "GPU (DirectML)", "CUDA": "GPU (CUDA)"}
-

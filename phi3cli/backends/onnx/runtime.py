@@ -104,7 +104,9 @@ class OnnxModel(LoadedModel):
             try:
                 params.set_guidance("json_schema", guidance_schema(settings.constraint))
             except RuntimeError as exc:
-                raise ConstraintError(f"ONNX Runtime GenAI's grammar engine (llguidance) refused the schema: {first_line(exc)}") from exc
+                raise ConstraintError(
+                    f"ONNX Runtime GenAI's grammar engine (llguidance) refused the schema: {first_line(exc)}"
+                ) from exc
         return params
 
     def constraint_refusal(self) -> str | None:

@@ -84,7 +84,9 @@ def check_ir(folder: Path) -> None:
     """Refuse a folder that is not a complete IR for LLMPipeline (or VLMPipeline), naming what is missing."""
     needed = VISION_FILES if (folder / VISION_MARKER).is_file() else IR_FILES
     missing = [
-        name for name in needed + TOKENIZER_FILES if not (folder / name).is_file() or (folder / name).stat().st_size == 0
+        name
+        for name in needed + TOKENIZER_FILES
+        if not (folder / name).is_file() or (folder / name).stat().st_size == 0
     ]
     if not missing:
         return
