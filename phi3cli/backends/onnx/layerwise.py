@@ -37,6 +37,36 @@ class _QuantizedLinear:
         self.qzeros = None if symmetric else torch.from_numpy(zero_points)
 
 
+def _quantized(builder, weight, bits: int) -> _QuantizedLinear:
+    attrs = builder.quant_attrs["int4"]  # the block size and symmetry the builder's final pass would use
+    return _QuantizedLinear(weight, bits, int(attrs["qdq_block_size"]), bool(attrs["is_symmetric"]))
+
+
+def _gather_int8(builder, table: _QuantizedLinear) -> None:
+    """The embedding table as int8 blocks read by GatherBlockQuantized, in place of the builder's float Gather."""
+    names = ["model.embed_tokens.qweight", builder.input_names["input_ids"], "model.embed_tokens.scales"]
+    builder.make_initializer(table.qweight.reshape(table.out_features, table.in_features), names[0])
+    builder.make_initializer(table.scales, names[2], to=builder.io_dtype)
+    if table.qzeros is not None:
+        names.append("model.embed_tokens.qzeros")
+        builder.make_initializer(table.qzeros, names[3])
+    name = "/model/embed_tokens/GatherBlockQuantized"
+    output = f"{name}/output_0"
+    builder.make_node(
+        "GatherBlockQuantized",
+        inputs=names,
+        outputs=[output],
+        name=name,
+        domain="com.microsoft",
+        bits=8,
+        block_size=table.group_size,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    builder.make_value(output, builder.io_dtype, shape=["batch_size", "sequence_length", table.in_features])
+    builder.layernorm_attrs["root_input"] = builder.layernorm_attrs["skip_input"] = output
+
+
 @contextlib.contextmanager
 def layer_by_layer() -> Iterator[None]:
     """Patch the builder (for the duration of the block) to quantize to int4 as it goes and free what it wrote."""
@@ -58,18 +88,13 @@ def layer_by_layer() -> Iterator[None]:
             kwargs.setdefault("dtype", "auto")  # fp16 stays fp16: half the memory of the builder's float32
             return auto_class.from_pretrained(*args, **kwargs)
 
-    def quantized(self, weight, bits: int) -> _QuantizedLinear:
-        attrs = self.quant_attrs["int4"]  # the block size and symmetry the builder's final pass would use
-        return _QuantizedLinear(weight, bits, int(attrs["qdq_block_size"]), bool(attrs["is_symmetric"]))
-
     def quantize_now(self, matmul, basename, root_input, **kwargs):
         lm_head = bool(kwargs.get("logits"))
         excluded = basename in self.quant_attrs["int4"]["nodes_to_exclude"]
-        if (
-            hasattr(matmul, "qweight") or excluded or (lm_head and self.shared_embeddings)
-        ):  # float now, final pass later
+        keep_float = hasattr(matmul, "qweight") or excluded or (lm_head and self.shared_embeddings)
+        if keep_float:  # float now, final pass later
             return original["make_matmul_int4"](self, matmul, basename, root_input, **kwargs)
-        quantized_matmul = quantized(self, matmul.weight, 8 if lm_head and self.int8_lm_head else 4)
+        quantized_matmul = _quantized(self, matmul.weight, 8 if lm_head and self.int8_lm_head else 4)
         if lm_head:
             self.phi3_quantized_all = True  # nothing left for the final whole-graph pass
         return original["make_matmul_int4"](self, quantized_matmul, basename, root_input, **kwargs)
@@ -80,28 +105,7 @@ def layer_by_layer() -> Iterator[None]:
     def embedding_int8(self, embedding):
         if self.shared_embeddings or self.embed_attrs["scale"] != 1 or self.io_dtype != ir.DataType.FLOAT:
             return original["make_embedding"](self, embedding)  # the builder's own (a tied one: the lm_head's)
-        table = quantized(self, embedding, 8)  # one row a token, blocks along the hidden size
-        names = ["model.embed_tokens.qweight", self.input_names["input_ids"], "model.embed_tokens.scales"]
-        self.make_initializer(table.qweight.reshape(table.out_features, table.in_features), names[0])
-        self.make_initializer(table.scales, names[2], to=self.io_dtype)
-        if table.qzeros is not None:
-            names.append("model.embed_tokens.qzeros")
-            self.make_initializer(table.qzeros, names[3])
-        name = "/model/embed_tokens/GatherBlockQuantized"
-        output = f"{name}/output_0"
-        self.make_node(
-            "GatherBlockQuantized",
-            inputs=names,
-            outputs=[output],
-            name=name,
-            domain="com.microsoft",
-            bits=8,
-            block_size=table.group_size,
-            gather_axis=0,
-            quantize_axis=1,
-        )
-        self.make_value(output, self.io_dtype, shape=["batch_size", "sequence_length", table.in_features])
-        self.layernorm_attrs["root_input"] = self.layernorm_attrs["skip_input"] = output
+        _gather_int8(self, _quantized(self, embedding, 8))  # one row a token, blocks along the hidden size
 
     def make_layer_and_free(self, layer_id, layer):
         original["make_layer"](self, layer_id, layer)
