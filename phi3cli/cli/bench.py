@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,7 @@ from phi3cli.cli.bench_adapter import BenchAdapterOpt
 from phi3cli.cli.bench_tables import show_comparison, show_report
 from phi3cli.cli.errors import user_errors
 from phi3cli.cli.options import ConvertOpt, OptionOpt, ThreadsOpt, backend_options, choices
-from phi3cli.cli.render import RichProgress, err_console, out_console
+from phi3cli.cli.render import RichProgress, err_console, out_console, write_outputs
 from phi3cli.cli.speculate import AssistantTokensOpt, DraftOpt, NgramOpt, PromptLookupOpt
 from phi3cli.errors import Phi3Error
 
@@ -285,12 +286,9 @@ def _measure(model, baseline: dict | None, settings, selection: dict, *, everyth
 
 def _write_outputs(report: dict, json_out, csv_out, markdown_out, plot) -> None:
     from phi3cli.bench import to_csv, to_json, to_markdown
-    from phi3cli.util import write_atomically
 
-    for path, render in ((json_out, to_json), (csv_out, to_csv), (markdown_out, to_markdown)):
-        if path:
-            write_atomically(path, render(report))
-            err_console.print(f"[dim]Wrote {escape(str(path))}[/]")
+    write_outputs((path, partial(render, report)) for path, render in
+                  ((json_out, to_json), (csv_out, to_csv), (markdown_out, to_markdown)))  # fmt: skip
     if plot:
         from phi3cli.bench.plot import write_plot
 

@@ -53,14 +53,10 @@ def bench_adapter(values: list[str], *, markdown_out, json_out, **how) -> None:
 
     from phi3cli.adapters import AdapterChoice
     from phi3cli.bench.adapter import adapter_markdown, run_adapter_bench
-    from phi3cli.cli.render import RichProgress, err_console, out_console
-    from phi3cli.util import write_atomically
+    from phi3cli.cli.render import RichProgress, out_console, write_outputs
 
     choices = tuple(AdapterChoice.parse(v) for v in values)  # bad input fails here, before anything loads
     with RichProgress() as progress:
         report = run_adapter_bench(choices=choices, progress=progress, **how)
     out_console().print(adapter_table(report))
-    for path, text in ((markdown_out, adapter_markdown(report)), (json_out, json.dumps(report, indent=2))):
-        if path:
-            write_atomically(path, text)
-            err_console.print(f"[dim]Wrote {path}[/]")
+    write_outputs(((markdown_out, lambda: adapter_markdown(report)), (json_out, lambda: json.dumps(report, indent=2))))

@@ -156,3 +156,13 @@ def trim_notice(event, session) -> str:
     if model.prompt_cache and model.prompt_cache.enabled:
         notice += ", read again past the system prompt (the kept cache began with the dropped messages)"
     return notice + "."
+
+
+def write_outputs(outputs) -> None:
+    """Each (path, render) pair whose path was given: render()'s text written whole there, then "Wrote PATH"."""
+    from phi3cli.util import write_atomically
+
+    for path, render in outputs:
+        if path:
+            write_atomically(path, render())
+            err_console.print(f"[dim]Wrote {escape(str(path))}[/]")

@@ -93,16 +93,14 @@ def bench_speculation(speculation: Speculation, *, markdown_out, json_out, **how
     import json
 
     from phi3cli.bench.speculative import run_speculation_bench, speculation_markdown
-    from phi3cli.cli.render import RichProgress, err_console, out_console
+    from phi3cli.cli.render import RichProgress, out_console, write_outputs
     from phi3cli.errors import Phi3Error
-    from phi3cli.util import write_atomically
 
     with RichProgress() as progress:
         report = run_speculation_bench(speculation=speculation, progress=progress, **how)
     out_console().print(speculation_table(report))
-    for path, text in ((markdown_out, speculation_markdown(report)), (json_out, json.dumps(report, indent=2))):
-        if path:
-            write_atomically(path, text)
-            err_console.print(f"[dim]Wrote {path}[/]")
+    write_outputs(
+        ((markdown_out, lambda: speculation_markdown(report)), (json_out, lambda: json.dumps(report, indent=2)))
+    )
     if not all(row["same_answer"] for row in report["tasks"]):
         raise Phi3Error("A greedy answer differed with speculation; the table says which task.")
