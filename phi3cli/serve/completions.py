@@ -41,18 +41,37 @@ async def completions(request: Request) -> Response:
     return await _generate(request, "completion")
 
 
+async def accept(request: Request, parse) -> tuple[Served, GenerationRequest, dict]:
+    """Read the body, find the model it names (loading it if need be; MODEL:ADAPTER picks an adapter) and parse it.
+
+    parse(body, ctx, images) reads the body into a GenerationRequest (images: what image parts may be); ApiError on
+    bad input.
+    """
+    body = await read_json(request)
+    body, adapter = pick_adapter(body, list(request.app.state.pool.loaded.values()))
+    ctx = await served(request, body)
+    parsed = parse(body, ctx, request.app.state.images)
+    parsed.adapter = adapter
+    return ctx, parsed, body
+
+
+def _parse_chat(body: dict, ctx: Served, images) -> GenerationRequest:
+    parsed = protocol.parse_chat(body, ctx.model.context_length)
+    parse_structured(body, parsed)
+    resolve_images(parsed.messages, ctx.model, ctx.name, images)
+    parse_sampling(body, parsed)
+    return parsed
+
+
+def _parse_completion(body: dict, ctx: Served, images) -> GenerationRequest:
+    parsed = protocol.parse_completion(body, ctx.model.context_length)
+    parse_sampling(body, parsed)
+    return parsed
+
+
 async def _generate(request: Request, kind: str) -> Response:
     try:
-        body = await read_json(request)
-        body, adapter = pick_adapter(body, list(request.app.state.pool.loaded.values()))  # MODEL:ADAPTER
-        ctx = await served(request, body)
-        parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
-        parsed = parse(body, ctx.model.context_length)
-        if kind == "chat":
-            parse_structured(body, parsed)
-            resolve_images(parsed.messages, ctx.model, ctx.name, request.app.state.images)
-        parse_sampling(body, parsed)
-        parsed.adapter = adapter
+        ctx, parsed, _ = await accept(request, _parse_chat if kind == "chat" else _parse_completion)
     except ApiError as error:
         return fail(request, error)
     started = await start(request, ctx, parsed)

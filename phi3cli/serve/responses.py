@@ -21,15 +21,13 @@ from starlette.responses import JSONResponse, Response
 
 from phi3cli.generation import ReplyStats, TokenEvent
 from phi3cli.serve import protocol
-from phi3cli.serve.adapters import pick_adapter
-from phi3cli.serve.completions import finish, start
+from phi3cli.serve.completions import accept, finish, start
 from phi3cli.serve.images import resolve_images
-from phi3cli.serve.pool import served
 from phi3cli.serve.protocol import ApiError, GenerationRequest, image_url_of
 from phi3cli.serve.queue import FINISHED, GenerationJob, Started
 from phi3cli.serve.served import Served
 from phi3cli.serve.structured import parse_structured
-from phi3cli.serve.web import JobStream, as_api_error, fail, note, read_json, shutting_down, stats_note
+from phi3cli.serve.web import JobStream, as_api_error, fail, note, shutting_down, stats_note
 
 KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "text", "store"}
 KNOWN |= {
@@ -47,12 +45,7 @@ STATELESS = "this server is stateless (it stores no responses); send the whole c
 
 async def responses(request: Request) -> Response:
     try:
-        body = await read_json(request)
-        body, adapter = pick_adapter(body, list(request.app.state.pool.loaded.values()))  # MODEL:ADAPTER
-        ctx = await served(request, body)
-        parsed = parse_response_request(body, ctx.model.context_length)
-        resolve_images(parsed.messages, ctx.model, ctx.name, request.app.state.images)
-        parsed.adapter = adapter
+        ctx, parsed, body = await accept(request, _parse)
     except ApiError as error:
         return fail(request, error)
     started = await start(request, ctx, parsed)
@@ -67,6 +60,12 @@ async def responses(request: Request) -> Response:
         return stats
     note(request, stats_note(stats, first.queue_s))
     return JSONResponse(record.whole(stats, first))
+
+
+def _parse(body: dict, ctx: Served, images) -> GenerationRequest:
+    parsed = parse_response_request(body, ctx.model.context_length)
+    resolve_images(parsed.messages, ctx.model, ctx.name, images)
+    return parsed
 
 
 def parse_response_request(body: dict, context_length: int) -> GenerationRequest:
