@@ -32,6 +32,8 @@ from phi3cli.progress import Progress
 from phi3cli.templates import load_chat_template
 from phi3cli.util import first_line, log_softmax
 
+# genai_config.json's model type -> the placeholder its multimodal processor reads for image N
+VISION_TYPES = {"phi4mm": "<|image_{}|>", "phi3v": "<|image_{}|>\n"}
 # A kept Generator allocates its KV cache for max_length tokens up front (past_present_share_buffer): it is sized
 # for twice what the first turn needs, at least this many tokens and at most the context, and rebuilt if outgrown.
 KEPT_CAPACITY = 2048
@@ -119,25 +121,29 @@ class OnnxModel(LoadedModel):
         keep = cache.keep(prompt_ids) if reuse else 0
         if not reuse:
             cache.reused = 0
-        stream = self.tokenizer.create_stream()
-        produced = 0
         try:
             if keep < len(generator.get_sequence(0)):
                 generator.rewind_to(keep)  # what follows the common prefix: an older turn, or the last answer
             cache.hold(prompt_ids[:keep])
             generator.append_tokens(prompt_ids[keep:])  # the prefill: inside the iterator, so it counts in TTFT
             cache.hold(prompt_ids)
-            while produced < settings.max_new_tokens and not generator.is_done():
-                generator.generate_next_token()
-                token_id = int(generator.get_next_tokens()[0])
-                produced += 1
-                yield RawToken(stream.decode(token_id), token_id=token_id)
+            yield from self._tokens(generator, settings.max_new_tokens)
         except Exception:
             self._drop_generator()  # the runtime failed mid-call: its state is unknown (Ctrl-C or close keep it)
             raise
         finally:
             if not reuse:
                 self._drop_generator()
+
+    def _tokens(self, generator, max_new_tokens: int) -> Iterator[RawToken]:
+        """The tokens a prefilled Generator produces, decoded as a stream."""
+        stream = self.tokenizer.create_stream()
+        produced = 0
+        while produced < max_new_tokens and not generator.is_done():
+            generator.generate_next_token()
+            token_id = int(generator.get_next_tokens()[0])
+            produced += 1
+            yield RawToken(stream.decode(token_id), token_id=token_id)
 
     def _generator_for_turn(self, needed: int, settings: GenerationSettings, reuse: bool):
         """The kept Generator when it fits this turn and its search options; else a new one (an empty cache)."""
@@ -207,4 +213,8 @@ def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress
             f"ONNX Runtime GenAI cannot load {folder}: {first_line(exc)}",
             hint="Check its genai_config.json, or rebuild it with `phi3 convert MODEL --to onnx`.",
         ) from exc
+    if genai["model"].get("type") in VISION_TYPES:  # its own module, loaded only for such a folder
+        from phi3cli.backends.onnx.vision import load_vision
+
+        return load_vision(folder, model, fmt, request.device, genai)
     return OnnxModel(folder, model, fmt, request.device, genai, reuse=request.cache_reuse)
