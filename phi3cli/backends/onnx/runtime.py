@@ -32,8 +32,6 @@ from phi3cli.progress import Progress
 from phi3cli.templates import load_chat_template
 from phi3cli.util import first_line, log_softmax
 
-# genai_config.json's model type -> the placeholder its multimodal processor reads for image N
-VISION_TYPES = {"phi4mm": "<|image_{}|>", "phi3v": "<|image_{}|>\n"}
 # A kept Generator allocates its KV cache for max_length tokens up front (past_present_share_buffer): it is sized
 # for twice what the first turn needs, at least this many tokens and at most the context, and rebuilt if outgrown.
 KEPT_CAPACITY = 2048
@@ -194,8 +192,9 @@ class OnnxModel(LoadedModel):
         self.tokenizer = self.model = None
 
 
-def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> OnnxModel:
-    """Load a folder with the execution providers the device asks for (cpu clears a DirectML folder's)."""
+def open_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> tuple[og.Model, dict]:
+    """og.Model of a folder on the execution providers the device asks for (cpu clears a DirectML folder's), and
+    its genai_config.json."""
     genai = read_genai_config(folder)
     choice = choose_providers(request.device, configured_providers(genai), available_providers(), sys.platform)
     if choice.note:
@@ -207,14 +206,15 @@ def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress
         if request.threads:
             session = {"intra_op_num_threads": request.threads}
             config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
-        model = og.Model(config)
+        return og.Model(config), genai
     except RuntimeError as exc:
         raise UnsupportedModelError(
             f"ONNX Runtime GenAI cannot load {folder}: {first_line(exc)}",
             hint="Check its genai_config.json, or rebuild it with `phi3 convert MODEL --to onnx`.",
         ) from exc
-    if genai["model"].get("type") in VISION_TYPES:  # its own module, loaded only for such a folder
-        from phi3cli.backends.onnx.vision import load_vision
 
-        return load_vision(folder, model, fmt, request.device, genai)
+
+def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> OnnxModel:
+    """Load a text model's folder."""
+    model, genai = open_folder(folder, fmt, request, progress)
     return OnnxModel(folder, model, fmt, request.device, genai, reuse=request.cache_reuse)

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import onnxruntime_genai as og
 
-from phi3cli.backends.base import GenerationSettings, RawToken
-from phi3cli.backends.onnx.runtime import VISION_TYPES, OnnxModel
+from phi3cli.backends.base import GenerationSettings, LoadRequest, RawToken
+from phi3cli.backends.onnx.runtime import OnnxModel, open_folder
 from phi3cli.backends.vision import ImagePrompt
 from phi3cli.errors import ContextOverflowError, Phi3Error, UnsupportedModelError
+from phi3cli.progress import Progress
 from phi3cli.util import first_line
 
+# genai_config.json's model type -> the placeholder its multimodal processor reads for image N
+VISION_TYPES = {"phi4mm": "<|image_{}|>", "phi3v": "<|image_{}|>\n"}
 MAX_IMAGES = 8  # per request, as on openvino: a Phi-4-multimodal image is up to 36 crops of 256 tokens
 
 
@@ -79,9 +82,15 @@ def encoded(image) -> bytes:
     return buffer.getvalue()
 
 
-def load_vision(folder: Path, model, fmt: str, device: str, genai: dict) -> OnnxVisionModel:
+def is_vision_folder(genai: dict) -> bool:
+    return genai["model"].get("type") in VISION_TYPES
+
+
+def load_vision(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> OnnxVisionModel:
+    """Load a vision folder and make its multimodal processor (from the folder's processor config files)."""
+    model, genai = open_folder(folder, fmt, request, progress)
     try:
-        return OnnxVisionModel(folder, model, fmt, device, genai)
+        return OnnxVisionModel(folder, model, fmt, request.device, genai)
     except RuntimeError as exc:
         raise UnsupportedModelError(
             f"ONNX Runtime GenAI cannot make the image processor of {folder}: {first_line(exc)}",
