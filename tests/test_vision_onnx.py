@@ -11,6 +11,7 @@ hub id) and through `phi3 serve` driven by the official openai client.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,17 @@ def test_chat_image_reaches_the_model_on_onnx(tiny_multimodal_onnx, pictures):
     assert "(2 images, encoded in " in both.stderr and both.stdout != first.stdout  # the second image counts
 
 
-def test_too_many_images_is_one_line_on_onnx(tiny_multimodal_onnx, pictures):
+def test_image_count_and_context_limits_on_onnx(tiny_multimodal_onnx, pictures):
     many = [arg for _ in range(9) for arg in ("--image", str(pictures / "p1.png"))]
     result = run_phi3("chat", QUESTION, "--model", tiny_multimodal_onnx, "--backend", "onnx", *many)
     assert result.returncode == 1 and "9 images in one request" in result.stderr
     assert "Traceback" not in result.stderr
+    # Eight images take most of the tiny model's 4096-token context: the answer is clipped to what is left.
+    eight = many[:16]
+    result = run_phi3("chat", QUESTION, "--model", tiny_multimodal_onnx, "--backend", "onnx", "-n", "4000", *eight)
+    assert result.returncode == 0, result.stderr
+    assert "(8 images, encoded in " in result.stderr
+    assert 0 < int(re.search(r"(\d+)\s+tokens \(", result.stderr)[1]) < 4000
 
 
 def test_a_ready_made_onnx_vision_repo_runs_by_its_id(tiny_multimodal_onnx, pictures, tmp_path):

@@ -62,15 +62,15 @@ class OnnxVisionModel(OnnxModel):
             raise Phi3Error(f"ONNX Runtime GenAI's image processor failed: {first_line(exc)}") from exc
         prompt.image_seconds = time.perf_counter() - start
         length = int(inputs["input_ids"].shape()[-1])  # the text's tokens and every image's
-        if length + settings.max_new_tokens > self.context_length:
+        if length >= self.context_length:
             raise ContextOverflowError(
-                f"The prompt is {length} tokens with its images; with {settings.max_new_tokens} new tokens it does "
-                f"not fit the model's context of {self.context_length}.",
-                hint="Send fewer or smaller images, or ask for fewer tokens.",
+                f"The prompt is {length} tokens with its images; the model's context is {self.context_length}.",
+                hint="Send fewer or smaller images.",
             )
-        generator = og.Generator(self.model, self._params(length + settings.max_new_tokens, settings))
+        new_tokens = min(settings.max_new_tokens, self.context_length - length)  # clipped, as for text prompts
+        generator = og.Generator(self.model, self._params(length + new_tokens, settings))
         generator.set_inputs(inputs)  # the prefill: vision model, embeddings, decoder
-        yield from self._tokens(generator, settings.max_new_tokens)
+        yield from self._tokens(generator, new_tokens)
 
 
 def encoded(image) -> bytes:
