@@ -260,7 +260,7 @@ def build_onnx(hf_dir: Path, out: Path) -> Path:
 
     hf_dir, out = Path(hf_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = Phi4MultimodalForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = Phi4MultimodalForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hidden = model.config.hidden_size
     with tempfile.TemporaryDirectory() as scratch:
         _text_decoder(model, hf_dir, out, Path(scratch))
