@@ -95,6 +95,63 @@ def config_only_model(tmp_path_factory) -> Path:
     return write_fake_model(tmp_path_factory.mktemp("config-only") / "model")
 
 
+def tiny_multimodal_builder():
+    """scripts/make_tiny_multimodal.py as a module: the builder users run (build, build_onnx)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_multimodal", ROOT / "scripts" / "make_tiny_multimodal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _built_once(name: str, marker: str, store, build) -> str:
+    """TEST_HOME/sources/name, built by build(staging) under the store's lock unless marker is already there."""
+    from phi3cli.util import atomic_output
+
+    final = TEST_HOME / "sources" / name
+    with store.lock(name):
+        if not (final / marker).is_file():
+            with atomic_output(final, force=True) as staging:
+                build(staging)
+    return str(final)
+
+
+@pytest.fixture(scope="session")
+def tiny_multimodal(store) -> str:
+    """The tiny Phi-4-multimodal's Hugging Face folder, built once into the test store (a few seconds)."""
+    return _built_once("tiny-phi4-multimodal", "model.safetensors", store, tiny_multimodal_builder().build)
+
+
+@pytest.fixture(scope="session")
+def tiny_multimodal_onnx(tiny_multimodal, store) -> str:
+    """The tiny Phi-4-multimodal as an ONNX Runtime GenAI folder (phi4mm), built once into the store (about 7 s)."""
+    builder = tiny_multimodal_builder()
+    return _built_once("tiny-phi4-multimodal-onnx", "genai_config.json", store,
+                       lambda staging: builder.build_onnx(Path(tiny_multimodal), staging))  # fmt: skip
+
+
+def png(seed: int, size=(60, 90)) -> bytes:
+    """A PNG of random pixels (height x width), the same for the same seed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Two different images, p1.png and p2.png (90x60)."""
+    folder = tmp_path_factory.mktemp("pictures")
+    for seed in (1, 2):
+        (folder / f"p{seed}.png").write_bytes(png(seed))
+    return folder
+
+
 def plugin_env(site: Path, name: str, spec: str) -> dict:
     """Environment for a `phi3` subprocess that finds the backend `name = spec` through its entry point, exactly as
     a plugin package's metadata would declare it (a dist-info folder in site, on PYTHONPATH)."""

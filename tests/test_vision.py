@@ -10,60 +10,21 @@ the same one, which is what shows the image reaches the model, through `phi3 cha
 from __future__ import annotations
 
 import base64
-import importlib.util
-import io
 import json
 
-import numpy as np
 import openai
 import pytest
 
-from tests.conftest import ROOT, TEST_HOME, run_phi3
+from tests.conftest import ROOT, png, run_phi3
 from tests.test_serve import KEY, Server, free_port
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is in this picture?"
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("make_tiny_multimodal", ROOT / "scripts" / "make_tiny_multimodal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def tiny_multimodal(store) -> str:
-    """The tiny Phi-4-multimodal's Hugging Face folder, built once into the test store (a few seconds)."""
-    from phi3cli.util import atomic_output
-
-    final = TEST_HOME / "sources" / "tiny-phi4-multimodal"
-    with store.lock("tiny-phi4-multimodal"):
-        if not (final / "model.safetensors").is_file():
-            with atomic_output(final, force=True) as staging:
-                _builder().build(staging)
-    return str(final)
-
-
-def png(seed: int, size=(60, 90)) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pictures")
-    for seed in (1, 2):
-        (folder / f"p{seed}.png").write_bytes(png(seed))
-    return folder
-
-
-def chat_with_image(model: str, image, *extra: str):
+def chat_with_image(model: str, image, *extra: str, backend: str = "openvino"):
     result = run_phi3(
-        "chat", QUESTION, "--model", model, "--backend", "openvino", "-n", "8", "--image", str(image), *extra
+        "chat", QUESTION, "--model", model, "--backend", backend, "-n", "8", "--image", str(image), *extra
     )
     assert result.returncode == 0, result.stderr
     return result

@@ -11,6 +11,7 @@ from phi3cli.backends.onnx.folder import detect_format, read_genai_config
 from phi3cli.backends.onnx.providers import available_providers, choose_providers
 from phi3cli.backends.onnx.quantize import quantize_folder
 from phi3cli.backends.onnx.runtime import load_folder
+from phi3cli.backends.onnx.vision import is_vision_folder, load_vision
 from phi3cli.progress import Progress
 from phi3cli.sizing import GB, BuildEstimate, calibrated_by_default, parameter_count
 
@@ -60,7 +61,8 @@ class OnnxBackend(Backend):
         return detect_format(folder, read_genai_config(folder)["model"]["decoder"]["filename"])
 
     def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
-        model = load_folder(folder, request.format or self.folder_format(folder), request, progress)
+        load = load_vision if is_vision_folder(read_genai_config(folder)) else load_folder
+        model = load(folder, request.format or self.folder_format(folder), request, progress)
         model.serial_reason = SERIAL_REASON if request.device == "cpu" else SERIAL_REASON_GPU
         return model
 

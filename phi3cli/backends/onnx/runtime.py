@@ -119,25 +119,29 @@ class OnnxModel(LoadedModel):
         keep = cache.keep(prompt_ids) if reuse else 0
         if not reuse:
             cache.reused = 0
-        stream = self.tokenizer.create_stream()
-        produced = 0
         try:
             if keep < len(generator.get_sequence(0)):
                 generator.rewind_to(keep)  # what follows the common prefix: an older turn, or the last answer
             cache.hold(prompt_ids[:keep])
             generator.append_tokens(prompt_ids[keep:])  # the prefill: inside the iterator, so it counts in TTFT
             cache.hold(prompt_ids)
-            while produced < settings.max_new_tokens and not generator.is_done():
-                generator.generate_next_token()
-                token_id = int(generator.get_next_tokens()[0])
-                produced += 1
-                yield RawToken(stream.decode(token_id), token_id=token_id)
+            yield from self._tokens(generator, settings.max_new_tokens)
         except Exception:
             self._drop_generator()  # the runtime failed mid-call: its state is unknown (Ctrl-C or close keep it)
             raise
         finally:
             if not reuse:
                 self._drop_generator()
+
+    def _tokens(self, generator, max_new_tokens: int) -> Iterator[RawToken]:
+        """The tokens a prefilled Generator produces, decoded as a stream."""
+        stream = self.tokenizer.create_stream()
+        produced = 0
+        while produced < max_new_tokens and not generator.is_done():
+            generator.generate_next_token()
+            token_id = int(generator.get_next_tokens()[0])
+            produced += 1
+            yield RawToken(stream.decode(token_id), token_id=token_id)
 
     def _generator_for_turn(self, needed: int, settings: GenerationSettings, reuse: bool):
         """The kept Generator when it fits this turn and its search options; else a new one (an empty cache)."""
@@ -188,8 +192,9 @@ class OnnxModel(LoadedModel):
         self.tokenizer = self.model = None
 
 
-def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> OnnxModel:
-    """Load a folder with the execution providers the device asks for (cpu clears a DirectML folder's)."""
+def open_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> tuple[og.Model, dict]:
+    """og.Model of a folder on the execution providers the device asks for (cpu clears a DirectML folder's), and
+    its genai_config.json."""
     genai = read_genai_config(folder)
     choice = choose_providers(request.device, configured_providers(genai), available_providers(), sys.platform)
     if choice.note:
@@ -201,10 +206,15 @@ def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress
         if request.threads:
             session = {"intra_op_num_threads": request.threads}
             config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
-        model = og.Model(config)
+        return og.Model(config), genai
     except RuntimeError as exc:
         raise UnsupportedModelError(
             f"ONNX Runtime GenAI cannot load {folder}: {first_line(exc)}",
             hint="Check its genai_config.json, or rebuild it with `phi3 convert MODEL --to onnx`.",
         ) from exc
+
+
+def load_folder(folder: Path, fmt: str, request: LoadRequest, progress: Progress) -> OnnxModel:
+    """Load a text model's folder."""
+    model, genai = open_folder(folder, fmt, request, progress)
     return OnnxModel(folder, model, fmt, request.device, genai, reuse=request.cache_reuse)
