@@ -91,6 +91,11 @@ class RichProgress:
             if not self.console.is_terminal and (line := self._plain_line()):
                 self.console.print(f"  {escape(line)}", soft_wrap=True, highlight=False)
 
+    def grow(self, amount: float) -> None:
+        if self._progress and self._task is not None:
+            task = self._progress.tasks[-1]
+            self._progress.update(self._task, total=(task.total or 0) + amount)
+
     def _plain_line(self) -> str | None:
         """The phase's share done and time left, at most every PLAIN_EVERY_S seconds (for a log, where no bar is drawn)."""
         task, now = self._progress.tasks[-1], _now()
