@@ -42,6 +42,9 @@ def test_chat_image_reaches_the_model(tiny_multimodal, pictures):
     assert "openvino on CPU" in first.stderr and "(1 image, encoded in " in first.stderr
     text = run_phi3("chat", QUESTION, "--model", tiny_multimodal, "--backend", "openvino", "-n", "8")
     assert text.returncode == 0 and text.stdout != first.stdout and "image" not in text.stderr.splitlines()[-1]
+    # The prompt size is the runtime's count, the image's tokens included (at least one 256-token crop).
+    with_image = int(re.search(r"\((\d+) prompt with images\)", first.stderr).group(1))
+    assert with_image > int(re.search(r"\((\d+) prompt\)", text.stderr).group(1)) + 256
 
 
 def test_image_command_in_a_session_goes_with_the_next_message(tiny_multimodal, pictures, tmp_path):

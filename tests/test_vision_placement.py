@@ -133,6 +133,7 @@ def check_against_processor(model, transformers_side, turns, answers: bool = Tru
         expected += [processor.image_token_id] * (lengths[n] if n < len(lengths) else 0)
     assert ids == expected
     assert counted == len(ids), f"VLMPipeline read {counted} input tokens, the processor wrote {len(ids)}"
+    assert reply.input_tokens == counted  # what phi3's timing line shows as the prompt's size
     if answers:
         assert reply.text == answer
     return lengths

@@ -124,9 +124,19 @@ def stats_line(stats: ReplyStats) -> str:
     return (
         f"{stats.backend} on {stats.executed_device} · TTFT {stats.ttft_s * 1000:.0f} ms{image_part(stats)} · "
         f"{stats.decode_tps:.1f} tok/s · {stats.generated_tokens} tokens "
-        f"({stats.prompt_tokens} prompt{f', {stats.cached_tokens} cached' if stats.cached_tokens else ''}) · "
+        f"({prompt_part(stats)}{f', {stats.cached_tokens} cached' if stats.cached_tokens else ''}) · "
         f"{stats.finish_reason}{speculation_figures(stats)}"
     )
+
+
+def prompt_part(stats: ReplyStats) -> str:
+    """The prompt's size: '120 prompt'; with images, the runtime's own count of what it read ('1331 prompt with
+    images'), or where it gives none, the text's, saying so ('120 prompt text, images not counted')."""
+    if not stats.images:
+        return f"{stats.prompt_tokens} prompt"
+    if stats.input_tokens is None:
+        return f"{stats.prompt_tokens} prompt text, images not counted"
+    return f"{stats.input_tokens} prompt with images"
 
 
 def image_part(stats: ReplyStats) -> str:

@@ -208,6 +208,7 @@ class VisionModel(OpenVINOModel):
             if isinstance(prompt_ids, ImagePrompt):
                 encoding = result.perf_metrics.get_vision_encoding_duration().mean  # ms, 0 without images
                 prompt_ids.image_seconds = encoding / 1000 if images else None
+                prompt_ids.input_tokens = result.perf_metrics.get_num_input_tokens()  # image tokens included
 
         return pull_from_push(produce)
 
