@@ -134,6 +134,8 @@ def check_against_processor(model, transformers_side, turns, answers: bool = Tru
     assert ids == expected
     assert counted == len(ids), f"VLMPipeline read {counted} input tokens, the processor wrote {len(ids)}"
     assert reply.input_tokens == counted  # what phi3's timing line shows as the prompt's size
+    sizes = ", ".join(f"{i.width}x{i.height}" for i in prompt.images)
+    print(f"\n{sizes}: processor {len(ids)} ids, image tokens {lengths}; VLMPipeline read {counted}")  # -s shows it
     if answers:
         assert reply.text == answer
     return lengths
