@@ -75,7 +75,7 @@ def convert(
     """Convert a source to a backend's format: into output if given, else into the store."""
     store = store or ModelStore()
     progress = progress or SilentProgress()
-    refuse_vision_elsewhere(source, backend_name)
+    refuse_vision_elsewhere(source, backend_name, "--to")
     backend = get_backend(backend_name)
     if output is None:
         return ensure_variant(backend, source, recipe, store, progress)

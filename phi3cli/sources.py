@@ -112,8 +112,9 @@ def remote_code_types() -> tuple[str, ...]:
     return tuple(t for s in registry().values() for t in s.remote_code_types)
 
 
-def refuse_vision_elsewhere(source: ModelSource, backend: str) -> None:
-    """Refuse to convert a vision-language checkpoint with a backend that does not convert it."""
+def refuse_vision_elsewhere(source: ModelSource, backend: str, flag: str = "--backend") -> None:
+    """Refuse to convert a vision-language checkpoint with a backend that does not convert it (flag: the option
+    that names the backend, in the hint)."""
     if source.kind not in ("hub", "folder"):
         return
     try:
@@ -124,7 +125,7 @@ def refuse_vision_elsewhere(source: ModelSource, backend: str) -> None:
         able = [s.name for s in registry().values() if model_type in s.vision_types]
         raise UnsupportedModelError(
             f"{source.spec} is a vision-language model ({model_type}); the {backend} backend does not convert it.",
-            hint=f"Use --backend {' or '.join(able)}.",
+            hint=f"Use {flag} {' or '.join(able)}.",
         )
 
 

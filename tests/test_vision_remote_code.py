@@ -97,3 +97,15 @@ def test_with_the_flag_the_export_runs_the_checkpoints_code_and_says_so_first(ch
     assert "(configuration_phi3_v.py, modeling_phi3_v.py), as --trust-remote-code asks" in result.stderr[said:]
     assert said < result.stderr.index(line)
     assert not (tmp_path / "out").exists()
+
+
+def test_another_backend_is_refused_naming_the_one_that_converts_it(checkpoint, tmp_path):
+    for name in ("configuration_phi3_v.py", "modeling_phi3_v.py"):
+        (checkpoint / name).write_text(STAND_IN)
+    env = {"PHI3_TEST_MARK": str(tmp_path / "mark")}
+    result = run_phi3(
+        "convert", str(checkpoint), "--to", "onnx", "--trust-remote-code", "-o", str(tmp_path / "o"), env=env
+    )
+    line = one_line_error(result)
+    assert "the onnx backend does not convert it" in line and "Use --to openvino." in result.stderr
+    assert not (tmp_path / "mark").exists() and not (tmp_path / "o").exists()
