@@ -11,7 +11,7 @@ from phi3cli.backends import get_backend
 from phi3cli.backends.base import Backend, ConvertRecipe
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.sizing import GB, BuildEstimate, check_memory, model_config
-from phi3cli.sources import ModelSource
+from phi3cli.sources import ModelSource, refuse_vision_elsewhere
 from phi3cli.store import MANIFEST, ModelStore, VariantKey
 from phi3cli.util import atomic_output
 
@@ -75,6 +75,7 @@ def convert(
     """Convert a source to a backend's format: into output if given, else into the store."""
     store = store or ModelStore()
     progress = progress or SilentProgress()
+    refuse_vision_elsewhere(source, backend_name, "--to")
     backend = get_backend(backend_name)
     if output is None:
         return ensure_variant(backend, source, recipe, store, progress)

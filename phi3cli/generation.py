@@ -43,6 +43,7 @@ class ReplyStats:
     cached_tokens: int = 0  # prompt tokens taken from the KV cache kept since the last reply (not prefilled)
     images: int = 0  # images in the prompt (a vision model's)
     image_s: float | None = None  # the runtime's own time encoding them, part of ttft_s, where it reports one
+    input_tokens: int | None = None  # the tokens the runtime read, images' included, where it counts them
     speculation: Speculation | None = None  # how the reply was decoded speculatively, if it was
 
     @property
@@ -165,6 +166,7 @@ def stream_reply(
         cached_tokens=cached,
         images=len(ids.images) if isinstance(ids, ImagePrompt) else 0,
         image_s=ids.image_seconds if isinstance(ids, ImagePrompt) else None,
+        input_tokens=ids.input_tokens if isinstance(ids, ImagePrompt) else None,
         speculation=model.speculation if run.speculate else None,
     )
 

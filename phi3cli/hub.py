@@ -29,8 +29,9 @@ from phi3cli.util import human_size
 if TYPE_CHECKING:
     from phi3cli.routing import Route
 
-# What a Phi-3 checkpoint needs at the repo's root; safetensors only, never pickled weights.
-CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md")
+# What a Phi-3 checkpoint needs at the repo's root; safetensors only, never pickled weights. The .py files are the
+# checkpoint's own code: fetched, run only by `phi3 convert --trust-remote-code` of a model that needs it.
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md", "*.py")
 # Pickled files (torch.load would run code from them): never downloaded, whatever folder holds them.
 PICKLED = ("*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib", "pytorch_model*.bin", "training_args.bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -14,6 +14,9 @@ class Progress(Protocol):
     def advance(self, amount: float = 1.0) -> None:
         """Some units of the current phase are done."""
 
+    def grow(self, amount: float) -> None:
+        """The current phase turned out bigger than its total said (work found only once it ran)."""
+
     def note(self, message: str) -> None:
         """Something the user should read (a choice made on their behalf, a fallback)."""
 
@@ -30,5 +33,17 @@ class SilentProgress:
     def advance(self, amount: float = 1.0) -> None:
         pass
 
+    def grow(self, amount: float) -> None:
+        pass
+
     def note(self, message: str) -> None:
         self.notes.append(message)
+
+
+# A step report (a bench worker's progress line) that says the phase has more steps, instead of finishing one.
+MORE_STEPS = "more steps: "
+
+
+def more_steps(message: str) -> int | None:
+    """The steps a MORE_STEPS report adds; None for a report of a step done."""
+    return int(message[len(MORE_STEPS) :]) if message.startswith(MORE_STEPS) else None

@@ -15,6 +15,7 @@ from phi3cli import DEFAULT_MODEL
 from phi3cli.backends import registry, runtime_of_folder
 from phi3cli.errors import ModelNotFoundError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
+from phi3cli.remote_code import remote_code_files
 from phi3cli.store import ModelStore
 from phi3cli.util import short_hash, slugify
 
@@ -35,9 +36,8 @@ OTHER_PHI_MODELS = {
     ),
     "phi3_v": (
         "Phi-3-vision / Phi-3.5-vision (Phi3VForCausalLM)",
-        "it is a vision-language model that needs the modelling code it ships (an image encoder before the "
-        "language model), which phi3 does not run; OpenVINO's ready-made IRs of it run by id or path (see "
-        "docs/vision.md)",
+        "converting it runs the modelling code it ships, which phi3 does only when `phi3 convert` is given "
+        "--trust-remote-code; OpenVINO's ready-made IRs of it run by id or path (see docs/vision.md)",
     ),
     "phi4mm": (
         "Phi-4-multimodal (Phi4MMForCausalLM)",
@@ -82,13 +82,17 @@ class ModelSource:
         )
 
 
-def check_architecture(config_path: Path, spec: str) -> dict:
-    """Read a config.json and refuse any architecture that is not Phi-3."""
+def check_architecture(config_path: Path, spec: str, trust_remote_code: bool = False) -> dict:
+    """Read a config.json and refuse any architecture that is not Phi-3 (or a vision model a backend converts;
+    one whose conversion runs the checkpoint's own code only with trust_remote_code)."""
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"{config_path} cannot be read as a model config: {exc}") from exc
     model_type = config.get("model_type")
+    if trust_remote_code and model_type in remote_code_types():
+        remote_code_files(config, config_path.parent, spec)
+        return config
     refuse_other_phi(model_type, spec)
     if model_type not in SUPPORTED_MODEL_TYPES + vision_model_types():
         archs = ", ".join(config.get("architectures") or []) or "unknown"
@@ -103,8 +107,14 @@ def vision_model_types() -> tuple[str, ...]:
     return tuple(t for s in registry().values() for t in s.vision_types)
 
 
-def refuse_vision_elsewhere(source: ModelSource, backend: str) -> None:
-    """Refuse to convert a vision-language checkpoint with a backend that does not convert it."""
+def remote_code_types() -> tuple[str, ...]:
+    """The vision model types some backend converts only by running the checkpoint's own code (Phi-3.5-vision)."""
+    return tuple(t for s in registry().values() for t in s.remote_code_types)
+
+
+def refuse_vision_elsewhere(source: ModelSource, backend: str, flag: str = "--backend") -> None:
+    """Refuse to convert a vision-language checkpoint with a backend that does not convert it (flag: the option
+    that names the backend, in the hint)."""
     if source.kind not in ("hub", "folder"):
         return
     try:
@@ -115,7 +125,7 @@ def refuse_vision_elsewhere(source: ModelSource, backend: str) -> None:
         able = [s.name for s in registry().values() if model_type in s.vision_types]
         raise UnsupportedModelError(
             f"{source.spec} is a vision-language model ({model_type}); the {backend} backend does not convert it.",
-            hint=f"Use --backend {' or '.join(able)}.",
+            hint=f"Use {flag} {' or '.join(able)}.",
         )
 
 
@@ -158,12 +168,14 @@ def resolve_source(
     backend: str | None = None,
     convert: bool = False,
     format: str | None = None,
+    trust_remote_code: bool = False,
 ) -> ModelSource:
     """Turn what the user typed into a ModelSource, downloading or building it if needed.
 
     device and backend are those asked: of a hub repo with several ready-to-run folders, they pick one. A name in
     phi3's catalogue (or its source repo's id) stands for the ready-made variant that fits them and format
-    (phi3cli.catalog); convert asks for its source checkpoint instead.
+    (phi3cli.catalog); convert asks for its source checkpoint instead. trust_remote_code: a checkpoint whose
+    conversion runs its own code (Phi-3.5-vision) is accepted (`phi3 convert --trust-remote-code`).
     """
     spec = spec or DEFAULT_MODEL
     store = store or ModelStore()
@@ -195,7 +207,7 @@ def resolve_source(
                 hint="Point --model at a Hugging Face model folder or one made by `phi3 convert`.",
             )
         if kind == "folder":
-            check_architecture(path / "config.json", spec)
+            check_architecture(path / "config.json", spec, trust_remote_code)
         resolved = path.resolve()
         return ModelSource(spec, kind, resolved, f"local--{slugify(path.name)}-{short_hash(str(resolved))}")
     from phi3cli.catalog_resolve import catalog_spec
@@ -214,5 +226,5 @@ def resolve_source(
     slug += f"@{slugify(revision)}" if revision else ""
     if hub.runtime:  # a folder a backend runs as it is
         return ModelSource(spec, hub.runtime, hub.folder, slug, hub.route)
-    check_architecture(hub.folder / "config.json", spec)
+    check_architecture(hub.folder / "config.json", spec, trust_remote_code)
     return ModelSource(spec, "hub", hub.folder, slug)

@@ -10,7 +10,10 @@ the same one, which is what shows the image reaches the model, through `phi3 cha
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
+import re
 
 import openai
 import pytest
@@ -39,6 +42,9 @@ def test_chat_image_reaches_the_model(tiny_multimodal, pictures):
     assert "openvino on CPU" in first.stderr and "(1 image, encoded in " in first.stderr
     text = run_phi3("chat", QUESTION, "--model", tiny_multimodal, "--backend", "openvino", "-n", "8")
     assert text.returncode == 0 and text.stdout != first.stdout and "image" not in text.stderr.splitlines()[-1]
+    # The prompt size is the runtime's count, the image's tokens included (at least one 256-token crop).
+    with_image = int(re.search(r"\((\d+) prompt with images\)", first.stderr).group(1))
+    assert with_image > int(re.search(r"\((\d+) prompt\)", text.stderr).group(1)) + 256
 
 
 def test_image_command_in_a_session_goes_with_the_next_message(tiny_multimodal, pictures, tmp_path):
@@ -186,7 +192,8 @@ def test_bench_measures_the_image_beside_the_text(tiny_multimodal, pictures, tmp
     report_path = tmp_path / "report.json"
     args = ["--model", tiny_multimodal, "-b", "openvino", "-f", "int4", "-p", "16", "-n", "4", "-r", "2"]
     done = run_phi3("bench", *args, "--no-quality", "--no-chart", "--image", str(pictures / "p1.png"),
-                    "--json", str(report_path), "--markdown", str(tmp_path / "report.md"), env={"COLUMNS": "200"})  # fmt: skip
+                    "--json", str(report_path), "--markdown", str(tmp_path / "report.md"),
+                    "--csv", str(tmp_path / "report.csv"), env={"COLUMNS": "200"})  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "One image (p1.png (90x60))" in done.stdout and "image ms" in done.stdout, done.stdout
     assert "pp16+tg4" in done.stdout and "1 image+tg4" in done.stdout
@@ -201,3 +208,44 @@ def test_bench_measures_the_image_beside_the_text(tiny_multimodal, pictures, tmp
     assert all(e < t for e, t in zip(test["image_ms"]["values"], test["ttft_ms"]["values"], strict=True))
     markdown = (tmp_path / "report.md").read_text()
     assert "| image encoding ms | TTFT ms | decode tok/s |" in markdown and "| 1 image+tg4 |" in markdown
+    (line,) = [r for r in csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text())) if r["image"]]
+    assert line["test"] == "1 image+tg4" and line["image"] == "p1.png (90x60)" and line["tokens_counted"] == "4 4"
+    for key in ("image_ms", "ttft_ms", "decode_tps"):
+        assert float(line[f"{key}_mean"]) == pytest.approx(test[key]["mean"]), key
+
+
+def test_bench_compare_reads_the_image_test(tiny_multimodal, pictures, tmp_path):
+    """--compare finds a slower image encoding, time to first token with the image, or decode after it."""
+    report_path = tmp_path / "report.json"
+    args = ["--model", tiny_multimodal, "-b", "openvino", "-f", "int4", "-p", "8", "-n", "4", "-r", "1"]
+    done = run_phi3("bench", *args, "--no-quality", "--no-chart", "--json", str(report_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    same = run_phi3("bench", "--load", str(report_path), "--compare", str(report_path), "--no-chart",
+                    env={"COLUMNS": "200"})  # fmt: skip
+    assert same.returncode == 0 and "1 image+tg4" in same.stdout and "image_ms" in same.stdout, same.stdout
+    for figure, factor in (("image_ms", 0.5), ("ttft_ms", 0.5), ("decode_tps", 2.0)):
+        better = json.loads(report_path.read_text())
+        for row in better["results"]:
+            if row.get("image"):
+                row["image"][figure]["mean"] *= factor  # the baseline claims a faster image test
+        (tmp_path / "better.json").write_text(json.dumps(better))
+        done = run_phi3("bench", "--load", str(report_path), "--compare", str(tmp_path / "better.json"),
+                        "--no-chart", env={"COLUMNS": "200"})  # fmt: skip
+        assert done.returncode == 3, (figure, done.stdout + done.stderr)
+        regressed = [ln for ln in done.stdout.splitlines() if "1 image+tg4" in ln and figure in ln]
+        assert regressed, (figure, done.stdout)
+
+
+def test_bench_progress_counts_the_image_runs(tiny_multimodal, store):
+    """The progress bar's total: step_count for what the job asks, plus what the image test announces once the
+    model is loaded; every step reported, none past the total."""
+    from phi3cli.bench.measure import MeasureJob, measure_configuration, step_count
+    from phi3cli.progress import more_steps
+
+    job = MeasureJob(tiny_multimodal, "openvino", "cpu", "int4", [8], 2, warmup=1, repetitions=2, quality=False)
+    reports: list[str] = []
+    result = measure_configuration(job, store, reports.append)
+    assert result["image"] and len(result["image"]["reps"]) == 2
+    added = [n for n in map(more_steps, reports) if n is not None]
+    assert added == [job.warmup + job.repetitions]
+    assert len(reports) - len(added) == step_count(job) + sum(added)

@@ -56,6 +56,8 @@ class BackendSpec:
     marker: str | None = None  # the file that marks a folder in its own format; None: it runs Hugging Face folders
     other_markers: tuple[str, ...] = ()  # files that mark other kinds of its folders (a vision model's IRs)
     vision_types: tuple[str, ...] = ()  # config model_types of vision-language models it converts and runs
+    # Of those, the ones whose conversion runs the checkpoint's own code: only with --trust-remote-code.
+    remote_code_types: tuple[str, ...] = ()
     # For a folder in its own format, read from its marker file alone (before its weights are downloaded): the
     # devices it is built to run on here. None: every device in `devices` (an IR runs wherever OpenVINO does).
     folder_devices: Callable[[Path], tuple[str, ...]] | None = None

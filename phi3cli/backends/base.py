@@ -317,10 +317,11 @@ class ConvertRecipe:
     awq: bool = False
     dataset: str | None = None
     preset: str | None = None  # a named recipe (RECIPE_NAMES) the fields above override; None: the defaults
+    trust_remote_code: bool = False  # a vision model's export may run the checkpoint's own code (--trust-remote-code)
 
     def canonical(self) -> str:
-        """A stable text of every field, for store keys (no preset: the keys variants had before presets)."""
-        fields = {k: v for k, v in self.__dict__.items() if not (k == "preset" and v is None)}
+        """A stable text of every field, for store keys (unset preset and trust: the keys variants had before)."""
+        fields = {k: v for k, v in self.__dict__.items() if not (k in ("preset", "trust_remote_code") and not v)}
         return ";".join(f"{k}={v}" for k, v in sorted(fields.items()))
 
 

@@ -4,7 +4,8 @@ A vision model's prompt is still the token ids of the rendered chat (so budgets,
 text), as an `ImagePrompt`: a list of ids that also carries the rendered text, with the model's placeholder
 for each image (`<|image_1|>`...), and the images in placeholder order. A backend whose model reads images sets
 `LoadedModel.max_images` (text-only models keep 0) and `image_placeholder`, and after a generate reports the
-seconds its runtime spent encoding the images in `ImagePrompt.image_seconds`.
+seconds its runtime spent encoding the images in `ImagePrompt.image_seconds` and, where the runtime counts them,
+the input tokens it read (text and image tokens) in `ImagePrompt.input_tokens`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class ImagePrompt(list):
         self.text = text
         self.images = list(images)
         self.image_seconds: float | None = None  # set by the backend: the runtime's image-encoding time
+        self.input_tokens: int | None = None  # set by the backend: the tokens the runtime read, images' included
 
 
 def image_capacity(model: LoadedModel) -> int:

@@ -17,6 +17,7 @@ from phi3cli.errors import Phi3Error
 
 from .report import SCHEMA, measured_rows, run_label
 from .turns import multi_turn_label, multi_turn_rows
+from .vision import image_label, image_rows
 
 AGREEMENT_SLACK = 1e-9  # agreement is a share of equal tokens: any real drop counts
 TOP1_SLACK = 0.005  # top-1 agreement may move by one position in a few hundred between runs of a runtime
@@ -30,6 +31,7 @@ class Finding:
     config: str  # backend/device/format
     test: str  # pp512+tg128, or chat6-pp170+tg16 for a multi-turn test
     figure: str  # decode_tps | ttft_ms | kl_divergence | top1 | agreement | status | turnN_ttft_ms | ttft_growth
+    # | image_ms (the image test's encoding time; its ttft_ms and decode_tps under the image test's label)
     baseline: float | str | None
     current: float | str | None
     change: float | None  # now / baseline - 1 (top1 and agreement: now - baseline)
@@ -110,6 +112,7 @@ def compare(current: dict, baseline: dict, margin: float, baseline_name: str = "
             quality_checked.add(label)
             findings += _quality_findings(label, test, row["quality"], cur_row["quality"], margin)
     findings += _compare_multi_turn(current, baseline, margin)
+    findings += _compare_image(current, baseline, margin)
     return findings
 
 
@@ -148,4 +151,22 @@ def _compare_multi_turn(current: dict, baseline: dict, margin: float) -> list[Fi
                 findings.append(
                     Finding(label, multi_turn_label(test), figure, base, value, change, value > base * (1 + margin))
                 )
+    return findings
+
+
+def _compare_image(current: dict, baseline: dict, margin: float) -> list[Finding]:
+    """The image test's encoding time, time to first token and decode speed, where both ran it on the same image."""
+    now = {(r["backend"], r["device"], r["format"], t["image"], t["gen_tokens"]): t for r, t in image_rows(current)}
+    findings = []
+    for row, test in image_rows(baseline):
+        cur = now.get((row["backend"], row["device"], row["format"], test["image"], test["gen_tokens"]))
+        if cur is None:
+            continue
+        label = f"{row['backend']}/{row['device']}/{row['format']}"
+        for figure, lower_is_better in (("image_ms", True), ("ttft_ms", True), ("decode_tps", False)):
+            base, value = test[figure]["mean"], cur[figure]["mean"]
+            if base and value is not None:
+                change = value / base - 1
+                worse = change > margin if lower_is_better else change < -margin
+                findings.append(Finding(label, image_label(test), figure, base, value, change, worse))
     return findings

@@ -11,7 +11,7 @@ from phi3cli.context import LONG_CONTEXT, fmt_memory
 from .report import CSV_COLUMNS, RUN_KEYS, run_label
 from .stats import fmt_figure
 from .turns import multi_turn_label, multi_turn_markdown
-from .vision import image_markdown
+from .vision import image_csv, image_markdown
 
 
 def to_json(report: dict) -> str:
@@ -19,7 +19,7 @@ def to_json(report: dict) -> str:
 
 
 def to_csv(report: dict) -> str:
-    """One line per configuration and prompt length (skipped and failed configurations included).
+    """One line per configuration and test (skipped and failed configurations included).
 
     Machine, settings and versions repeat on each line, so the file stands alone.
     """
@@ -74,6 +74,8 @@ def to_csv(report: dict) -> str:
                 ttft_growth_std=test["ttft_growth"]["std"],
             )
             writer.writerow(line)
+        if test := row.get("image"):
+            writer.writerow(base | image_csv(test))
     return out.getvalue()
 
 

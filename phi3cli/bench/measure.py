@@ -65,7 +65,8 @@ class MeasureJob:
 
 
 def step_count(job: MeasureJob) -> int:
-    """How many progress reports measure_configuration makes for a job (for a progress bar)."""
+    """How many progress reports measure_configuration makes for a job (for a progress bar); the image test,
+    which only a loaded model can call for, adds its own with a MORE_STEPS report."""
     speed = 1 + len(job.prompt_tokens) * (job.warmup + job.repetitions) if job.measure_speed else 0
     if job.measure_speed and job.turns:
         speed += len(job.prompt_tokens) * (job.warmup + job.repetitions) * job.turns

@@ -22,7 +22,7 @@ from phi3cli.backends import get_spec, reference_spec
 from phi3cli.backends.options import check_declared, check_options, options_for
 from phi3cli.errors import Phi3Error
 from phi3cli.loading import prepare as prepare_model
-from phi3cli.progress import Progress, SilentProgress
+from phi3cli.progress import Progress, SilentProgress, more_steps
 from phi3cli.routing import given
 from phi3cli.sources import ModelSource, resolve_source
 from phi3cli.store import ModelStore
@@ -268,7 +268,10 @@ def run_bench(
         progress.phase(f"[{i}/{len(todo)}] Measuring {config.label}", total=step_count(job))
 
         def relay(message: str) -> None:
-            progress.advance()
+            if (more := more_steps(message)) is not None:  # the image test, on a model that reads images
+                progress.grow(more)
+            else:
+                progress.advance()
 
         result = run_worker(job, store, settings.timeout_s, relay)
         row = _row_from(config, result, settings)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from phi3cli.backends.base import GenerationSettings
 from phi3cli.backends.vision import ImagePrompt, image_capacity, with_placeholders
 from phi3cli.generation import generate_text
+from phi3cli.progress import MORE_STEPS
 
 from .stats import fmt_figure, summarize
 
@@ -54,6 +55,7 @@ def measure_image(model: LoadedModel, job, report: Callable[[str], None]) -> dic
         return None
     image = bench_image(job.image)
     settings = GenerationSettings(max_new_tokens=job.gen_tokens, temperature=0.0, ignore_eos=True)
+    report(f"{MORE_STEPS}{job.warmup + job.repetitions}")  # step_count could not know the model reads images
     reps = []
     for i in range(job.warmup + job.repetitions):
         phase = f"warm-up {i + 1}/{job.warmup}" if i < job.warmup else f"run {i - job.warmup + 1}/{job.repetitions}"
@@ -93,6 +95,15 @@ def image_rows(report: dict):
 
 def image_label(test: dict) -> str:
     return f"1 image+tg{test['gen_tokens']}"
+
+
+def image_csv(test: dict) -> dict:
+    """The image test's cells of a CSV line: its figures in the columns the text tests use, and image_ms."""
+    cells = {"test": image_label(test), "image": test["image"], "gen_tokens": test["gen_tokens"]}
+    cells["tokens_counted"] = " ".join(map(str, test["tokens_counted"]))
+    for name in ("image_ms", "ttft_ms", "decode_tps"):
+        cells[f"{name}_mean"], cells[f"{name}_std"] = test[name]["mean"], test[name]["std"]
+    return cells
 
 
 def image_markdown(report: dict) -> list[str]:

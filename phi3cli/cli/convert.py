@@ -10,6 +10,7 @@ from rich.console import Console
 
 from phi3cli import DEFAULT_MODEL
 from phi3cli.cli.errors import user_errors
+from phi3cli.cli.options import TrustRemoteCodeOpt
 from phi3cli.cli.render import RichProgress
 from phi3cli.errors import Phi3Error
 
@@ -101,6 +102,7 @@ def convert(
             "model is stored apart from the base. For backends and devices without run-time adapters.",
         ),
     ] = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Convert a Phi-3 model to OpenVINO IR or ONNX Runtime GenAI at int4, int8 or fp16.
 
@@ -134,10 +136,12 @@ def convert(
         awq=awq,
         dataset=dataset,
         preset=recipe_name,
+        trust_remote_code=trust_remote_code,
     )
     choices = [AdapterChoice.parse(a) for a in adapter or []]  # bad input fails here, before anything is fetched
     with RichProgress() as progress:
-        source = resolve_source(model, progress=progress, convert=True)  # a catalogue name: its source checkpoint
+        # a catalogue name: its source checkpoint
+        source = resolve_source(model, progress=progress, convert=True, trust_remote_code=trust_remote_code)
         if choices:
             from phi3cli.adapter_store import merged_source
             from phi3cli.store import ModelStore

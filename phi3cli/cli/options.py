@@ -65,7 +65,8 @@ TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option(
         "--trust-remote-code",
-        help="Run Python code shipped with the model. Phi-3 is built into transformers; you should not need this.",
+        help="Run Python code shipped with the model. Phi-3 and Phi-4-multimodal are built into transformers; only "
+        "converting Phi-3.5-vision (`phi3 convert`) needs it.",
     ),
 ]
 AllowFallbackOpt = Annotated[

@@ -91,6 +91,11 @@ class RichProgress:
             if not self.console.is_terminal and (line := self._plain_line()):
                 self.console.print(f"  {escape(line)}", soft_wrap=True, highlight=False)
 
+    def grow(self, amount: float) -> None:
+        if self._progress and self._task is not None:
+            task = self._progress.tasks[-1]
+            self._progress.update(self._task, total=(task.total or 0) + amount)
+
     def _plain_line(self) -> str | None:
         """The phase's share done and time left, at most every PLAIN_EVERY_S seconds (for a log, where no bar is drawn)."""
         task, now = self._progress.tasks[-1], _now()
@@ -119,9 +124,19 @@ def stats_line(stats: ReplyStats) -> str:
     return (
         f"{stats.backend} on {stats.executed_device} · TTFT {stats.ttft_s * 1000:.0f} ms{image_part(stats)} · "
         f"{stats.decode_tps:.1f} tok/s · {stats.generated_tokens} tokens "
-        f"({stats.prompt_tokens} prompt{f', {stats.cached_tokens} cached' if stats.cached_tokens else ''}) · "
+        f"({prompt_part(stats)}{f', {stats.cached_tokens} cached' if stats.cached_tokens else ''}) · "
         f"{stats.finish_reason}{speculation_figures(stats)}"
     )
+
+
+def prompt_part(stats: ReplyStats) -> str:
+    """The prompt's size: '120 prompt'; with images, the runtime's own count of what it read ('1331 prompt with
+    images'), or where it gives none, the text's, saying so ('120 prompt text, images not counted')."""
+    if not stats.images:
+        return f"{stats.prompt_tokens} prompt"
+    if stats.input_tokens is None:
+        return f"{stats.prompt_tokens} prompt text, images not counted"
+    return f"{stats.input_tokens} prompt with images"
 
 
 def image_part(stats: ReplyStats) -> str:

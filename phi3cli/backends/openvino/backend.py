@@ -30,7 +30,7 @@ class OpenVINOBackend(Backend):
         config = json.loads((hf_dir / "config.json").read_text())
         settings = resolve_recipe(recipe, config, progress)
         if is_vision_config(config):
-            export_vision(hf_dir, out, settings, progress)
+            export_vision(hf_dir, out, settings, progress, recipe.trust_remote_code)
         elif settings is None:
             export_ir(hf_dir, out, progress)
         else:

@@ -38,11 +38,13 @@ from phi3cli.backends.openvino.runtime import (
 from phi3cli.backends.vision import ImagePrompt
 from phi3cli.errors import ConversionError, Phi3Error
 from phi3cli.progress import Progress
+from phi3cli.remote_code import remote_code_files
 from phi3cli.util import first_line, log_softmax
 
 LANGUAGE_MODEL = "openvino_language_model"
 # model_type in the Hugging Face config -> the name OpenVINO GenAI's VLMPipeline knows it by
-GENAI_MODEL_TYPES = {"phi4_multimodal": "phi4mm"}
+GENAI_MODEL_TYPES = {"phi4_multimodal": "phi4mm", "phi3_v": "phi3_v"}
+REMOTE_CODE = ("phi3_v",)  # Phi-3.5-vision exists only with its own modelling code: exported only when trusted
 MAX_IMAGES = 8  # per request: each 448x448 crop is 256 tokens, and a large image is up to 36 crops
 
 
@@ -55,9 +57,28 @@ def is_vision_config(config: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _vision_export_fixes() -> Iterator[None]:
-    """optimum-intel 1.27's Phi-4-multimodal export on transformers 4.57, for the duration of one export."""
+def _transformers_cap_lifted(config_class) -> Iterator[None]:
+    """optimum-intel 1.27 caps its vision export configs at transformers 4.53.3: lifted up to 4.57.x, for one export."""
+    cap = config_class.MAX_TRANSFORMERS_VERSION
+    config_class.MAX_TRANSFORMERS_VERSION = "4.57.99"
+    try:
+        yield
+    finally:
+        config_class.MAX_TRANSFORMERS_VERSION = cap
+
+
+@contextlib.contextmanager
+def _vision_export_fixes(model_type: str) -> Iterator[None]:
+    """optimum-intel 1.27's export of this model type on transformers 4.57, for the duration of one export.
+
+    Phi-3.5-vision: the cap only (its own code does the rest; never run here, see docs/vision.md).
+    """
     from optimum.exporters.openvino import model_configs
+
+    if model_type == "phi3_v":
+        with _transformers_cap_lifted(model_configs.Phi3VisionOpenVINOConfig):
+            yield
+        return
     from transformers.modeling_outputs import BaseModelOutput
     from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4
 
@@ -70,27 +91,43 @@ def _vision_export_fixes() -> Iterator[None]:
             states.append(hidden)
         return BaseModelOutput(last_hidden_state=hidden, hidden_states=tuple(states))
 
-    config_class = model_configs.Phi4MMOpenVINOConfig
-    cap, forward = config_class.MAX_TRANSFORMERS_VERSION, phi4.Phi4MultimodalVisionEncoder.forward
-    config_class.MAX_TRANSFORMERS_VERSION = "4.57.99"
+    forward = phi4.Phi4MultimodalVisionEncoder.forward
     phi4.Phi4MultimodalVisionEncoder.forward = encoder_forward
     try:
-        yield
+        with _transformers_cap_lifted(model_configs.Phi4MMOpenVINOConfig):
+            yield
     finally:
-        config_class.MAX_TRANSFORMERS_VERSION = cap
         phi4.Phi4MultimodalVisionEncoder.forward = forward
 
 
-def export_vision(hf_dir: Path, out: Path, settings: dict[str, Any] | None, progress: Progress) -> None:
-    """Export a Phi-4-multimodal folder to VLMPipeline's layout in out, compressed as settings say (None: fp16)."""
+def export_vision(
+    hf_dir: Path, out: Path, settings: dict[str, Any] | None, progress: Progress, trust_remote_code: bool = False
+) -> None:
+    """Export a vision-language folder to VLMPipeline's layout in out, compressed as settings say (None: fp16).
+
+    Phi-3.5-vision runs the checkpoint's own code, so only with trust_remote_code, and says so before it starts.
+    """
     from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig
 
     from phi3cli.backends.openvino.export import _quiet_converters, _raise_if_disk_full
 
+    config = json.loads((hf_dir / "config.json").read_text())
+    model_type = config["model_type"]
+    remote = model_type in REMOTE_CODE
+    if remote:
+        if not trust_remote_code:
+            raise ConversionError(
+                f"{hf_dir} runs only with the modelling code it ships; phi3 runs it only when asked.",
+                hint="Add --trust-remote-code to `phi3 convert` if you trust that code.",
+            )
+        files = remote_code_files(config, hf_dir, hf_dir.name)
+        progress.note(
+            f"The export runs the code {hf_dir.name} ships ({', '.join(files)}), as --trust-remote-code asks."
+        )
     progress.phase(f"Exporting {hf_dir.name} (language model, text embeddings, vision encoder, projection)")
     try:
-        with _quiet_converters(), _vision_export_fixes():
+        with _quiet_converters(), _vision_export_fixes(model_type):
             main_export(
                 str(hf_dir),
                 output=out,
@@ -98,14 +135,15 @@ def export_vision(hf_dir: Path, out: Path, settings: dict[str, Any] | None, prog
                 ov_config=OVConfig(dtype="fp16"),
                 library_name="transformers",
                 local_files_only=True,
+                trust_remote_code=remote,
             )
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+    except (RuntimeError, ValueError, TypeError, AttributeError, ImportError, OSError) as exc:
         _raise_if_disk_full(exc, out)
         raise ConversionError(f"optimum-intel could not export {hf_dir} for images: {first_line(exc)}") from exc
     config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config["model_type"] = GENAI_MODEL_TYPES[config["model_type"]]
-    config_path.write_text(json.dumps(config, indent=2))
+    written = json.loads(config_path.read_text())
+    written["model_type"] = GENAI_MODEL_TYPES[written["model_type"]]
+    config_path.write_text(json.dumps(written, indent=2))
     if settings is not None:
         _compress_submodels(out, settings, progress)
 
@@ -170,6 +208,7 @@ class VisionModel(OpenVINOModel):
             if isinstance(prompt_ids, ImagePrompt):
                 encoding = result.perf_metrics.get_vision_encoding_duration().mean  # ms, 0 without images
                 prompt_ids.image_seconds = encoding / 1000 if images else None
+                prompt_ids.input_tokens = result.perf_metrics.get_num_input_tokens()  # image tokens included
 
         return pull_from_push(produce)
 
