@@ -47,6 +47,11 @@ class ReplyStats:
     speculation: Speculation | None = None  # how the reply was decoded speculatively, if it was
 
     @property
+    def read_tokens(self) -> int:
+        """The prompt's size as the runtime read it: images' tokens included where it counts them."""
+        return self.prompt_tokens if self.input_tokens is None else self.input_tokens
+
+    @property
     def steps(self) -> int:
         """Passes of the model the reply took (fewer than its tokens when speculation was accepted)."""
         return steps_of(self.token_times)
@@ -143,8 +148,9 @@ def stream_reply(
                 break
             if len(times) >= budget:
                 break
-        else:
-            finish = "stop" if len(times) < budget else "length"
+        else:  # the runtime stopped by itself: at the end of its answer, or where the images left no more room
+            room = model.context_length - ids.input_tokens if getattr(ids, "input_tokens", None) else budget
+            finish = "stop" if len(times) < min(budget, room) else "length"
     finally:
         tokens.close()
     if rest := held.finish():  # text held back for a stop sequence that never came

@@ -88,7 +88,19 @@ def test_serve_image_url_parts_reach_the_model_on_onnx(tiny_multimodal_onnx, tmp
         assert first != other
         stream = ask(client, data_url(png(2)), stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == other
-        assert ask(client, None).choices[0].message.content != first
+        text_only = ask(client, None)
+        assert text_only.choices[0].message.content != first
+        # usage counts what the runtime read: the image's tokens too (256 per crop and more), not only the text's
+        assert ask(client, data_url(png(1))).usage.prompt_tokens > text_only.usage.prompt_tokens + 256
+        # Eight images leave the answer less room than max_tokens asks: where the runtime stops there, the reason
+        # is "length", and a reply that ends before it is "stop".
+        content = [{"type": "image_url", "image_url": {"url": data_url(png(k % 2))}} for k in range(8)]
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]
+        model = client.models.list().data[0].id
+        full = client.chat.completions.create(model=model, messages=messages, max_tokens=4000, temperature=0)
+        used = full.usage.prompt_tokens + full.usage.completion_tokens
+        assert full.usage.completion_tokens < 4000 and used <= 4096
+        assert full.choices[0].finish_reason == ("length" if used == 4096 else "stop"), full.usage
     finally:
         srv.stop()
     assert "Traceback" not in srv.log(), srv.log()

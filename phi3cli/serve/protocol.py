@@ -285,9 +285,9 @@ def new_id(kind: str) -> str:
 
 def usage(stats: ReplyStats) -> dict:
     return {
-        "prompt_tokens": stats.prompt_tokens,
+        "prompt_tokens": stats.read_tokens,
         "completion_tokens": stats.generated_tokens,
-        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+        "total_tokens": stats.read_tokens + stats.generated_tokens,
     }
 
 

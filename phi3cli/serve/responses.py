@@ -189,11 +189,11 @@ class ResponseRecord:
         if stats is not None:
             answer["completed_at"] = int(time.time())
             answer["usage"] = {
-                "input_tokens": stats.prompt_tokens,
+                "input_tokens": stats.read_tokens,
                 "input_tokens_details": {"cached_tokens": stats.cached_tokens},
                 "output_tokens": stats.generated_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+                "total_tokens": stats.read_tokens + stats.generated_tokens,
             }
             answer["phi3"] = protocol.timing(stats, self.ctx.model.format, started.queue_s, parsed.ignored)
         return answer

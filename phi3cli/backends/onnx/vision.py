@@ -62,6 +62,7 @@ class OnnxVisionModel(OnnxModel):
             raise Phi3Error(f"ONNX Runtime GenAI's image processor failed: {first_line(exc)}") from exc
         prompt.image_seconds = time.perf_counter() - start
         length = int(inputs["input_ids"].shape()[-1])  # the text's tokens and every image's
+        prompt.input_tokens = length
         if length >= self.context_length:
             raise ContextOverflowError(
                 f"The prompt is {length} tokens with its images; the model's context is {self.context_length}.",
