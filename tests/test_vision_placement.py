@@ -19,8 +19,8 @@ writes `<|image_1|>`... before the user's text, then applies the template) gives
 greedy answer as phi3's explicit placement. Weak in the same way: a tag moved within the prompt keeps the count,
 and the tiny model's answer barely moves with it.
 
-The processor needs torchvision, which the project does not install (docs/vision.md says why); these tests skip
-where it does not import. With PyPI's CUDA build of torchvision beside a CPU torch, tests/torchvision_ops.py
+The processor needs torchvision, which the project does not install in its environment (docs/vision.md says why):
+these tests skip where it does not import, and scripts/test.sh runs them again with torchvision beside it. With PyPI's CUDA build of torchvision beside a CPU torch, tests/torchvision_ops.py
 declares its missing C++ ops so the Python part imports (it changes no computation the processor does).
 """
 
@@ -35,6 +35,9 @@ from tests.test_vision import QUESTION
 from tests.torchvision_ops import import_torchvision
 
 pytestmark = pytest.mark.slow
+# Before anything imports transformers: where torchvision is on the path but its C++ ops cannot load, declare them
+# now, or transformers (which sees torchvision installed) fails to import optimum-intel's exporter later.
+TORCHVISION = import_torchvision()
 TAG = re.compile(r"<\|image_\d+\|>")
 SIZES = [(90, 60), (448, 448), (1000, 500), (300, 900)]  # width x height: 1, 1, 2x1 and 1x3 crops (+ global)
 NEW_TOKENS = 8
@@ -50,7 +53,7 @@ def picture(seed: int, width: int, height: int):
 @pytest.fixture(scope="module")
 def transformers_side(tiny_multimodal):
     """transformers' processor (its fast image processor, from the tiny model's files) and its model."""
-    torchvision, how = import_torchvision()
+    torchvision, how = TORCHVISION
     if torchvision is None:
         pytest.skip(f"transformers' Phi-4-multimodal image processor needs torchvision: {how}")
     import torch
