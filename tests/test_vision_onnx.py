@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+import openai
 import pytest
 
 from tests.conftest import png, run_phi3
@@ -101,6 +102,12 @@ def test_serve_image_url_parts_reach_the_model_on_onnx(tiny_multimodal_onnx, tmp
         used = full.usage.prompt_tokens + full.usage.completion_tokens
         assert full.usage.completion_tokens < 4000 and used <= 4096
         assert full.choices[0].finish_reason == ("length" if used == 4096 else "stop"), full.usage
+        # With a long text too, the images overflow the context: a 400 before any token, streamed or not (a stream
+        # starts at its first token, so no 200 carrying the error).
+        long = [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION + " lorem" * 500}]}]
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match="images"):
+                client.chat.completions.create(model=model, messages=long, max_tokens=8, stream=stream)
     finally:
         srv.stop()
     assert "Traceback" not in srv.log(), srv.log()

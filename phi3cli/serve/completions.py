@@ -102,17 +102,31 @@ async def start(request: Request, ctx: Served, parsed: GenerationRequest) -> tup
     except ApiError as error:
         return fail(request, error)
     job = ctx.jobs.submit(partial(ctx.prompt_ids, parsed), parsed.settings, parsed.logprobs)
-    try:
-        first = await next_item(job, request)
-    except ClientGone:
-        job.cancel()
-        note(request, "client went away while queued")
-        return Response(status_code=499)
-    if isinstance(first, BaseException):
-        return fail(request, as_api_error(first))
+    first = await _wait(request, job, "while queued")
+    if isinstance(first, Response):
+        return first
     if not isinstance(first, Started):
         return fail(request, shutting_down())
+    if parsed.stream:  # a stream starts at its first token: an error before it (a vision model's images that
+        head = await _wait(request, job, "before the first token")  # overflow the context) is an error response
+        if isinstance(head, Response):
+            return head
+        job.unread(head)
     return job, first
+
+
+async def _wait(request: Request, job: GenerationJob, when: str):
+    """The job's next item, or the error response to send instead (its failure, or 499 if the client left)."""
+    try:
+        item = await next_item(job, request)
+    except ClientGone:
+        job.cancel()
+        note(request, f"client went away {when}")
+        return Response(status_code=499)
+    if isinstance(item, BaseException):
+        job.cancel()
+        return fail(request, as_api_error(item))
+    return item
 
 
 async def finish(request: Request, job: GenerationJob) -> ReplyStats | Response:

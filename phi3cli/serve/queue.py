@@ -72,6 +72,11 @@ class GenerationJob:
         except RuntimeError:  # the event loop is gone (server shutting down)
             self.cancel()
 
+    def unread(self, item: JobItem) -> None:
+        """Give back an item taken with next(): the next call returns it first (on the event loop)."""
+        self._items.appendleft(item)
+        self._ready.set()
+
     def _push(self, item: JobItem) -> None:
         self._items.append(item)
         self._ready.set()
