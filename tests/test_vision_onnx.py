@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
@@ -79,13 +82,20 @@ def test_a_ready_made_onnx_vision_repo_runs_by_its_id(tiny_multimodal_onnx, pict
 
 def test_serve_image_url_parts_reach_the_model_on_onnx(tiny_multimodal_onnx, tmp_path):
     srv = Server(free_port(), tmp_path / "server.log")
-    srv.start("--api-key", KEY, backend="onnx", model=tiny_multimodal_onnx)
+    srv.start("--api-key", KEY, "--allow-image-urls", backend="onnx", model=tiny_multimodal_onnx)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "p1.png").write_bytes(png(1))
+    site = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=tmp_path / "site"))
+    threading.Thread(target=site.serve_forever, daemon=True).start()
     srv.ready()
     try:
         client = srv.client()
         first = ask(client, data_url(png(1))).choices[0].message.content
         other = ask(client, data_url(png(2))).choices[0].message.content
         assert first and first == ask(client, data_url(png(1))).choices[0].message.content
+        # the same picture fetched from a (local, real) web server, as --allow-image-urls allows
+        fetched = ask(client, f"http://127.0.0.1:{site.server_address[1]}/p1.png").choices[0].message.content
+        assert fetched == first
         assert first != other
         stream = ask(client, data_url(png(2)), stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == other
@@ -110,6 +120,7 @@ def test_serve_image_url_parts_reach_the_model_on_onnx(tiny_multimodal_onnx, tmp
                 client.chat.completions.create(model=model, messages=long, max_tokens=8, stream=stream)
     finally:
         srv.stop()
+        site.shutdown()
     assert "Traceback" not in srv.log(), srv.log()
 
 

@@ -166,7 +166,7 @@ AllowImageUrlsOpt = Annotated[
     bool,
     typer.Option(
         "--allow-image-urls",
-        help="Fetch http(s) image URLs in image_url parts (at most 20 MB, 10 s each). Without it a vision model "
+        help="Fetch http(s) image URLs in image_url parts (at most 20 MB each, fetched within 10 s). Without it a vision model "
         "takes images as data: URLs only (base64 PNG, JPEG or WebP).",
         rich_help_panel="Images",
     ),

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from functools import partial
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -50,7 +51,8 @@ async def accept(request: Request, parse) -> tuple[Served, GenerationRequest, di
     body = await read_json(request)
     body, adapter = pick_adapter(body, list(request.app.state.pool.loaded.values()))
     ctx = await served(request, body)
-    parsed = parse(body, ctx, request.app.state.images)
+    # Off the event loop: decoding images (and fetching them, with --allow-image-urls) takes a while.
+    parsed = await run_in_threadpool(parse, body, ctx, request.app.state.images)
     parsed.adapter = adapter
     return ctx, parsed, body
 

@@ -16,9 +16,11 @@ from phi3cli.backends.base import LoadedModel
 from phi3cli.backends.vision import image_capacity
 from phi3cli.images import Image, ImageError, ImageLimits, check_count, decode_data_url, decode_image
 from phi3cli.serve.protocol import ApiError
+from phi3cli.util import human_size
 
 FETCH_BYTES = 20 << 20  # the most a remote image may weigh
-FETCH_SECONDS = 10.0
+FETCH_SECONDS = 10.0  # the longest its whole fetch may take
+CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -27,19 +29,29 @@ class ImageOptions:
 
     limits: ImageLimits = ImageLimits()
     allow_urls: bool = False  # fetch http(s) image URLs (else only data: URLs)
+    fetch_bytes: int = FETCH_BYTES
+    fetch_seconds: float = FETCH_SECONDS
 
 
-def _fetch(url: str, label: str, limits: ImageLimits) -> Image:
+def _fetch(url: str, label: str, options: ImageOptions) -> Image:
+    """An http(s) image, read within the size limit and within the time limit for the whole fetch (a server that
+    sends slowly is cut off at the deadline, not only one that stops sending)."""
+    import time
     import urllib.request
 
+    deadline = time.monotonic() + options.fetch_seconds
+    data = bytearray()
     try:
-        with urllib.request.urlopen(url, timeout=FETCH_SECONDS) as response:  # noqa: S310 (http(s) checked)
-            data = response.read(FETCH_BYTES + 1)
+        with urllib.request.urlopen(url, timeout=options.fetch_seconds) as response:  # noqa: S310 (http(s) checked)
+            while chunk := response.read1(CHUNK):  # what has arrived, so the deadline is checked as it trickles
+                data += chunk
+                if len(data) > options.fetch_bytes:
+                    raise ImageError(f"{label} at {url} is over {human_size(options.fetch_bytes)}.")
+                if time.monotonic() > deadline:
+                    raise ImageError(f"{label} at {url} took over {options.fetch_seconds:g} s to fetch.")
     except OSError as exc:
         raise ImageError(f"{label} could not be fetched from {url}: {exc}.") from exc
-    if len(data) > FETCH_BYTES:
-        raise ImageError(f"{label} at {url} is over {FETCH_BYTES >> 20} MB.")
-    return decode_image(data, label, limits)
+    return decode_image(bytes(data), label, options.limits)
 
 
 def resolve_images(messages: list[dict[str, Any]], model: LoadedModel, name: str, options: ImageOptions) -> int:
@@ -64,7 +76,7 @@ def resolve_images(messages: list[dict[str, Any]], model: LoadedModel, name: str
                             f"{label} is a remote URL; this server takes images as data: URLs only.",
                             hint="Start the server with --allow-image-urls to fetch them.",
                         )
-                    images.append(_fetch(url, label, options.limits))
+                    images.append(_fetch(url, label, options))
                 else:
                     images.append(decode_data_url(url, label, options.limits))
             except ImageError as exc:
