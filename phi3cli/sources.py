@@ -142,6 +142,13 @@ def refuse_unconvertible(model_type: str | None, spec: str, trust_remote_code: b
         refuse_other_phi(model_type, spec)
 
 
+def conversion_flag(model_type: str | None) -> str | None:
+    """What `phi3 convert` needs for a checkpoint of this type: "" nothing, "--trust-remote-code", None: refused."""
+    if model_type in OTHER_PHI_MODELS:
+        return "--trust-remote-code" if model_type in remote_code_types() else None
+    return ""
+
+
 def folder_kind(path: Path) -> str | None:
     """The backend whose format a folder is in, 'folder' for a Hugging Face folder, None for anything else."""
     if kind := runtime_of_folder(path):

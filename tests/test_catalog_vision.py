@@ -10,6 +10,7 @@ line, before anything is downloaded.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,16 @@ def test_what_cannot_run_or_convert_here_is_one_line(args, needles, absent, tmp_
     error = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and all(n in error[0] for n in needles), done.stderr
     assert absent not in done.stderr and not (tmp_path / "hub").exists(), done.stderr
+
+
+def test_models_catalog_says_how_each_source_converts(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PHI3_HOME": str(tmp_path / "home")}
+    done = run_phi3("models", "catalog", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    sources = {m["name"]: m["source"] for m in json.loads(done.stdout)["models"]}
+    assert sources["phi-4-multimodal"]["model_type"] == "phi4mm" and sources["phi-4-multimodal"]["convert"] is None
+    assert sources["phi-3.5-vision"]["convert"] == "--trust-remote-code" and sources["phi-3-mini"]["convert"] == ""
+    table = run_phi3("models", "catalog", env={**env, "COLUMNS": "250"}).stdout
+    rows = [line for line in table.splitlines() if line.strip().startswith("source ")]
+    assert any("microsoft/Phi-4-multimodal-instruct " in r and "not converted" in r for r in rows), table
+    assert any("Phi-3.5-vision-instruct " in r and "convert --trust-remote-code" in r for r in rows), table
