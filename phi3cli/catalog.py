@@ -52,8 +52,14 @@ class ReadyVariant:
     @property
     def marker(self) -> str | None:
         """The marker file (in the repo) that says the folder is its runtime's format."""
+        return next(iter(self.markers), None)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """Every file (in the repo) that marks the folder as its runtime's: a text model's or a vision model's."""
         spec = registry().get(self.runtime)
-        return posixpath.join(self.folder, spec.marker) if spec and spec.marker else None
+        found = (spec.marker, *spec.other_markers) if spec else ()
+        return tuple(posixpath.join(self.folder, m) for m in found if m)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class CatalogModel:
     title: str
     what: str
     source: str
+    source_type: str  # its config.json's model_type: whether phi3 converts it, and how
     source_size_gb: float | None
     source_cited: tuple[str, ...]
     variants: tuple[ReadyVariant, ...]
@@ -100,6 +107,7 @@ def catalog() -> dict[str, CatalogModel]:
                 title=m["title"],
                 what=m["what"],
                 source=m["source"]["repo"],
+                source_type=m["source"].get("model_type", "phi3"),
                 source_size_gb=m["source"].get("size_gb"),
                 source_cited=tuple(m["source"]["cited"]),
                 variants=tuple(_variant(v) for v in m["variants"]),
@@ -145,8 +153,8 @@ def read_cache(repo: str) -> dict[str, int | None] | None:
 
 
 def variant_cached(variant: ReadyVariant, read: CacheReader = read_cache) -> bool:
-    files = read(variant.repo)
-    return bool(files) and variant.marker is not None and variant.marker in files
+    files = read(variant.repo) or {}
+    return any(marker in files for marker in variant.markers)
 
 
 def source_cached(model: CatalogModel, read: CacheReader = read_cache) -> bool:

@@ -9,6 +9,8 @@ cache folder to copy. sources.resolve_source calls `catalog_spec` before it read
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from phi3cli.catalog import (
     CatalogModel,
     ReadyVariant,
@@ -26,6 +28,9 @@ from phi3cli.devices import DeviceReport
 from phi3cli.errors import DeviceUnavailableError, OfflineError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
 
+# Raises UnsupportedModelError where an entry's source checkpoint is of a type phi3 does not convert (as asked).
+SourceCheck = Callable[[CatalogModel], None]
+
 
 def catalog_spec(
     spec: str,
@@ -36,11 +41,13 @@ def catalog_spec(
     convert: bool = False,
     revision: str | None = None,
     progress: Progress | None = None,
+    check_source: SourceCheck = lambda model: None,
 ) -> str | None:
     """The hub spec (REPO or REPO:FOLDER) a catalogue name stands for here; None for any other spec.
 
     format, where asked, is the precision the variant must have (else the source is converted to it). A bare
-    word that is no catalogue name is refused with the names close to it.
+    word that is no catalogue name is refused with the names close to it. check_source refuses a source that
+    cannot be converted, before anything of it is downloaded (Phi-4-multimodal's, which carries its own code).
     """
     model = find(spec)
     if model is None:
@@ -51,6 +58,7 @@ def catalog_spec(
         return None
     progress = progress or SilentProgress()
     if convert:
+        _convertible(model, check_source, "--convert asks for its source, which cannot be converted")
         progress.note(
             f"{model.name}: converting its source {model.source}; `phi3 models catalog` lists its ready-made variants."
         )
@@ -59,11 +67,11 @@ def catalog_spec(
     pick = choose(model, report, device=device, backend=backend, precision=format, fits=provider_fit)
     from phi3cli.hub import offline
 
+    where = dict(device=device, backend=backend, check_source=check_source, progress=progress)
     if offline():
-        return _from_cache(model, pick, report, device=device, backend=backend, format=format, progress=progress)
+        return _from_cache(model, pick, report, format=format, **where)
     if pick is None:
-        why = f" at {format}" if format else ""
-        return _fallback(model, report, device=device, backend=backend, progress=progress, why=why)
+        return _fallback(model, report, why=f" at {format}" if format else "", **where)
     progress.note(_picked(model, *pick))
     return pick[0].spec
 
@@ -144,10 +152,49 @@ def _convert_route(model: CatalogModel, report: DeviceReport, *, device: str, ba
         ) from exc
 
 
+def _convertible(model: CatalogModel, check_source: SourceCheck, lead: str) -> None:
+    """Refuse, in one line, a source that cannot be converted, led by how phi3 came to it."""
+    try:
+        check_source(model)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(
+            f"{model.name}: {lead}: {exc.message}",
+            hint=f"`phi3 models catalog` lists {model.name}'s ready-made variants and what each needs.",
+        ) from exc
+
+
+def _converts(model: CatalogModel, check_source: SourceCheck) -> bool:
+    try:
+        check_source(model)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _source_route(model: CatalogModel, report: DeviceReport, *, device, backend, check_source: SourceCheck, why=""):
+    """The route converting the source would take here, once routing and the source's type allow it."""
+    try:
+        route = _convert_route(model, report, device=device, backend=backend)
+    except DeviceUnavailableError as exc:  # no "run it on the CPU instead" where nothing of it would run there
+        if exc.instead and not model.for_device(exc.instead) and not _converts(model, check_source):
+            exc.instead = None
+        raise
+    lead = f"no ready-made variant fits {route.backend} on {route.device} here{why}, and its source cannot be converted"
+    _convertible(model, check_source, lead)
+    return route
+
+
 def _fallback(
-    model: CatalogModel, report: DeviceReport, *, device: str, backend: str | None, progress: Progress, why: str = ""
+    model: CatalogModel,
+    report: DeviceReport,
+    *,
+    device: str,
+    backend: str | None,
+    check_source: SourceCheck,
+    progress: Progress,
+    why: str = "",
 ) -> str:
-    route = _convert_route(model, report, device=device, backend=backend)
+    route = _source_route(model, report, device=device, backend=backend, check_source=check_source, why=why)
     progress.note(
         f"{model.name}: no ready-made variant fits {route.backend} on {route.device} here{why}; converting its "
         f"source {model.source} instead (the whole checkpoint is read, then converted)."
@@ -163,6 +210,7 @@ def _from_cache(
     device: str,
     backend: str | None,
     format: str | None,
+    check_source: SourceCheck,
     progress: Progress,
 ) -> str:
     """Offline: the best variant the hub cache holds, else the cached source to convert, else what to pull."""
@@ -181,11 +229,12 @@ def _from_cache(
         return variant.spec
     if pick is not None and not source_cached(model):
         raise _offline_error(model, pick[0], device)
-    _convert_route(model, report, device=device, backend=backend)  # nothing can run here: that error first
+    why = (f" at {format}" if format else "") + (" in the hub cache" if pick is not None else "")
+    where = dict(device=device, backend=backend, check_source=check_source, why=why)
+    _source_route(model, report, **where)  # nothing can run here, or the source cannot be converted: said first
     if not source_cached(model):
         raise _offline_error(model, None, device)
-    why = (f" at {format}" if format else "") + " in the hub cache"
-    return _fallback(model, report, device=device, backend=backend, progress=progress, why=why)
+    return _fallback(model, report, progress=progress, **where)
 
 
 def _offline_error(model: CatalogModel, variant: ReadyVariant | None, device: str) -> OfflineError:

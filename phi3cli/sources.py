@@ -136,6 +136,19 @@ def refuse_other_phi(model_type: str | None, spec: str) -> None:
         raise UnsupportedModelError(f"{spec} is {name}: {why}.", hint=SUPPORTED_HELP + ".")
 
 
+def refuse_unconvertible(model_type: str | None, spec: str, trust_remote_code: bool = False) -> None:
+    """Refuse, before anything is downloaded, a checkpoint of a Phi type phi3 does not convert (as asked)."""
+    if not (trust_remote_code and model_type in remote_code_types()):
+        refuse_other_phi(model_type, spec)
+
+
+def conversion_flag(model_type: str | None) -> str | None:
+    """What `phi3 convert` needs for a checkpoint of this type: "" nothing, "--trust-remote-code", None: refused."""
+    if model_type in OTHER_PHI_MODELS:
+        return "--trust-remote-code" if model_type in remote_code_types() else None
+    return ""
+
+
 def folder_kind(path: Path) -> str | None:
     """The backend whose format a folder is in, 'folder' for a Hugging Face folder, None for anything else."""
     if kind := runtime_of_folder(path):
@@ -214,7 +227,12 @@ def resolve_source(
     from phi3cli.hub import parse_hub_id, resolve_hub
 
     asked = dict(device=device, backend=backend, format=format, convert=convert, revision=revision)
-    found = catalog_spec(spec, **asked, progress=progress)
+    found = catalog_spec(
+        spec,
+        **asked,
+        progress=progress,
+        check_source=lambda m: refuse_unconvertible(m.source_type, m.source, trust_remote_code),
+    )
     spec = found or spec  # a catalogue name: the hub repo (and folder) it stands for here
     if (hub_id := parse_hub_id(spec)) is None:
         raise ModelNotFoundError(

@@ -26,6 +26,7 @@ from phi3cli.backends import (
 from phi3cli.catalog import catalog, choose, find  # noqa: E402
 from phi3cli.devices import DeviceReport  # noqa: E402
 from phi3cli.hub import HUB_ID  # noqa: E402
+from phi3cli.sources import OTHER_PHI_MODELS, SUPPORTED_MODEL_TYPES, vision_model_types  # noqa: E402
 
 IR = "OpenVINO/Phi-3-mini-4k-instruct-int4-ov"
 ONNX = "microsoft/Phi-3-mini-4k-instruct-onnx"
@@ -85,8 +86,10 @@ def test_every_entry_is_well_formed_and_cites_its_sources():
     assert {"phi-3-mini", "phi-3-mini-128k", "phi-3-medium", "phi-3-medium-128k", "phi-3.5-mini", "phi-4-mini"} <= set(
         models
     )
+    assert {"phi-3.5-vision", "phi-4-multimodal"} <= set(models)
     for model in models.values():
         assert HUB_ID.match(model.source) and model.source_cited, model.name
+        assert model.source_type in (*SUPPORTED_MODEL_TYPES, *vision_model_types(), *OTHER_PHI_MODELS), model.name
         assert model.variants, model.name
         for v in model.variants:
             assert HUB_ID.match(v.repo) and not v.folder.startswith("/"), v
@@ -122,6 +125,24 @@ BOTH_CPU = {"openvino": ["cpu"], "onnx": ["cpu"]}
             ":gpu/gpu-int4-awq-block-128",
             "gpu",
         ),
+        ("phi-3.5-vision", BOTH_CPU, "auto", None, "OpenVINO/Phi-3.5-vision-instruct-int4-ov", "cpu"),
+        ("phi-3.5-vision", BOTH_CPU, "cpu", "onnx", "-onnx:cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4", "cpu"),
+        (
+            "phi-3.5-vision",
+            {"openvino": ["cpu"], "onnx": ["gpu", "cpu"]},
+            "gpu",
+            None,
+            ":gpu/gpu-int4-rtn-block-32",
+            "gpu",
+        ),
+        (
+            "phi-4-multimodal",
+            {"openvino": ["cpu"], "onnx": ["gpu", "cpu"]},
+            "auto",
+            None,
+            "-onnx:gpu/gpu-int4-rtn-block-32",
+            "gpu",
+        ),
     ],
 )
 def test_the_variant_follows_the_device_routing_picks(name, present, device, backend, expected, on):
@@ -139,6 +160,7 @@ def test_a_folder_for_a_provider_missing_here_is_passed_over():
     )
     assert chosen is not None and chosen[0].folder == "cuda/cuda-int4-rtn-block-32"
     assert choose(catalog()["phi-4-mini-reasoning"], report(**BOTH_CPU), device="cpu") is None
+    assert choose(catalog()["phi-4-multimodal"], report(**BOTH_CPU)) is None  # Microsoft's only folder is for GPUs
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ def _reader():
 
 def _model_json(model: CatalogModel, read) -> dict:
     from phi3cli.catalog import source_cached, variant_cached
+    from phi3cli.sources import conversion_flag
 
     return {
         "name": model.name,
@@ -36,6 +37,8 @@ def _model_json(model: CatalogModel, read) -> dict:
         "what": model.what,
         "source": {
             "repo": model.source,
+            "model_type": model.source_type,
+            "convert": conversion_flag(model.source_type),  # what `phi3 convert` needs; null: it is not converted
             "size_gb": model.source_size_gb,
             "on_disk": source_cached(model, read),
             "cited": list(model.source_cited),
@@ -71,7 +74,8 @@ def _catalog_table(models: list[dict]) -> Table:
         table.add_row(f"[bold]{m['name']}[/] [dim]{escape(m['what'])}[/]", "", "", "", "")
         src = m["source"]
         size = f"{src['size_gb']:g} GB" if src["size_gb"] is not None else "[dim]not stated[/]"
-        table.add_row(f"  source {escape(src['repo'])}", "checkpoint", "convert", size, mark[src["on_disk"]])
+        how = "not converted" if src["convert"] is None else f"convert {src['convert']}".strip()
+        table.add_row(f"  source {escape(src['repo'])}", "checkpoint", how, size, mark[src["on_disk"]])
         for v in m["variants"]:
             size = f"{v['size_gb']:g} GB" if v["size_gb"] is not None else "[dim]not stated[/]"
             name = escape(v["repo"] + (f":{v['folder']}" if v["folder"] else ""))
