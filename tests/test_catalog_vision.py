@@ -107,6 +107,11 @@ def test_a_vision_name_chats_with_an_image(tiny_multimodal_onnx, pictures, tmp_p
             "Traceback",
         ),
         (
+            ["models", "pull", "phi-3.5-vision", "--convert", "--trust-remote-code"],  # taken: offline, it says so
+            ["microsoft/Phi-3.5-vision-instruct is not in the local hub cache"],
+            "cannot be converted",
+        ),
+        (
             ["models", "pull", "phi-4-multimodal", "--convert"],
             ["--convert asks for its source, which cannot be converted", "phi4_multimodal"],
             "Traceback",

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from phi3cli.cli.errors import user_errors
-from phi3cli.cli.options import BackendOpt, ConvertOpt, DeviceChoice, DeviceOpt
+from phi3cli.cli.options import BackendOpt, ConvertOpt, DeviceChoice, DeviceOpt, TrustRemoteCodeOpt
 from phi3cli.cli.render import RichProgress
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ def pull(
     device: DeviceOpt = DeviceChoice.auto,
     backend: BackendOpt = None,
     convert: ConvertOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Download a model into the Hugging Face hub cache without running it: the variant `phi3 chat -m NAME` would run.
 
@@ -141,7 +142,13 @@ def pull(
         spec = pull_spec(name, device=device.value, backend=backend, convert=convert, progress=progress)
         asked = (device.value, backend) if spec is None else ("auto", None)  # a variant picked for elsewhere
         source = resolve_source(
-            spec or name, store, device=asked[0], backend=asked[1], convert=convert, progress=progress
+            spec or name,
+            store,
+            device=asked[0],
+            backend=asked[1],
+            convert=convert,
+            progress=progress,
+            trust_remote_code=trust_remote_code,
         )
     uses = find_hub_uses(store, source.spec)
     size = f" ({human_size(uses[0].size())})" if uses else ""

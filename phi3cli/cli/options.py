@@ -66,7 +66,7 @@ TrustRemoteCodeOpt = Annotated[
     typer.Option(
         "--trust-remote-code",
         help="Run Python code shipped with the model. Phi-3 and Phi-4-multimodal are built into transformers; only "
-        "converting Phi-3.5-vision (`phi3 convert`) needs it.",
+        "converting Phi-3.5-vision (`phi3 convert`, or `models pull --convert` to fetch its source) needs it.",
     ),
 ]
 AllowFallbackOpt = Annotated[
