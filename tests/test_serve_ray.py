@@ -190,3 +190,28 @@ def test_killing_a_replica_loses_no_request_that_had_not_started(server):
         time.sleep(1)
     assert len(alive) == REPLICAS and victim.pid not in alive, alive
     assert answering_pids(server, alive, tries=20) == alive  # the new replica answers too (Ray routes to it)
+
+
+@pytest.mark.slow
+def test_a_vision_replica_takes_images_under_the_servers_image_options(tiny_multimodal_onnx, tmp_path):
+    """A Ray replica serves images as the plain server does, with the server's --max-image-pixels (a local Ray
+    instance that phi3 starts itself, one replica of the tiny Phi-4-multimodal ONNX folder)."""
+    import openai
+
+    from tests.conftest import png
+    from tests.test_vision import ask as ask_with_image
+    from tests.test_vision import data_url
+
+    pytest.importorskip("ray")
+    srv = Server(free_port(), tmp_path / "server.log")
+    srv.start("--api-key", KEY, "--ray", "--max-image-pixels", "5000", backend="onnx", model=tiny_multimodal_onnx)
+    srv.ready(lambda: srv.wait_for_log("Ray Serve replica(s)", timeout=300))
+    try:
+        client = srv.client()
+        small = ask_with_image(client, data_url(png(1, size=(40, 60)))).choices[0].message.content
+        assert small and small != ask_with_image(client, data_url(png(2, size=(40, 60)))).choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="over the limit of 5,000 pixels"):
+            ask_with_image(client, data_url(png(1)))  # 90x60: over the limit this server was given
+    finally:
+        srv.stop()
+    assert srv.process.returncode == 0, srv.log()[-5000:]

@@ -194,12 +194,13 @@ def serve(
         convert=convert,
         speculation=requested(draft, prompt_lookup, num_assistant_tokens, max_ngram_size),
     )
-    if ray:
-        return _serve_with_ray(model, load_kwargs, host, port, replicas, ray_address, api_key, max_sequences, threads)
     from phi3cli.images import ImageLimits
     from phi3cli.serve.images import ImageOptions
 
     images = ImageOptions(ImageLimits(max_pixels=max_image_pixels or ImageLimits.max_pixels), allow_image_urls)
+    if ray:
+        where = (host, port, replicas, ray_address)
+        return _serve_with_ray(model, load_kwargs, where, api_key, max_sequences, threads, images)
     _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, idle, images)
 
 
@@ -283,10 +284,11 @@ def _warn_if_open(host: str, api_key: str | None) -> None:
         )
 
 
-def _serve_with_ray(model, load_kwargs, host, port, replicas, address, api_key, max_sequences, threads) -> None:
+def _serve_with_ray(model, load_kwargs, where, api_key, max_sequences, threads, images) -> None:
     """The same app as a Ray Serve deployment; Ray's proxy listens on host:port and routes to the replicas."""
     from phi3cli.serve import ray_serve  # needs the ray extra; imported only here
 
+    host, port, replicas, address = where
     plan = ray_serve.RayPlan(
         model=model,
         load_kwargs=load_kwargs,
@@ -297,6 +299,7 @@ def _serve_with_ray(model, load_kwargs, host, port, replicas, address, api_key, 
         api_key=api_key,
         max_ongoing_requests=max_sequences,
         replica_cpus=float(threads or 1),
+        images=images,
     )
 
     def note(text: str) -> None:

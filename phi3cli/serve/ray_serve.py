@@ -49,13 +49,14 @@ class RayPlan:
     max_ongoing_requests: int = 8  # per replica: what its model runs at once
     replica_cpus: float = 1.0
     env: dict[str, str] = field(default_factory=dict)  # passed to the replicas' processes
+    images: Any = None  # phi3cli.serve.images.ImageOptions (--max-image-pixels, --allow-image-urls); None: defaults
 
 
 @serve.ingress()
 class Phi3Replica:
     """One replica: the model loaded once, and phi3's Starlette app over it."""
 
-    def __init__(self, model: str, load_kwargs: dict[str, Any], api_key: str | None):
+    def __init__(self, model: str, load_kwargs: dict[str, Any], api_key: str | None, images: Any = None):
         from phi3cli import serve as server
         from phi3cli.loading import load
 
@@ -63,7 +64,7 @@ class Phi3Replica:
         start = time.perf_counter()
         self.loaded = load(model, **load_kwargs)
         server.warm_up(self.loaded)
-        self.name, self.api_key = model, api_key
+        self.name, self.api_key, self.images = model, api_key, images
         logging.getLogger("phi3.serve").info(
             f"replica ready in {time.perf_counter() - start:.1f} s (pid {os.getpid()}): {server.describe(self.loaded)}"
         )
@@ -71,7 +72,7 @@ class Phi3Replica:
     def __serve_build_asgi_app__(self):
         from phi3cli.serve.app import create_app
 
-        self._phi3_app = create_app(self.loaded, self.name, api_key=self.api_key)  # `app` is Ray's
+        self._phi3_app = create_app(self.loaded, self.name, api_key=self.api_key, images=self.images)  # `app`: Ray's
         return self._phi3_app
 
     def check_health(self) -> None:
@@ -117,7 +118,9 @@ def deploy(plan: RayPlan, note: Callable[[str], None]) -> None:
         health_check_timeout_s=30,
     )
     try:
-        serve.run(deployment.bind(plan.model, plan.load_kwargs, plan.api_key), name=APP_NAME, route_prefix="/")
+        serve.run(
+            deployment.bind(plan.model, plan.load_kwargs, plan.api_key, plan.images), name=APP_NAME, route_prefix="/"
+        )
     except RuntimeError as exc:
         raise Phi3Error(
             f"Ray Serve could not start the replicas: {first_line(exc)}",
