@@ -65,8 +65,7 @@ def prepare(
     progress = progress or SilentProgress()
     if route is not None:
         backend, device = route.backend, route.device
-    if backend:  # a wrong option fails before the model is fetched or built
-        check_options(get_spec(backend), options or {}, skip=(BATCHING, ADAPTERS))
+    check_named_options(backend, options)
     source = (
         model
         if isinstance(model, ModelSource)
@@ -134,6 +133,12 @@ def load(
     if notice:
         progress.note(notice)
     return loaded
+
+
+def check_named_options(backend: str | None, options: dict[str, Any] | None) -> None:
+    """With the backend named, a wrong option fails before the model is fetched, built or deployed (one line)."""
+    if backend:
+        check_options(get_spec(backend), options or {}, skip=(BATCHING, ADAPTERS))
 
 
 def checked_options(spec: BackendSpec, device: str, options: dict[str, Any], progress: Progress) -> dict[str, Any]:

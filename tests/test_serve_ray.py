@@ -32,6 +32,14 @@ def test_ray_without_the_extra_names_it():
     assert "pip install 'phi3cli[ray]'" in done.stderr
 
 
+def test_a_wrong_option_fails_before_anything_is_deployed():
+    from tests.conftest import run_phi3
+
+    done = run_phi3("serve", "--ray", "--backend", "openvino", "-o", "bogus=1", env={"COLUMNS": "250"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "The openvino backend has no option bogus" in done.stderr and "Deploying" not in done.stderr
+
+
 @pytest.fixture(scope="module")
 def cluster():
     pytest.importorskip("ray")

@@ -199,6 +199,9 @@ def serve(
 
     images = ImageOptions(ImageLimits(max_pixels=max_image_pixels or ImageLimits.max_pixels), allow_image_urls)
     if ray:
+        from phi3cli.loading import check_named_options
+
+        check_named_options(backend, options)  # here, not in each replica's log
         where = (host, port, replicas, ray_address)
         return _serve_with_ray(model, load_kwargs, where, api_key, max_sequences, threads, images)
     _serve_here(names, load_kwargs, host, port, api_key, metrics, max_loaded, idle, images)
