@@ -11,10 +11,10 @@ CPU time per generated token (prefill included), which other work on a busy mach
 against the merged model at the measured format; this script adds memory, load time, CPU time and the int4 IR against
 a merged fp16 reference.
 
-    python -m benchmarks.lora_figures make /tmp/sea
+    python -m benchmarks.lora_figures make SEA_DIR
     for f in fp16 int4; do for c in base adapter adapter-off merged; do
-        flock LOCK python -m benchmarks.lora_figures run $c $f /tmp/sea; done; done
-    python -m benchmarks.lora_figures quality /tmp/sea fp16 int4
+        flock LOCK python -m benchmarks.lora_figures run $c $f SEA_DIR; done; done
+    python -m benchmarks.lora_figures quality SEA_DIR fp16 int4
 """
 
 from __future__ import annotations
