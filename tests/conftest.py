@@ -172,3 +172,13 @@ def run_phi3(*args: str, input: str | None = None, env: dict | None = None, time
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture
+def in_cache(monkeypatch, tmp_path):
+    """An empty hub cache for this test, offline, used in this process (HF_HUB_CACHE as huggingface-hub reads it)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hub"

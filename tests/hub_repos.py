@@ -57,3 +57,13 @@ def demo_variants(demo_source, store) -> dict[str, Path]:
         return ensure_variant(get_backend(backend), demo_source, ConvertRecipe(format=fmt, target=target), store)
 
     return {"ir": variant("openvino", "int4"), "cpu": variant("onnx", "int4"), "dml": variant("onnx", "int4", "dml")}
+
+
+def resolve(spec: str, tmp_path, **kwargs):
+    """resolve_source on a store of this test's own, with the notes it made."""
+    from phi3cli.progress import SilentProgress
+    from phi3cli.sources import resolve_source
+    from phi3cli.store import ModelStore
+
+    progress = SilentProgress()
+    return resolve_source(spec, ModelStore(tmp_path / "home"), progress=progress, **kwargs), progress.notes

@@ -14,7 +14,7 @@ import re
 import pytest
 
 from tests.conftest import run_phi3
-from tests.hub_repos import demo_variants, publish
+from tests.hub_repos import demo_variants, publish, resolve
 
 pytest.importorskip("openvino_genai")
 pytest.importorskip("onnxruntime_genai")
@@ -60,25 +60,6 @@ def hub_env(built, demo_source, tmp_path_factory):
     publish(root / "hub", REASONING, {"": demo_source.path})
     env = {"HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1", "PHI3_HOME": str(root / "home")}
     return {**env, "COLUMNS": "250"}
-
-
-@pytest.fixture
-def in_cache(monkeypatch, tmp_path):
-    """An empty hub cache for this test, used in this process."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path / "hub"
-
-
-def resolve(spec: str, tmp_path, **kwargs):
-    from phi3cli.progress import SilentProgress
-    from phi3cli.sources import resolve_source
-    from phi3cli.store import ModelStore
-
-    progress = SilentProgress()
-    return resolve_source(spec, ModelStore(tmp_path / "home"), progress=progress, **kwargs), progress.notes
 
 
 def test_every_entry_is_well_formed_and_cites_its_sources():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_phi3
-from tests.hub_repos import publish
+from tests.hub_repos import publish, resolve
 
 pytest.importorskip("openvino_genai")
 pytest.importorskip("onnxruntime_genai")
@@ -25,25 +25,6 @@ IR = "OpenVINO/Phi-3.5-vision-instruct-int4-ov"
 ONNX = "microsoft/Phi-3.5-vision-instruct-onnx"
 CPU_FOLDER = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 QUESTION = "What is in this picture?"
-
-
-@pytest.fixture
-def in_cache(monkeypatch, tmp_path):
-    """An empty hub cache for this test, offline, used in this process."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path / "hub"
-
-
-def resolve(spec: str, tmp_path, **kwargs):
-    from phi3cli.progress import SilentProgress
-    from phi3cli.sources import resolve_source
-    from phi3cli.store import ModelStore
-
-    progress = SilentProgress()
-    return resolve_source(spec, ModelStore(tmp_path / "home"), progress=progress, **kwargs), progress.notes
 
 
 @pytest.mark.slow
