@@ -98,16 +98,9 @@ def compare(current: dict, baseline: dict, margin: float, baseline_name: str = "
         if pair is None:
             continue  # prompt length not measured in this run
         cur_row, cur_run = pair
-        base_tps, cur_tps = run["decode_tps"]["mean"], cur_run["decode_tps"]["mean"]
-        if base_tps:
-            change = cur_tps / base_tps - 1
-            findings.append(Finding(label, test, "decode_tps", base_tps, cur_tps, change, change < -margin))
-        base_ttft, cur_ttft = run["ttft_ms"]["mean"], cur_run["ttft_ms"]["mean"]
-        if base_ttft:
-            change = cur_ttft / base_ttft - 1
-            findings.append(
-                Finding(label, test, "ttft_ms", base_ttft, cur_ttft, change, cur_ttft > base_ttft * (1 + margin))
-            )
+        for figure, higher_is_better in (("decode_tps", True), ("ttft_ms", False)):
+            base, value = run[figure]["mean"], cur_run[figure]["mean"]
+            findings += _ratio(label, test, figure, base, value, margin, higher_is_better)
         if label not in quality_checked:  # quality is one figure per configuration, whatever the test
             quality_checked.add(label)
             findings += _quality_findings(label, test, row["quality"], cur_row["quality"], margin)
@@ -146,11 +139,7 @@ def _compare_multi_turn(current: dict, baseline: dict, margin: float) -> list[Fi
             ("ttft_growth", test["ttft_growth"]["mean"], cur["ttft_growth"]["mean"]),
         )
         for figure, base, value in pairs:
-            if base and value is not None:
-                change = value / base - 1
-                findings.append(
-                    Finding(label, multi_turn_label(test), figure, base, value, change, value > base * (1 + margin))
-                )
+            findings += _ratio(label, multi_turn_label(test), figure, base, value, margin)
     return findings
 
 
@@ -163,10 +152,19 @@ def _compare_image(current: dict, baseline: dict, margin: float) -> list[Finding
         if cur is None:
             continue
         label = f"{row['backend']}/{row['device']}/{row['format']}"
-        for figure, lower_is_better in (("image_ms", True), ("ttft_ms", True), ("decode_tps", False)):
+        for figure, higher_is_better in (("image_ms", False), ("ttft_ms", False), ("decode_tps", True)):
             base, value = test[figure]["mean"], cur[figure]["mean"]
-            if base and value is not None:
-                change = value / base - 1
-                worse = change > margin if lower_is_better else change < -margin
-                findings.append(Finding(label, image_label(test), figure, base, value, change, worse))
+            findings += _ratio(label, image_label(test), figure, base, value, margin, higher_is_better)
     return findings
+
+
+def _ratio(
+    label: str, test: str, figure: str, base: float | None, value: float | None, margin: float, higher_is_better=False
+) -> list[Finding]:
+    """A speed or time figure against its baseline, as a ratio; it regressed past margin when a speed fell or a time
+    grew by more than margin. Nothing where either side has no figure."""
+    if not base or value is None:
+        return []
+    change = value / base - 1
+    worse = change < -margin if higher_is_better else value > base * (1 + margin)
+    return [Finding(label, test, figure, base, value, change, worse)]
