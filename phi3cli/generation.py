@@ -149,7 +149,8 @@ def stream_reply(
             if len(times) >= budget:
                 break
         else:  # the runtime stopped by itself: at the end of its answer, or where the images left no more room
-            room = model.context_length - ids.input_tokens if getattr(ids, "input_tokens", None) else budget
+            read = ids.input_tokens if isinstance(ids, ImagePrompt) else None  # set by the runtime as it read them
+            room = model.context_length - read if read else budget
             finish = "stop" if len(times) < min(budget, room) else "length"
     finally:
         tokens.close()
