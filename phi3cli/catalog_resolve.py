@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from phi3cli.backends import registry
 from phi3cli.catalog import (
     CatalogModel,
     ReadyVariant,
@@ -243,9 +242,10 @@ def _offline_error(model: CatalogModel, variant: ReadyVariant | None, device: st
     folder = cache_folder(repo)
     wanted = f"its ready-made variant for this machine, {variant.spec}" if variant else f"its source {model.source}"
     pull = f"phi3 models pull {model.name}" + (f" --device {device}" if device != "auto" else "")
-    if variant is None:  # the source, to convert (running its own code where that is how it converts)
-        runs_code = any(model.source_type in spec.remote_code_types for spec in registry().values())
-        pull += " --convert" + (" --trust-remote-code" if runs_code else "")
+    if variant is None:  # the source, to convert, with the flag its conversion needs (--trust-remote-code)
+        from phi3cli.sources import conversion_flag
+
+        pull += " --convert" + (f" {flag}" if (flag := conversion_flag(model.source_type)) else "")
     return OfflineError(
         f"{model.name} is not in the local hub cache and HF_HUB_OFFLINE is set: it needs {wanted}.",
         hint=f"On a connected machine run `{pull}`, then copy the folder {folder.name} from that machine's hub "
