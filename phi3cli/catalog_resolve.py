@@ -27,6 +27,7 @@ from phi3cli.catalog import (
 from phi3cli.devices import DeviceReport
 from phi3cli.errors import DeviceUnavailableError, OfflineError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
+from phi3cli.remote_code import remote_code_types
 
 # Raises UnsupportedModelError where an entry's source checkpoint is of a type phi3 does not convert (as asked).
 SourceCheck = Callable[[CatalogModel], None]
@@ -242,10 +243,8 @@ def _offline_error(model: CatalogModel, variant: ReadyVariant | None, device: st
     folder = cache_folder(repo)
     wanted = f"its ready-made variant for this machine, {variant.spec}" if variant else f"its source {model.source}"
     pull = f"phi3 models pull {model.name}" + (f" --device {device}" if device != "auto" else "")
-    if variant is None:  # the source, to convert, with the flag its conversion needs (--trust-remote-code)
-        from phi3cli.sources import conversion_flag
-
-        pull += " --convert" + (f" {flag}" if (flag := conversion_flag(model.source_type)) else "")
+    if variant is None:  # the source, to convert (running its own code where that is how it converts)
+        pull += " --convert" + (" --trust-remote-code" if model.source_type in remote_code_types() else "")
     return OfflineError(
         f"{model.name} is not in the local hub cache and HF_HUB_OFFLINE is set: it needs {wanted}.",
         hint=f"On a connected machine run `{pull}`, then copy the folder {folder.name} from that machine's hub "

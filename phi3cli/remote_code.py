@@ -24,3 +24,10 @@ def remote_code_files(config: dict, folder: Path, spec: str) -> list[str]:
             hint="Give the checkpoint's full folder, with the .py files it ships.",
         )
     return files
+
+
+def remote_code_types() -> tuple[str, ...]:
+    """The vision model types some backend converts only by running the checkpoint's own code (Phi-3.5-vision)."""
+    from phi3cli.backends import registry
+
+    return tuple(t for s in registry().values() for t in s.remote_code_types)

@@ -15,7 +15,7 @@ from phi3cli import DEFAULT_MODEL
 from phi3cli.backends import registry, runtime_of_folder
 from phi3cli.errors import ModelNotFoundError, Phi3Error, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
-from phi3cli.remote_code import remote_code_files
+from phi3cli.remote_code import remote_code_files, remote_code_types
 from phi3cli.store import ModelStore
 from phi3cli.util import short_hash, slugify
 
@@ -105,11 +105,6 @@ def check_architecture(config_path: Path, spec: str, trust_remote_code: bool = F
 def vision_model_types() -> tuple[str, ...]:
     """The vision-language model types some backend converts (Phi-4-multimodal's 'phi4_multimodal')."""
     return tuple(t for s in registry().values() for t in s.vision_types)
-
-
-def remote_code_types() -> tuple[str, ...]:
-    """The vision model types some backend converts only by running the checkpoint's own code (Phi-3.5-vision)."""
-    return tuple(t for s in registry().values() for t in s.remote_code_types)
 
 
 def refuse_vision_elsewhere(source: ModelSource, backend: str, flag: str = "--backend") -> None:
