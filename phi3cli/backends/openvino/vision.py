@@ -26,6 +26,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from phi3cli.backends.base import GenerationSettings, IncrementalDecoder, LoadRequest, RawToken, pull_from_push
+from phi3cli.backends.openvino import SPEC
 from phi3cli.backends.openvino.ir import TOKENIZER_FILES, VISION_MARKER
 from phi3cli.backends.openvino.runtime import (
     OpenVINOModel,
@@ -44,7 +45,6 @@ from phi3cli.util import first_line, log_softmax
 LANGUAGE_MODEL = "openvino_language_model"
 # model_type in the Hugging Face config -> the name OpenVINO GenAI's VLMPipeline knows it by
 GENAI_MODEL_TYPES = {"phi4_multimodal": "phi4mm", "phi3_v": "phi3_v"}
-REMOTE_CODE = ("phi3_v",)  # Phi-3.5-vision exists only with its own modelling code: exported only when trusted
 MAX_IMAGES = 8  # per request: each 448x448 crop is 256 tokens, and a large image is up to 36 crops
 
 
@@ -114,7 +114,7 @@ def export_vision(
 
     config = json.loads((hf_dir / "config.json").read_text())
     model_type = config["model_type"]
-    remote = model_type in REMOTE_CODE
+    remote = model_type in SPEC.remote_code_types  # Phi-3.5-vision: exported only when trusted
     if remote:
         if not trust_remote_code:
             raise ConversionError(
