@@ -22,6 +22,12 @@ CALIBRATED_MAX_PARAMETERS = 1_000_000_000
 
 
 def parameter_count(config: dict) -> int:
+    """The parameters of a checkpoint, from its config.json: the decoder (embedding and lm_head included), and
+    the image and audio encoders of a multimodal one."""
+    return decoder_parameters(config) + encoder_parameters(config)
+
+
+def decoder_parameters(config: dict) -> int:
     """The parameters of a decoder-only transformer, from its config.json (embedding and lm_head included)."""
     hidden = int(config["hidden_size"])
     layers = int(config.get("num_hidden_layers") or 0)
@@ -34,6 +40,48 @@ def parameter_count(config: dict) -> int:
     mlp = 3 * hidden * inter
     embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
     return layers * (attention + mlp + 2 * hidden) + embeddings + hidden
+
+
+# Phi-3.5-vision's config names its image encoder instead of giving its widths: CLIP ViT-L/14 at 336 pixels
+# (24 layers, width 1024, MLP 4096), whose four-patch features a two-layer MLP projects to the text width.
+CLIP_VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24}
+CLIP_VIT_L_NAMES = ("openai/clip-vit-large-patch14-336", "clip_vision_model")
+
+
+def encoder_parameters(config: dict) -> int:
+    """The image and audio encoders of a multimodal checkpoint with their projections to the text width (0 for a
+    text model). The formulas follow the layers of transformers' Phi4Multimodal and Phi-3.5-vision's code; for
+    Phi-4-multimodal's default widths they give 0.44B (image) and 0.46B (audio), within 1 % of transformers' count
+    (tests/test_sizing.py)."""
+    text = int(config.get("hidden_size") or 0)
+    total = 0
+    vision = config.get("vision_config")
+    if isinstance(vision, dict) and vision.get("hidden_size"):  # phi4mm: a SigLIP tower and its pooling head
+        width = int(vision["hidden_size"])
+        total += _tower(vision, extra_layers=1) + width * text + text * text
+    image = config.get("img_processor")
+    if isinstance(image, dict) and (
+        image.get("model_name") in CLIP_VIT_L_NAMES or image.get("name") in CLIP_VIT_L_NAMES
+    ):
+        total += _tower(CLIP_VIT_L) + 4 * CLIP_VIT_L["hidden_size"] * text + text * text  # phi3_v
+    audio = config.get("audio_config")
+    if isinstance(audio, dict) and audio.get("hidden_size"):  # phi4mm: a conformer
+        width = int(audio["hidden_size"])
+        inter = int(audio.get("intermediate_size") or 4 * width)
+        blocks = int(audio.get("num_blocks") or audio.get("num_hidden_layers") or 0)
+        # Per block: attention and the convolution module (4 h^2 each), two gated feed-forwards (3 h i each); the
+        # input subsampling about 10 h^2; a projection pair for speech and one for speech with images.
+        total += blocks * (8 * width * width + 6 * width * inter) + 10 * width * width
+        total += 2 * (width * text + text * text)
+    return total
+
+
+def _tower(config: dict, extra_layers: int = 0) -> int:
+    """A ViT encoder stack: attention (4 h^2) and a two-layer MLP (2 h i) per layer."""
+    width = int(config["hidden_size"])
+    inter = int(config.get("intermediate_size") or 4 * width)
+    layers = int(config.get("num_hidden_layers") or 0) + extra_layers
+    return layers * (4 * width * width + 2 * width * inter)
 
 
 def model_config(hf_dir: Path) -> dict:

@@ -55,6 +55,55 @@ def test_parameter_count_matches_the_demo_checkpoint(demo_source, store):
     assert parameter_count(model_config(folder)) == stored
 
 
+def _meta_count(model_class, config) -> int:
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in model_class(config).parameters())
+
+
+@pytest.mark.slow  # imports torch and transformers
+def test_a_multimodal_count_includes_its_encoders_at_the_real_widths():
+    """Phi-4-multimodal at transformers' default widths (the released model's): the count from config.json against
+    the parameters of transformers' own model, built on the meta device (no weights). It counted the language
+    model alone before (4.4B)."""
+    from transformers import (
+        Phi4MultimodalAudioConfig,
+        Phi4MultimodalConfig,
+        Phi4MultimodalForCausalLM,
+        Phi4MultimodalVisionConfig,
+    )
+
+    from phi3cli.sizing import decoder_parameters, encoder_parameters, parameter_count
+
+    config = Phi4MultimodalConfig(
+        vision_config=Phi4MultimodalVisionConfig().to_dict(), audio_config=Phi4MultimodalAudioConfig().to_dict()
+    )
+    counted = _meta_count(Phi4MultimodalForCausalLM, config)
+    as_json = config.to_dict()
+    assert parameter_count(as_json) == pytest.approx(counted, rel=0.01)
+    assert encoder_parameters(as_json) == pytest.approx(counted - decoder_parameters(as_json), rel=0.02)
+    assert encoder_parameters(as_json) > 0.85e9
+
+
+@pytest.mark.slow  # imports torch and transformers
+def test_phi35_vision_counts_the_clip_encoder_its_config_names():
+    """Phi-3.5-vision's config.json names CLIP ViT-L/14-336 rather than giving its widths: the count phi3 adds for
+    it against transformers' CLIPVisionModel of that size (the projection, 22M, comes on top)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from phi3cli.sizing import encoder_parameters
+
+    clip = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+        patch_size=14, projection_dim=768,
+    )  # fmt: skip
+    phi3_v = {"hidden_size": 3072, "img_processor": {"model_name": "openai/clip-vit-large-patch14-336"}}
+    projection = 4 * 1024 * 3072 + 3072 * 3072
+    assert encoder_parameters(phi3_v) - projection == pytest.approx(_meta_count(CLIPVisionModel, clip), rel=0.01)
+    assert encoder_parameters({"hidden_size": 3072}) == 0
+
+
 def test_size_decides_the_int4_default():
     from phi3cli.sizing import calibrated_by_default
 
