@@ -10,7 +10,7 @@ from pathlib import Path
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import Backend, ConvertRecipe
 from phi3cli.progress import Progress, SilentProgress
-from phi3cli.sizing import GB, BuildEstimate, check_memory, model_config
+from phi3cli.sizing import GB, BuildEstimate, check_disk, check_memory, model_config
 from phi3cli.sources import ModelSource, refuse_vision_elsewhere
 from phi3cli.store import MANIFEST, ModelStore, VariantKey
 from phi3cli.util import atomic_output
@@ -40,7 +40,7 @@ def ensure_variant(
         if variant := store.find_variant(key):
             return variant.path
         hf_dir = source.hf_dir(store, progress)
-        estimate = check_build_memory(backend, hf_dir, recipe, source.spec)
+        estimate = check_build(backend, hf_dir, recipe, source.spec, store.root)
         needs = f", about {estimate.peak_bytes / GB:.1f} GB of memory" if estimate else ""
         progress.note(
             f"Converting {source.spec} for {backend.name} ({recipe.format}, {recipe.target}{needs}); once, then reused."
@@ -50,9 +50,11 @@ def ensure_variant(
     return store.variant_dir(key)
 
 
-def check_build_memory(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, what: str) -> BuildEstimate | None:
-    """The pre-flight check: refuse, in one line, a build that would run out of memory, before it starts."""
+def check_build(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, what: str, where: Path) -> BuildEstimate | None:
+    """The pre-flight check: refuse, in one line, a build that would run out of memory, or of disk where it writes
+    (where), before it starts."""
     estimate = backend.build_estimate(model_config(hf_dir), recipe)
+    check_disk(estimate, where, f"{what} for {backend.name} ({recipe.format})")
     check_memory(
         estimate,
         f"{what} for {backend.name} ({recipe.format})",
@@ -80,7 +82,7 @@ def convert(
     if output is None:
         return ensure_variant(backend, source, recipe, store, progress)
     hf_dir = source.hf_dir(store, progress)
-    check_build_memory(backend, hf_dir, recipe, source.spec)
+    check_build(backend, hf_dir, recipe, source.spec, Path(output).absolute().parent)
     with atomic_output(output, force=force) as staging:
         backend.build(hf_dir, recipe, staging, progress, store.cache_dir(backend.name))
     return Path(output).absolute()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from phi3cli.errors import ConversionError
 GB = 1e9
 # A test (or a user who knows better) sets the memory phi3 may count on, in GB, instead of what the system reports.
 MEMORY_LIMIT_ENV = "PHI3_MEMORY_LIMIT_GB"
+# And the disk space free where a build writes, in GB, instead of what the file system reports.
+DISK_LIMIT_ENV = "PHI3_DISK_FREE_GB"
+# Bytes per parameter of a built variant, from the 32-layer Phi-3-mini-shaped builds of
+# docs/results/2026-12-05-real-size.md (int4: 0.58 with OpenVINO; 0.68 with ONNX Runtime GenAI, which keeps the
+# embedding in float32), rounded up.
+VARIANT_BYTES_PER_PARAMETER = {"int4": 0.7, "int8": 1.1, "fp16": 2.0, "fp32": 4.0}
 # Models up to this size get the calibrated int4 default (scale estimation on phi3's text); larger ones the
 # data-free one, which needs no inference pass over the full model (measured at Phi-3-mini's size: docs/results).
 CALIBRATED_MAX_PARAMETERS = 1_000_000_000
@@ -111,6 +118,14 @@ class BuildEstimate:
 
     peak_bytes: int
     what: str
+    # The disk the build fills at its peak: the variant, and what it writes on the way (an fp16 or fp32 export
+    # that is then compressed). 0: not estimated.
+    disk_bytes: int = 0
+
+
+def variant_bytes(params: int, fmt: str) -> int:
+    """About how many bytes a variant of a model with params parameters takes on disk in format fmt."""
+    return int(VARIANT_BYTES_PER_PARAMETER.get(fmt, 2.0) * params)
 
 
 def available_memory() -> int:
@@ -136,4 +151,33 @@ def check_memory(estimate: BuildEstimate | None, what: str, hint: str) -> None:
             f"Converting {what} needs about {estimate.peak_bytes / GB:.1f} GB of memory ({estimate.what}); "
             f"{available / GB:.1f} GB is available, so it would be killed halfway.",
             hint=hint,
+        )
+
+
+def free_disk(where: Path) -> int:
+    """Bytes free on the file system that holds where (or the nearest folder above it that exists): the override
+    in PHI3_DISK_FREE_GB, else what the file system reports."""
+    limit = os.environ.get(DISK_LIMIT_ENV)
+    if limit:
+        try:
+            return int(float(limit) * GB)
+        except ValueError as exc:
+            raise ConversionError(f"{DISK_LIMIT_ENV}={limit!r} is not a number of GB.") from exc
+    where = Path(where).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return shutil.disk_usage(where).free
+
+
+def check_disk(estimate: BuildEstimate | None, where: Path, what: str) -> None:
+    """Refuse a build whose output will not fit on the disk that receives it, in one line, before it starts."""
+    if estimate is None or not estimate.disk_bytes:
+        return
+    free = free_disk(where)
+    if estimate.disk_bytes > free:
+        raise ConversionError(
+            f"Converting {what} writes about {estimate.disk_bytes / GB:.1f} GB; {free / GB:.1f} GB is free on the "
+            f"disk holding {where}, so it would fail halfway.",
+            hint="Free some space (`phi3 models list` shows what phi3 keeps, `phi3 models rm` removes it), or "
+            "convert into another disk's folder with -o.",
         )

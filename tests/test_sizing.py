@@ -160,6 +160,37 @@ def test_convert_refuses_what_does_not_fit(tmp_path, backend):
     assert not out.exists() and list(tmp_path.iterdir()) == [model]
 
 
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+@pytest.mark.parametrize("into", ["folder", "store"])
+def test_convert_refuses_what_the_disk_cannot_hold(tmp_path, backend, into):
+    """int4 at Phi-3-mini's size writes about 2.7 GB (OpenVINO: 10 GB at its peak, with the fp16 IR it compresses):
+    with 2 GB free where it writes, one line says so before anything is written, into a folder or the store."""
+    model = tmp_path / "phi3-mini-shaped"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(PHI3_MINI_SHAPED))
+    home, out = tmp_path / "home", tmp_path / "out"
+    where = ["-o", str(out)] if into == "folder" else []
+    env = {"PHI3_DISK_FREE_GB": "2", "PHI3_MEMORY_LIMIT_GB": "64", "PHI3_HOME": str(home)}
+    proc = run_phi3("convert", str(model), "--to", backend, "--format", "int4", *where, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "2.0 GB is free on the disk holding" in proc.stderr, proc.stderr
+    assert str(tmp_path if into == "folder" else home) in proc.stderr, proc.stderr
+    assert "phi3 models rm" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(home.glob("variants/*/*")), list(home.rglob("*"))
+
+
+def test_disk_estimates_of_both_converters():
+    """From the sizes of the 32-layer builds (docs/results/2026-12-05-real-size.md): OpenVINO's int4 IR 2.26 GB
+    after its 7.85 GB fp16 IR, ONNX Runtime GenAI's int4 folder 2.67 GB."""
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import ConvertRecipe
+
+    openvino, onnx = get_backend("openvino"), get_backend("onnx")
+    assert 10.1e9 <= openvino.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4")).disk_bytes < 11.5e9
+    assert 2.67e9 <= onnx.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4")).disk_bytes < 3.2e9
+    assert 7.85e9 <= openvino.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("fp16")).disk_bytes < 8.5e9
+
+
 def test_memory_limit_must_be_a_number(monkeypatch):
     from phi3cli.errors import ConversionError
     from phi3cli.sizing import MEMORY_LIMIT_ENV, available_memory
