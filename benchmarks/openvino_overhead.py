@@ -103,8 +103,9 @@ def run_ours(model, ids: list[int], new_tokens: int) -> dict:
 def own_work_per_token(model, prompt_ids: list[int], token_ids: list[int], reps: int = 5) -> float:
     """Seconds phi3 spends per token without the runtime: the generated ids replayed through the same streamer
     (TokenStreamer.write), incremental decoder, worker-thread hand-off (pull_from_push) and stream_reply."""
-    from phi3cli.backends.base import GenerationSettings, IncrementalDecoder, LoadedModel, pull_from_push
+    from phi3cli.backends.base import GenerationSettings, LoadedModel
     from phi3cli.backends.openvino.runtime import TokenStreamer
+    from phi3cli.backends.streaming import IncrementalDecoder, pull_from_push
     from phi3cli.generation import generate_text
 
     class Replay(LoadedModel):

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from phi3cli.backends.base import GenerationSettings, IncrementalDecoder, RawToken, pull_from_push
+from phi3cli.backends.base import GenerationSettings, RawToken
+from phi3cli.backends.streaming import IncrementalDecoder, pull_from_push
 from phi3cli.chat import ChatSession, HistoryTrimmed
 from phi3cli.errors import ContextOverflowError, ConversionError, OutputExistsError
 from phi3cli.generation import ReplyStats

@@ -19,8 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from phi3cli.backends import get_backend
-from phi3cli.backends.base import ConvertRecipe, GenerationSettings, IncrementalDecoder
+from phi3cli.backends.base import ConvertRecipe, GenerationSettings
 from phi3cli.backends.nncf_weights import calibration_samples
+from phi3cli.backends.streaming import IncrementalDecoder
 from phi3cli.chat import ChatSession
 from phi3cli.convert import ensure_variant, quantize
 from phi3cli.errors import ConversionError, DeviceUnavailableError, UnsupportedModelError

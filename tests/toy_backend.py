@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from phi3cli.backends import BackendSpec
-from phi3cli.backends.base import Backend, GenerationSettings, IncrementalDecoder, LoadedModel, LoadRequest, RawToken
+from phi3cli.backends.base import Backend, GenerationSettings, LoadedModel, LoadRequest, RawToken
+from phi3cli.backends.streaming import IncrementalDecoder
 from phi3cli.progress import Progress
 from phi3cli.templates import load_chat_template
 

@@ -8,11 +8,10 @@ tokens into TokenEvents and ReplyStats, so every backend is measured by the same
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 
     from phi3cli.backends import BackendSpec
     from phi3cli.routing import Route
-    from phi3cli.sizing import BuildEstimate
+    from phi3cli.sizing import Estimate
     from phi3cli.sources import ModelSource
     from phi3cli.speculation import Speculation
 
@@ -274,8 +273,13 @@ class Backend(ABC):
         """Compress the weights of a model (as spec.quantizes says) into out."""
         raise ConversionError(f"The {self.name} backend does not quantize models.")
 
-    def build_estimate(self, config: dict, recipe: ConvertRecipe) -> BuildEstimate | None:
+    def build_estimate(self, config: dict, recipe: ConvertRecipe) -> Estimate | None:
         """The memory a build of this recipe is expected to hold at its peak, for the pre-flight check (None: unknown)."""
+        return None
+
+    def load_estimate(self, folder: Path, request: LoadRequest) -> Estimate | None:
+        """The memory a load of folder holds while it answers a short prompt, for the check before loading (None:
+        unknown). The KV cache grows on top of it with the context."""
         return None
 
     def build_target(self, device: str) -> str:
@@ -323,77 +327,3 @@ class ConvertRecipe:
         """A stable text of every field, for store keys (unset preset and trust: the keys variants had before)."""
         fields = {k: v for k, v in self.__dict__.items() if not (k in ("preset", "trust_remote_code") and not v)}
         return ";".join(f"{k}={v}" for k, v in sorted(fields.items()))
-
-
-class IncrementalDecoder:
-    """Turns token ids into text pieces as they arrive, holding back incomplete UTF-8 sequences.
-
-    Decodes a short window (from a few tokens back) per step, so the cost per token stays constant. A runtime
-    whose decode call costs more than its work (OpenVINO's detokenizer is a model) can pass decode_pair, which
-    decodes both windows of a step in one call.
-    """
-
-    def __init__(
-        self,
-        decode: Callable[[list[int]], str],
-        decode_pair: Callable[[list[int], list[int]], tuple[str, str]] | None = None,
-    ):
-        self._decode = decode
-        self._decode_pair = decode_pair or (lambda a, b: (decode(a), decode(b)))
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        before, after = self._decode_pair(self._ids[self._prefix : self._read], self._ids[self._prefix :])
-        if after.endswith("\ufffd") or len(after) <= len(before):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return after[len(before) :]
-
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-_DONE = object()
-
-
-def pull_from_push(producer: Callable[[Callable[[RawToken], bool]], None]) -> Iterator[RawToken]:
-    """Run a push-style generate (a streamer callback) in a worker thread and yield what it pushes.
-
-    The producer calls ``emit(token)`` for each token; emit returns False once the consumer has
-    stopped (closed the iterator, or Ctrl-C), and the producer must then stop generating.
-    """
-    items: queue.Queue = queue.Queue()
-    stopped = threading.Event()
-
-    def emit(token: RawToken) -> bool:
-        if stopped.is_set():
-            return False
-        items.put(token)
-        return True
-
-    def work() -> None:
-        try:
-            producer(emit)
-        except BaseException as exc:  # re-raised in the consumer's thread
-            items.put(_Failure(exc))
-        finally:
-            items.put(_DONE)
-
-    worker = threading.Thread(target=work, name="phi3-generate", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = items.get()
-            if item is _DONE:
-                break
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        stopped.set()
-        worker.join()

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from phi3cli.backends import BackendSpec
-from phi3cli.backends.base import Backend, GenerationSettings, LoadedModel, LoadRequest, RawToken, pull_from_push
+from phi3cli.backends.base import Backend, GenerationSettings, LoadedModel, LoadRequest, RawToken
+from phi3cli.backends.streaming import pull_from_push
 from phi3cli.progress import Progress
 from phi3cli.templates import PHI3_TEMPLATE, ChatTemplate
 

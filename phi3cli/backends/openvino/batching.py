@@ -26,15 +26,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 import psutil
 
-from phi3cli.backends.base import (
-    BATCHING,
-    BatchEngine,
-    BatchingOptions,
-    GenerationSettings,
-    IncrementalDecoder,
-    LoadRequest,
-    RawToken,
-)
+from phi3cli.backends.base import BATCHING, BatchEngine, BatchingOptions, GenerationSettings, LoadRequest, RawToken
 from phi3cli.backends.openvino.grammar import GrammarCheck
 from phi3cli.backends.openvino.ir import context_length
 from phi3cli.backends.openvino.kvcache import BLOCK_TOKENS
@@ -48,6 +40,7 @@ from phi3cli.backends.openvino.runtime import (
     ov_device_for,
 )
 from phi3cli.backends.openvino.speculative import pipeline_properties, requested
+from phi3cli.backends.streaming import IncrementalDecoder
 from phi3cli.errors import ContextOverflowError, Phi3Error
 from phi3cli.progress import Progress
 from phi3cli.util import first_line

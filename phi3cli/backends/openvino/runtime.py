@@ -27,19 +27,12 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from phi3cli.backends.adapters import ADAPTERS
-from phi3cli.backends.base import (
-    GenerationSettings,
-    IncrementalDecoder,
-    LoadedModel,
-    LoadRequest,
-    PromptCache,
-    RawToken,
-    pull_from_push,
-)
+from phi3cli.backends.base import GenerationSettings, LoadedModel, LoadRequest, PromptCache, RawToken
 from phi3cli.backends.openvino import SPEC
 from phi3cli.backends.openvino.ir import context_length
 from phi3cli.backends.openvino.kvcache import BLOCK_TOKENS, decode_properties, kv_cache_properties
 from phi3cli.backends.openvino.speculative import assist, pipeline_properties, requested
+from phi3cli.backends.streaming import IncrementalDecoder, pull_from_push
 from phi3cli.errors import ConstraintError, DeviceUnavailableError, Phi3Error
 from phi3cli.progress import Progress
 from phi3cli.speculation import Speculation

@@ -25,7 +25,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
-from phi3cli.backends.base import GenerationSettings, IncrementalDecoder, LoadRequest, RawToken, pull_from_push
+from phi3cli.backends.base import GenerationSettings, LoadRequest, RawToken
 from phi3cli.backends.openvino import SPEC
 from phi3cli.backends.openvino.ir import TOKENIZER_FILES, VISION_MARKER
 from phi3cli.backends.openvino.runtime import (
@@ -36,6 +36,7 @@ from phi3cli.backends.openvino.runtime import (
     execution_devices,
     ov_device_for,
 )
+from phi3cli.backends.streaming import IncrementalDecoder, pull_from_push
 from phi3cli.backends.vision import ImagePrompt
 from phi3cli.errors import ConversionError, Phi3Error
 from phi3cli.progress import Progress

@@ -17,16 +17,8 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from phi3cli.backends.base import (
-    Backend,
-    GenerationSettings,
-    IncrementalDecoder,
-    LoadedModel,
-    LoadRequest,
-    PromptCache,
-    RawToken,
-    pull_from_push,
-)
+from phi3cli.backends.base import Backend, GenerationSettings, LoadedModel, LoadRequest, PromptCache, RawToken
+from phi3cli.backends.streaming import IncrementalDecoder, pull_from_push
 from phi3cli.progress import Progress
 from phi3cli.templates import load_chat_template
 
