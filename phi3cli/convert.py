@@ -10,7 +10,7 @@ from pathlib import Path
 from phi3cli.backends import get_backend
 from phi3cli.backends.base import Backend, ConvertRecipe
 from phi3cli.progress import Progress, SilentProgress
-from phi3cli.sizing import GB, BuildEstimate, check_disk, check_memory, model_config
+from phi3cli.sizing import GB, Estimate, check_disk, check_memory, model_config
 from phi3cli.sources import ModelSource, refuse_vision_elsewhere
 from phi3cli.store import MANIFEST, ModelStore, VariantKey
 from phi3cli.util import atomic_output
@@ -50,14 +50,14 @@ def ensure_variant(
     return store.variant_dir(key)
 
 
-def check_build(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, what: str, where: Path) -> BuildEstimate | None:
+def check_build(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, what: str, where: Path) -> Estimate | None:
     """The pre-flight check: refuse, in one line, a build that would run out of memory, or of disk where it writes
     (where), before it starts."""
     estimate = backend.build_estimate(model_config(hf_dir), recipe)
     check_disk(estimate, where, f"{what} for {backend.name} ({recipe.format})")
     check_memory(
         estimate,
-        f"{what} for {backend.name} ({recipe.format})",
+        f"Converting {what} for {backend.name} ({recipe.format})",
         hint="Close other programs, or run a ready-made variant instead of converting (`phi3 models catalog` "
         "lists them; `phi3 chat -m NAME` downloads the one for your device).",
     )

@@ -49,6 +49,10 @@ class ConversionError(Phi3Error):
     """A convert or quantize step failed; nothing was left at the output path."""
 
 
+class NotEnoughMemoryError(Phi3Error):
+    """A build or a load would need more memory than is available: refused before it starts, not killed halfway."""
+
+
 class OutputExistsError(Phi3Error):
     """The output path exists and --force was not given."""
 

@@ -23,6 +23,7 @@ from phi3cli.devices import executed_devices
 from phi3cli.errors import BackendUnavailableError, DeviceUnavailableError
 from phi3cli.progress import Progress, SilentProgress
 from phi3cli.routing import Route
+from phi3cli.sizing import check_memory
 from phi3cli.sources import ModelSource, refuse_vision_elsewhere, resolve_source
 from phi3cli.speculation import SPECULATION, Speculation, check_backend, check_vocabularies, vocabulary
 from phi3cli.store import ModelStore
@@ -121,6 +122,7 @@ def load(
     ready = prepare(model, store=store, progress=progress, **how)
     if speculation is not None:
         ready = with_speculation(ready, speculation, store, progress, **how)
+    check_load_memory(ready)
     start = time.perf_counter()
     loaded = ready.backend.load(ready.folder, ready.request, progress)
     loaded.load_seconds = time.perf_counter() - start
@@ -133,6 +135,17 @@ def load(
     if notice:
         progress.note(notice)
     return loaded
+
+
+def check_load_memory(ready: Prepared) -> None:
+    """Refuse, in one line, a load that would not fit in the memory available, before the runtime reads a byte."""
+    request = ready.request
+    check_memory(
+        ready.backend.load_estimate(ready.folder, request),
+        f"Loading {request.source.spec} on {request.device} ({ready.backend.name}, {request.format})",
+        hint="Close other programs"
+        + (", or run the int4 variant (--format int4)." if request.format != "int4" else ", or run a smaller model."),
+    )
 
 
 def check_named_options(backend: str | None, options: dict[str, Any] | None) -> None:

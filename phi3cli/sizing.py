@@ -1,7 +1,8 @@
-"""How big a model is and how much memory building a variant of it takes: the pre-flight check of a conversion.
+"""How big a model is and how much memory (and disk) building a variant of it or loading one takes: the checks
+before a conversion and before a load.
 
-A conversion that runs out of memory is killed by the kernel with no message; this check says so before the
-first byte is written. Nothing heavy is imported here.
+A conversion or a load that runs out of memory is killed by the kernel with no message; these checks say so
+before the first byte is written or read. Nothing heavy is imported here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3cli.errors import ConversionError
+from phi3cli.errors import ConversionError, NotEnoughMemoryError
 
 GB = 1e9
 # A test (or a user who knows better) sets the memory phi3 may count on, in GB, instead of what the system reports.
@@ -109,8 +110,8 @@ def calibrated_by_default(config: dict) -> bool:
 
 
 @dataclass(frozen=True)
-class BuildEstimate:
-    """The memory a build needs at its peak, and what dominates it (for the message).
+class Estimate:
+    """The memory a build (or a load) needs at its peak, and what dominates it (for the message).
 
     What it holds itself: a checkpoint read through a memory map counts only for what the build keeps, since the
     kernel drops mapped pages it has read when memory runs short (so peak RSS, which counts them, can be higher).
@@ -128,6 +129,28 @@ def variant_bytes(params: int, fmt: str) -> int:
     return int(VARIANT_BYTES_PER_PARAMETER.get(fmt, 2.0) * params)
 
 
+# What a CPU load held at its least, measured at 32 layers of Phi-3-mini's widths inside memory cgroups
+# (benchmarks/memory_floor.py; docs/results/2026-12-06-memory.md): OpenVINO ran in 2.7 GB and was killed in 2.6 GB
+# with its 2.26 GB int4 IR; ONNX Runtime GenAI ran in 3.1 GB and was killed in 3.0 GB with its 2.68 GB folder.
+# The weights and a fifth more, rounded up.
+LOAD_FACTOR = 1.2
+LOAD_BASE = int(0.1 * GB)
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of every file under folder, as a load reads them (their length, not the blocks they take)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def load_estimate(folder: Path) -> Estimate:
+    """The memory a CPU runtime holds while it runs the model in folder (ONNX Runtime GenAI's and OpenVINO's, as
+    measured; the KV cache grows on top of it with the context)."""
+    weights = folder_bytes(folder)
+    return Estimate(
+        int(LOAD_FACTOR * weights + LOAD_BASE), f"its {weights / GB:.1f} GB of weights and the runtime's own"
+    )
+
+
 def available_memory() -> int:
     """Bytes a new build can use: the override in PHI3_MEMORY_LIMIT_GB, else the system's available memory."""
     limit = os.environ.get(MEMORY_LIMIT_ENV)
@@ -141,14 +164,15 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_memory(estimate: BuildEstimate | None, what: str, hint: str) -> None:
-    """Refuse a build whose estimated peak is more than the memory available, in one line, before it starts."""
+def check_memory(estimate: Estimate | None, action: str, hint: str) -> None:
+    """Refuse an action (a build, a load: "Converting X for openvino (int4)") whose estimated peak is more than the
+    memory available, in one line, before it starts."""
     if estimate is None:
         return
     available = available_memory()
     if estimate.peak_bytes > available:
-        raise ConversionError(
-            f"Converting {what} needs about {estimate.peak_bytes / GB:.1f} GB of memory ({estimate.what}); "
+        raise NotEnoughMemoryError(
+            f"{action} needs about {estimate.peak_bytes / GB:.1f} GB of memory ({estimate.what}); "
             f"{available / GB:.1f} GB is available, so it would be killed halfway.",
             hint=hint,
         )
@@ -169,7 +193,7 @@ def free_disk(where: Path) -> int:
     return shutil.disk_usage(where).free
 
 
-def check_disk(estimate: BuildEstimate | None, where: Path, what: str) -> None:
+def check_disk(estimate: Estimate | None, where: Path, what: str) -> None:
     """Refuse a build whose output will not fit on the disk that receives it, in one line, before it starts."""
     if estimate is None or not estimate.disk_bytes:
         return

@@ -1,4 +1,5 @@
-"""The pre-flight check of a conversion (model size, memory estimate, refusal) and progress lines in a log.
+"""The checks before a conversion (model size, memory and disk estimates, refusal) and before a load, and progress
+lines in a log.
 
 No model is converted here: the checks read config.json only, so a folder holding Phi-3-mini's real config.json
 (32 layers) stands in for the model. A test-only memory limit (PHI3_MEMORY_LIMIT_GB) decides what is available.
@@ -189,6 +190,47 @@ def test_disk_estimates_of_both_converters():
     assert 10.1e9 <= openvino.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4")).disk_bytes < 11.5e9
     assert 2.67e9 <= onnx.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("int4")).disk_bytes < 3.2e9
     assert 7.85e9 <= openvino.build_estimate(PHI3_MINI_SHAPED, ConvertRecipe("fp16")).disk_bytes < 8.5e9
+
+
+def _sparse_folder(folder, sizes: dict[str, int]):
+    folder.mkdir()
+    for name, size in sizes.items():
+        with (folder / name).open("wb") as f:
+            f.truncate(size)  # sparse: its length is what a load reads, and it takes no disk
+    return folder
+
+
+@pytest.mark.parametrize(
+    "backend, files, ran, killed",
+    [  # measured in memory cgroups at 32 layers of Phi-3-mini's widths (benchmarks/memory_floor.py, docs/results)
+        ("openvino", {"openvino_model.bin": 2_255_782_261, "openvino_model.xml": 2_726_974}, 2.7e9, 2.6e9),
+        ("onnx", {"model.onnx.data": 2_673_094_656, "model.onnx": 283_286}, 3.1e9, 3.0e9),
+    ],
+)
+def test_a_cpu_load_is_estimated_at_what_it_was_measured_to_need(tmp_path, backend, files, ran, killed):
+    """At least what the load ran in, and not so far above it that a machine it runs on well is refused."""
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import LoadRequest
+
+    folder = _sparse_folder(tmp_path / backend, files)
+    estimate = get_backend(backend).load_estimate(folder, LoadRequest(source=None, device="cpu"))
+    assert ran <= estimate.peak_bytes <= 1.15 * ran, estimate
+    assert estimate.peak_bytes > killed
+    assert get_backend(backend).load_estimate(folder, LoadRequest(source=None, device="gpu")) is None  # unmeasured
+
+
+@pytest.mark.slow  # builds the demo's int4 variants once for the session's store
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_a_load_that_does_not_fit_is_refused_before_the_runtime_reads_it(backend):
+    proc = run_phi3(
+        "chat", "-m", "demo", "-b", backend, "-f", "int4", "-n", "4", "Hi", env={"PHI3_MEMORY_LIMIT_GB": "0.1"}
+    )
+    assert proc.returncode == 1, proc.stderr
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("Error:"))
+    assert f"Loading demo on cpu ({backend}, int4) needs about" in line, proc.stderr
+    assert "0.1 GB is available, so it would be killed halfway" in line and "Traceback" not in proc.stderr
+    assert "Close other programs, or run a smaller model." in proc.stderr  # the hint: it is int4 already
+    assert "Loaded" not in proc.stderr + proc.stdout
 
 
 def test_memory_limit_must_be_a_number(monkeypatch):

@@ -13,7 +13,7 @@ from phi3cli.backends.onnx.quantize import quantize_folder
 from phi3cli.backends.onnx.runtime import load_folder
 from phi3cli.backends.onnx.vision import is_vision_folder, load_vision
 from phi3cli.progress import Progress
-from phi3cli.sizing import GB, BuildEstimate, calibrated_by_default, parameter_count, variant_bytes
+from phi3cli.sizing import GB, Estimate, calibrated_by_default, load_estimate, parameter_count, variant_bytes
 
 
 class OnnxBackend(Backend):
@@ -32,19 +32,23 @@ class OnnxBackend(Backend):
     def build(self, hf_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress, cache: Path) -> None:
         build_folder(hf_dir, recipe, out, progress, cache)
 
-    def build_estimate(self, config: dict, recipe: ConvertRecipe) -> BuildEstimate:
+    def build_estimate(self, config: dict, recipe: ConvertRecipe) -> Estimate:
         # Fitted to conversions run inside memory limits (docs/results/2026-12-05-real-size.md).
         params = parameter_count(config)
         disk = variant_bytes(params, recipe.format)
         if recipe.format == "int4" and nncf_settings(recipe, calibrated_by_default(config)) is None:
             embeddings = 8 * int(config.get("vocab_size") or 0) * int(config["hidden_size"])  # float32, lm_head too
             peak = 0.6 * params + embeddings + 0.5 * GB  # the checkpoint itself is memory-mapped
-            return BuildEstimate(int(peak), "the quantized layers and the float32 embedding and lm_head", disk)
+            return Estimate(int(peak), "the quantized layers and the float32 embedding and lm_head", disk)
         if recipe.format == "int4":  # the builder's float32 graph, in the store's cache until NNCF compressed it
             peak = 12 * params + 0.5 * GB
             disk += variant_bytes(params, "fp32")
-            return BuildEstimate(int(peak), "NNCF compresses a float32 graph, which it also runs for calibration", disk)
-        return BuildEstimate(int(4.4 * params + 0.5 * GB), "the builder holds the model in float32", disk)
+            return Estimate(int(peak), "NNCF compresses a float32 graph, which it also runs for calibration", disk)
+        return Estimate(int(4.4 * params + 0.5 * GB), "the builder holds the model in float32", disk)
+
+    def load_estimate(self, folder: Path, request: LoadRequest) -> Estimate | None:
+        # Measured on the CPU only; a GPU's or an NPU's memory was never measured here.
+        return load_estimate(folder) if request.device == "cpu" else None
 
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
         quantize_folder(Path(model_dir), recipe, out, progress)

@@ -16,7 +16,7 @@ from phi3cli.backends.openvino.runtime import load_ir, ov_device_for
 from phi3cli.backends.openvino.vision import export_vision, is_vision_config, is_vision_ir, load_vision
 from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
-from phi3cli.sizing import GB, BuildEstimate, checkpoint_dtype, parameter_count, variant_bytes
+from phi3cli.sizing import GB, Estimate, checkpoint_dtype, load_estimate, parameter_count, variant_bytes
 from phi3cli.util import copy_missing
 
 
@@ -43,22 +43,24 @@ class OpenVINOBackend(Backend):
         copy_missing(hf_dir, out, SUPPORT_FILES)
         _note_weights(out, progress)
 
-    def build_estimate(self, config: dict, recipe: ConvertRecipe) -> BuildEstimate:
+    def build_estimate(self, config: dict, recipe: ConvertRecipe) -> Estimate:
         # Fitted to conversions run inside memory limits (docs/results/2026-12-05-real-size.md).
         params = parameter_count(config)
         # on disk: the variant, and before it the fp16 IR it is compressed from (removed once it is)
         disk = variant_bytes(params, recipe.format) + (0 if recipe.format == "fp16" else variant_bytes(params, "fp16"))
         if checkpoint_dtype(config) == "float16":  # the export maps it and the IR's constants share it
-            export = BuildEstimate(int(0.6 * params + 0.5 * GB), "the compressed weights, held until written", disk)
+            export = Estimate(int(0.6 * params + 0.5 * GB), "the compressed weights, held until written", disk)
         else:
-            export = BuildEstimate(int(2.2 * params + 0.5 * GB), "the export casts the weights to fp16 in memory", disk)
+            export = Estimate(int(2.2 * params + 0.5 * GB), "the export casts the weights to fp16 in memory", disk)
         settings = resolve_recipe(recipe, config, SilentProgress())
         if settings is not None and settings.get("dataset") is not None:
-            calibrated = BuildEstimate(
-                int(4.4 * params + 0.5 * GB), "calibration runs the model beside its fp16 copy", disk
-            )
+            calibrated = Estimate(int(4.4 * params + 0.5 * GB), "calibration runs the model beside its fp16 copy", disk)
             return max(export, calibrated, key=lambda e: e.peak_bytes)
         return export
+
+    def load_estimate(self, folder: Path, request: LoadRequest) -> Estimate | None:
+        # Measured on the CPU only; a GPU's or an NPU's memory was never measured here.
+        return load_estimate(folder) if request.device == "cpu" else None
 
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
         model_dir = Path(model_dir)
