@@ -151,14 +151,22 @@ def load_estimate(folder: Path) -> Estimate:
     )
 
 
+def gb_override(name: str) -> int | None:
+    """Bytes from an environment variable given in GB (None where it is unset)."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(float(value) * GB)
+    except ValueError as exc:
+        raise ConversionError(f"{name}={value!r} is not a number of GB.") from exc
+
+
 def available_memory() -> int:
     """Bytes a new build can use: the override in PHI3_MEMORY_LIMIT_GB, else the system's available memory."""
-    limit = os.environ.get(MEMORY_LIMIT_ENV)
-    if limit:
-        try:
-            return int(float(limit) * GB)
-        except ValueError as exc:
-            raise ConversionError(f"{MEMORY_LIMIT_ENV}={limit!r} is not a number of GB.") from exc
+    limit = gb_override(MEMORY_LIMIT_ENV)
+    if limit is not None:
+        return limit
     import psutil
 
     return int(psutil.virtual_memory().available)
@@ -181,12 +189,9 @@ def check_memory(estimate: Estimate | None, action: str, hint: str) -> None:
 def free_disk(where: Path) -> int:
     """Bytes free on the file system that holds where (or the nearest folder above it that exists): the override
     in PHI3_DISK_FREE_GB, else what the file system reports."""
-    limit = os.environ.get(DISK_LIMIT_ENV)
-    if limit:
-        try:
-            return int(float(limit) * GB)
-        except ValueError as exc:
-            raise ConversionError(f"{DISK_LIMIT_ENV}={limit!r} is not a number of GB.") from exc
+    limit = gb_override(DISK_LIMIT_ENV)
+    if limit is not None:
+        return limit
     where = Path(where).absolute()
     while not where.exists() and where != where.parent:
         where = where.parent
