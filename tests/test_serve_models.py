@@ -125,6 +125,49 @@ def test_keep_alive_unloads_an_idle_model(tmp_path, loader):
         server.stop()
 
 
+class TightLoader(Loader):
+    """As Loader, but memory holds `room` FAKE models at once: past that, the load is refused as phi3's memory check
+    refuses it (NotEnoughMemoryError), before anything is made. `huge` never fits."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room
+
+    def __call__(self, name: str) -> FakeScriptedModel:
+        from phi3cli.errors import NotEnoughMemoryError
+
+        open_now = sum(not m.closed for m in self.made.values())
+        if name == "huge" or open_now >= self.room:
+            raise NotEnoughMemoryError(f"Loading {name} on cpu (fake, int4) needs about 9.0 GB of memory (its weights)")
+        return super().__call__(name)
+
+
+def test_a_model_that_does_not_fit_unloads_the_least_recently_used_first(tmp_path):
+    """No --max-loaded: the memory check decides. As Ollama does, the least recently used model is unloaded to
+    make room, and the load tried again; a model that fits with nothing else loaded is a 503 naming why."""
+    loader = TightLoader(room=2)
+    pool = ModelPool(["demo", "second", "third", "huge"], loader)
+    server = InProcessServer(loader("demo"), tmp_path / "server.log", pool=pool)
+    server.start()
+    server.ready()
+    try:
+        assert ask(server, "second") == "I am second."  # two fit
+        assert ask(server, "second") == "I am second."  # demo is now the least recently used
+        assert ask(server, "third") == "I am third."
+        server.wait_for_log("unloading demo to make room in memory for third")
+        assert loader.made["demo"].closed and not loader.made["second"].closed
+        assert loaded(server) == {"demo": False, "second": True, "third": True, "huge": False}
+        with pytest.raises(openai.InternalServerError) as caught:
+            ask(server, "huge")
+        assert caught.value.status_code == 503
+        assert "'huge' could not be loaded: Loading huge on cpu" in caught.value.body["message"]
+        assert "needs about 9.0 GB of memory" in caught.value.body["message"]
+        assert not any(loaded(server).values())  # it tried with every other model unloaded
+        assert ask(server, "demo") == "I am demo."  # and the server goes on
+    finally:
+        server.stop()
+
+
 def test_a_store_variant_named_by_its_id_loads_on_demand(tmp_path, loader):
     def find(name: str) -> str | None:  # what phi3cli.serve.pool.store_variant does with the model store
         return f"variants/{name}-folder" if name == "abcd1234" else None

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from starlette.requests import Request
 
 from phi3cli.backends.base import LoadedModel
+from phi3cli.errors import NotEnoughMemoryError
 from phi3cli.serve.protocol import ApiError
 from phi3cli.serve.served import Served
 
@@ -137,15 +138,29 @@ class ModelPool:
         before, start = process.memory_info().rss, time.perf_counter()
         log.info(f"loading {name} (asked for by a request)")
         try:
-            model = await asyncio.to_thread(self.loader, self.specs.get(name, name))
+            model = await self._load_making_room(name)
         except Exception as exc:
             message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
-            raise ApiError(f"The model {name!r} could not be loaded: {message}", status=500, code=None,
-                           type="server_error") from None  # fmt: skip
+            short = isinstance(exc, NotEnoughMemoryError)  # with every other model unloaded: it never fits here
+            raise ApiError(f"The model {name!r} could not be loaded: {message}", status=503 if short else 500,
+                           code=None, type="server_error") from None  # fmt: skip
         seconds = time.perf_counter() - start
         ctx = self.add(name, model, seconds, max(0, process.memory_info().rss - before))
         ctx.jobs.start()
         log.info(f"loaded {name} in {seconds:.1f} s · {model.backend} {model.format} on {model.executed_device}")
+
+    async def _load_making_room(self, name: str) -> LoadedModel:
+        """Load name; while the load's memory check refuses it, unload the least recently used model (once its
+        requests are done, so new ones wait) and try again, as Ollama makes room."""
+        while True:
+            try:
+                return await asyncio.to_thread(self.loader, self.specs.get(name, name))
+            except NotEnoughMemoryError:
+                if not self.loaded:
+                    raise
+                closing = self.unload(next(iter(self.loaded)), f"to make room in memory for {name}")
+                if closing is not None:
+                    await asyncio.to_thread(closing.join)
 
     def _make_room(self) -> list[threading.Thread]:
         closing = []
