@@ -7,7 +7,8 @@ a command over the limit is killed by the kernel (exit 137), as it would be on a
     python -m benchmarks.memory_floor --limit 2.5 --limit 3 --limit 4 -- phi3 chat -m FOLDER -n 16 Hello
 
 Each run gets a new empty PHI3_HOME unless --keep-home (a cold load: the runtime's compiled-model cache is written
-too). Prints, per limit, whether the command finished, how it ended, the cgroup's peak and the wall time.
+too). Prints, per limit, whether the command finished, how it ended (its error line, if it printed one), the
+cgroup's peak and the wall time.
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ def run_limited(command: list[str], limit_gb: float, env: dict[str, str]) -> dic
     )
     seconds = time.perf_counter() - start
     peak = (group / peak_file).read_text().strip() if (group / peak_file).exists() else ""
-    tail = (done.stderr.strip().splitlines() or [""])[-1]
+    lines = done.stderr.strip().splitlines() or [""]
+    error = next((line for line in lines if line.startswith("Error:")), lines[-1])
     return {
         "limit_gb": limit_gb,
         "finished": done.returncode == 0,
         "returncode": done.returncode,
         "peak_gb": round(int(peak) / 1e9, 2) if peak.isdigit() else None,
         "seconds": round(seconds, 1),
-        "last_line": "" if done.returncode == 0 else tail[:200],
+        "error": "" if done.returncode == 0 else error[:300],
     }
 
 

@@ -163,13 +163,78 @@ def gb_override(name: str) -> int | None:
 
 
 def available_memory() -> int:
-    """Bytes a new build can use: the override in PHI3_MEMORY_LIMIT_GB, else the system's available memory."""
+    """Bytes a new build or load can use: the override in PHI3_MEMORY_LIMIT_GB, else the system's available memory,
+    or less where this process's memory cgroup (a container's limit, say) leaves less."""
     limit = gb_override(MEMORY_LIMIT_ENV)
     if limit is not None:
         return limit
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    available = int(psutil.virtual_memory().available)
+    room = cgroup_available()
+    return available if room is None else min(available, room)
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2^63
+
+
+def cgroup_available(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> int | None:
+    """What this process's memory cgroup still allows, on Linux where a limit is set (None elsewhere): the limit
+    less what the group holds, its reclaimable file pages (inactive_file) left out. A limited group's processes
+    are killed at its limit whatever the machine has free, and psutil reports the machine's."""
+    try:
+        lines = [line.split(":", 2) for line in proc_cgroup.read_text().splitlines() if line.count(":") >= 2]
+    except OSError:
+        return None
+    for _, controllers, path in lines:  # cgroup v1, the memory controller's own hierarchy
+        if "memory" in controllers.split(","):
+            return _v1_room(root / "memory", path)
+    for _, controllers, path in lines:  # cgroup v2: the unified hierarchy, limits anywhere up the tree
+        if controllers == "" and (root / "cgroup.controllers").exists():
+            return _v2_room(root, path)
+    return None
+
+
+def _v1_room(root: Path, path: str) -> int | None:
+    folder = root / path.lstrip("/")
+    if not folder.is_dir():  # in a container, its own group is mounted as the root
+        folder = root
+    stat = _memory_stat(folder)
+    limit = stat.get("hierarchical_memory_limit") or _read_int(folder / "memory.limit_in_bytes")
+    usage = _read_int(folder / "memory.usage_in_bytes")
+    if not limit or limit >= NO_LIMIT or usage is None:
+        return None
+    return max(0, limit - (usage - stat.get("total_inactive_file", 0)))
+
+
+def _v2_room(root: Path, path: str) -> int | None:
+    folder, room = root / path.lstrip("/"), None
+    if not folder.is_dir():
+        folder = root
+    while True:
+        limit, usage = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
+        if limit is not None and usage is not None:  # "max" (no limit) reads as None
+            here = max(0, limit - (usage - _memory_stat(folder).get("inactive_file", 0)))
+            room = here if room is None else min(room, here)
+        if folder == root or root not in folder.parents:
+            return room
+        folder = folder.parent
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _memory_stat(folder: Path) -> dict[str, int]:
+    try:
+        pairs = (line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
+    except OSError:
+        return {}
 
 
 def check_memory(estimate: Estimate | None, action: str, hint: str) -> None:

@@ -233,6 +233,69 @@ def test_a_load_that_does_not_fit_is_refused_before_the_runtime_reads_it(backend
     assert "Loaded" not in proc.stderr + proc.stdout
 
 
+def _cgroup_files(folder, files: dict[str, str]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_a_cgroup_v1_limit_is_what_is_available(tmp_path):
+    """cgroup v1, as this machine has it: the limit less what the group holds beyond its inactive file pages."""
+    from phi3cli.sizing import cgroup_available
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("9:pids:/\n4:memory:/box/job\n0::/\n")
+    stat = "cache 900000000\ntotal_inactive_file 700000000\nhierarchical_memory_limit {}\n"
+    job = tmp_path / "fs" / "memory" / "box" / "job"
+    _cgroup_files(job, {"memory.usage_in_bytes": "1500000000", "memory.stat": stat.format(4_000_000_000)})
+    assert cgroup_available(proc, tmp_path / "fs") == 4_000_000_000 - (1_500_000_000 - 700_000_000)
+    _cgroup_files(job, {"memory.stat": stat.format(9223372036854771712)})  # no limit
+    assert cgroup_available(proc, tmp_path / "fs") is None
+
+
+def test_a_cgroup_v2_limit_anywhere_up_the_tree_counts(tmp_path):
+    """cgroup v2 (not on this machine: its files as the kernel writes them): the tightest room of the group and
+    its parents; "max" is no limit."""
+    from phi3cli.sizing import cgroup_available
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/user.slice/app\n")
+    fs = tmp_path / "fs"
+    _cgroup_files(fs, {"cgroup.controllers": "cpu memory\n"})
+    _cgroup_files(fs / "user.slice", {"memory.max": "3000000000\n", "memory.current": "2000000000\n",
+                                      "memory.stat": "anon 1500000000\ninactive_file 500000000\n"})  # fmt: skip
+    app = fs / "user.slice" / "app"
+    _cgroup_files(app, {"memory.max": "max\n", "memory.current": "1000000000\n", "memory.stat": "inactive_file 0\n"})
+    assert cgroup_available(proc, fs) == 3_000_000_000 - (2_000_000_000 - 500_000_000)
+    (app / "memory.max").write_text("1200000000\n")
+    assert cgroup_available(proc, fs) == 200_000_000
+    assert cgroup_available(tmp_path / "absent", fs) is None  # not Linux
+
+
+@pytest.mark.slow  # builds the demo's fp16 IR once for the session's store
+def test_inside_a_memory_cgroup_a_load_is_refused_by_the_groups_limit(demo_source, store):
+    """For real: `phi3 chat` in a memory cgroup of 0.45 GB (benchmarks/memory_floor.py makes it). The machine has
+    GBs free, but the group's limit is what the kernel kills at, and the check reads it: one line, at once."""
+    import os
+    import sys
+
+    from benchmarks.memory_floor import run_limited
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import ConvertRecipe
+    from phi3cli.convert import ensure_variant
+
+    folder = ensure_variant(get_backend("openvino"), demo_source, ConvertRecipe("fp16"), store)
+    chat = [sys.executable, "-m", "phi3cli", "chat", "-m", str(folder), "-b", "openvino", "-n", "4", "Hi"]
+    try:
+        row = run_limited(chat, 0.45, dict(os.environ))
+    except OSError as exc:
+        pytest.skip(f"no memory cgroup can be made here ({exc})")
+    assert row["returncode"] == 1, row
+    assert "needs about 0.4 GB of memory" in row["error"], row
+    available = float(row["error"].split("; ")[1].split(" GB is available")[0])
+    assert available < 0.45, row
+
+
 def test_memory_limit_must_be_a_number(monkeypatch):
     from phi3cli.errors import ConversionError
     from phi3cli.sizing import MEMORY_LIMIT_ENV, available_memory
