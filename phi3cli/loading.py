@@ -140,11 +140,16 @@ def load(
 def check_load_memory(ready: Prepared) -> None:
     """Refuse, in one line, a load that would not fit in the memory available, before the runtime reads a byte."""
     request = ready.request
+    if request.format == "int4":
+        smaller = "a smaller model"
+    elif "int4" in ready.backend.spec.formats:
+        smaller = "its int4 variant (--format int4)"
+    else:
+        smaller = "an int4 variant with a backend that makes one (`phi3 devices` lists their formats)"
     check_memory(
         ready.backend.load_estimate(ready.folder, request),
         f"Loading {request.source.spec} on {request.device} ({ready.backend.name}, {request.format})",
-        hint="Close other programs"
-        + (", or run the int4 variant (--format int4)." if request.format != "int4" else ", or run a smaller model."),
+        hint=f"Close other programs, or run {smaller}.",
     )
 
 

@@ -219,6 +219,22 @@ def test_a_cpu_load_is_estimated_at_what_it_was_measured_to_need(tmp_path, backe
     assert get_backend(backend).load_estimate(folder, LoadRequest(source=None, device="gpu")) is None  # unmeasured
 
 
+@pytest.mark.slow  # imports torch
+@pytest.mark.parametrize(
+    "layers, fmt, ran, killed",
+    [(32, "bf16", 8.6e9, 8.0e9), (4, "fp32", 3.5e9, 3.2e9)],  # measured in memory cgroups (docs/results)
+)
+def test_a_torch_load_is_estimated_at_what_it_was_measured_to_need(tmp_path, layers, fmt, ran, killed):
+    from phi3cli.backends import get_backend
+    from phi3cli.backends.base import LoadRequest
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**PHI3_MINI_SHAPED, "num_hidden_layers": layers}))
+    estimate = get_backend("torch").load_estimate(folder, LoadRequest(source=None, device="cpu", format=fmt))
+    assert killed < estimate.peak_bytes <= ran, estimate
+
+
 @pytest.mark.slow  # builds the demo's int4 variants once for the session's store
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
 def test_a_load_that_does_not_fit_is_refused_before_the_runtime_reads_it(backend):

@@ -19,10 +19,16 @@ from transformers.generation.streamers import BaseStreamer
 
 from phi3cli.backends.base import Backend, GenerationSettings, LoadedModel, LoadRequest, PromptCache, RawToken
 from phi3cli.backends.streaming import IncrementalDecoder, pull_from_push
+from phi3cli.errors import ConversionError
 from phi3cli.progress import Progress
+from phi3cli.sizing import GB, Estimate, model_config, parameter_count
 from phi3cli.templates import load_chat_template
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# A load holds every parameter at the dtype it runs, beside torch itself: measured in memory cgroups at Phi-3-mini's
+# widths (docs/results/2026-12-06-memory.md), 32 layers at bf16 ran in 8.6 GB and was killed in 8.0 GB (this
+# estimate: 8.25 GB); 4 layers at fp32 ran in 3.5 and was killed in 3.2 (3.42).
+TORCH_BYTES = int(0.4 * GB)
 
 
 class _Streamer(BaseStreamer):
@@ -195,6 +201,15 @@ class TorchModel(LoadedModel):
 
 
 class TorchBackend(Backend):
+    def load_estimate(self, folder: Path, request: LoadRequest) -> Estimate | None:
+        fmt = request.format or self.spec.default_format
+        try:
+            params = parameter_count(model_config(folder))
+        except (ConversionError, KeyError, ValueError, TypeError):  # no usable config.json: the load says why
+            return None
+        need = DTYPES[fmt].itemsize * params + TORCH_BYTES
+        return Estimate(need, f"{params / 1e9:.1f}B parameters at {fmt}, and PyTorch itself")
+
     def load(self, folder: Path, request: LoadRequest, progress: Progress) -> LoadedModel:
         if request.threads:
             torch.set_num_threads(request.threads)
