@@ -52,6 +52,10 @@ class ConversionError(Phi3Error):
 class NotEnoughMemoryError(Phi3Error):
     """A build or a load would need more memory than is available: refused before it starts, not killed halfway."""
 
+    def __init__(self, message: str, hint: str | None = None, *, needed: int = 0, available: int = 0):
+        super().__init__(message, hint)
+        self.needed, self.available = needed, available  # bytes
+
 
 class OutputExistsError(Phi3Error):
     """The output path exists and --force was not given."""

@@ -248,6 +248,8 @@ def check_memory(estimate: Estimate | None, action: str, hint: str) -> None:
             f"{action} needs about {estimate.peak_bytes / GB:.1f} GB of memory ({estimate.what}); "
             f"{available / GB:.1f} GB is available, so it would be killed halfway.",
             hint=hint,
+            needed=estimate.peak_bytes,
+            available=available,
         )
 
 

@@ -127,7 +127,8 @@ def test_keep_alive_unloads_an_idle_model(tmp_path, loader):
 
 class TightLoader(Loader):
     """As Loader, but memory holds `room` FAKE models at once: past that, the load is refused as phi3's memory check
-    refuses it (NotEnoughMemoryError), before anything is made. `huge` never fits."""
+    refuses it (NotEnoughMemoryError), before anything is made, its need unknown (0). `huge` never fits: it needs
+    9 GB where 1 GB is available, more than the FAKE models loaded could free."""
 
     def __init__(self, room: int):
         super().__init__()
@@ -137,14 +138,18 @@ class TightLoader(Loader):
         from phi3cli.errors import NotEnoughMemoryError
 
         open_now = sum(not m.closed for m in self.made.values())
-        if name == "huge" or open_now >= self.room:
-            raise NotEnoughMemoryError(f"Loading {name} on cpu (fake, int4) needs about 9.0 GB of memory (its weights)")
+        if name == "huge":
+            message = "Loading huge on cpu (fake, int4) needs about 9.0 GB of memory (its weights); 1.0 GB is available"
+            raise NotEnoughMemoryError(message, needed=9_000_000_000, available=1_000_000_000)
+        if open_now >= self.room:
+            raise NotEnoughMemoryError(f"Loading {name} on cpu (fake, int4) needs more memory than is available")
         return super().__call__(name)
 
 
 def test_a_model_that_does_not_fit_unloads_the_least_recently_used_first(tmp_path):
     """No --max-loaded: the memory check decides. As Ollama does, the least recently used model is unloaded to
-    make room, and the load tried again; a model that fits with nothing else loaded is a 503 naming why."""
+    make room, and the load tried again; a model that would not fit even with every model unloaded is a 503 naming
+    why, and unloads none."""
     loader = TightLoader(room=2)
     pool = ModelPool(["demo", "second", "third", "huge"], loader)
     server = InProcessServer(loader("demo"), tmp_path / "server.log", pool=pool)
@@ -162,8 +167,9 @@ def test_a_model_that_does_not_fit_unloads_the_least_recently_used_first(tmp_pat
         assert caught.value.status_code == 503
         assert "'huge' could not be loaded: Loading huge on cpu" in caught.value.body["message"]
         assert "needs about 9.0 GB of memory" in caught.value.body["message"]
-        assert not any(loaded(server).values())  # it tried with every other model unloaded
-        assert ask(server, "demo") == "I am demo."  # and the server goes on
+        assert loaded(server) == {"demo": False, "second": True, "third": True, "huge": False}  # none unloaded
+        assert ask(server, "demo") == "I am demo."  # and the server goes on, making room again
+        server.wait_for_log("unloading second to make room in memory for demo")
     finally:
         server.stop()
 

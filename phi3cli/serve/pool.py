@@ -151,12 +151,14 @@ class ModelPool:
 
     async def _load_making_room(self, name: str) -> LoadedModel:
         """Load name; while the load's memory check refuses it, unload the least recently used model (once its
-        requests are done, so new ones wait) and try again, as Ollama makes room."""
+        requests are done, so new ones wait) and try again, as Ollama makes room. Where even unloading every model
+        (by the memory each took to load) would not make room, it fails at once, unloading none."""
         while True:
             try:
                 return await asyncio.to_thread(self.loader, self.specs.get(name, name))
-            except NotEnoughMemoryError:
-                if not self.loaded:
+            except NotEnoughMemoryError as exc:
+                held = [ctx.memory_bytes for ctx in self.loaded.values()]
+                if not held or (None not in held and exc.needed > exc.available + sum(held)):
                     raise
                 closing = self.unload(next(iter(self.loaded)), f"to make room in memory for {name}")
                 if closing is not None:
