@@ -10,6 +10,7 @@ import threading
 import time
 
 import openai
+import psutil
 import pytest
 
 from phi3cli.serve.pool import ModelPool
@@ -207,6 +208,7 @@ def test_two_real_models_with_an_lru_unload_and_phi3_ps(demo_source, tmp_path):
         assert first.model == "demo" and first.model_extra["phi3"]["format"] == "int4"
         cards = {m.id: m.model_extra for m in client.models.list().data}
         assert cards["demo"]["loaded"] and not cards[int8]["loaded"]
+        resident = psutil.Process(server.process.pid).memory_info().rss
         second = client.chat.completions.create(
             model=int8, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8
         )
@@ -214,6 +216,10 @@ def test_two_real_models_with_an_lru_unload_and_phi3_ps(demo_source, tmp_path):
         cards = {m.id: m.model_extra for m in client.models.list().data}
         assert cards[int8]["loaded"] and not cards["demo"]["loaded"]  # --max-loaded 1: demo made room
         assert cards[int8]["phi3"]["memory_bytes"] > 0
+        # and the memory it held went back: the process holds about the int8 model, not both (it kept the demo's
+        # compiled model and KV-cache pool before: the batching engine outlived its close)
+        swapped = psutil.Process(server.process.pid).memory_info().rss
+        assert swapped < resident + cards[int8]["phi3"]["memory_bytes"] / 2, (resident, swapped, cards[int8])
         server.wait_for_log("unloading demo to make room (--max-loaded)")
         shown = run_phi3("ps", "--url", server.base, "--api-key", KEY)
         assert shown.returncode == 0, shown.stderr

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
-import psutil
 
 from phi3cli.backends.base import BATCHING, BatchEngine, BatchingOptions, GenerationSettings, LoadRequest, RawToken
 from phi3cli.backends.openvino.grammar import GrammarCheck
@@ -43,6 +42,7 @@ from phi3cli.backends.openvino.speculative import pipeline_properties, requested
 from phi3cli.backends.streaming import IncrementalDecoder
 from phi3cli.errors import ContextOverflowError, Phi3Error
 from phi3cli.progress import Progress
+from phi3cli.sizing import available_memory
 from phi3cli.util import first_line
 
 log = logging.getLogger("phi3.serve")
@@ -284,6 +284,7 @@ class ContinuousBatchingEngine(BatchEngine):
         self._finish_all(None)
         if self.grammar is not None:
             self.grammar.close()
+        self._pipe = None  # the compiled model and its KV-cache pool go with it, though the model object lives on
 
 
 class OpenVINOBatchedModel(OpenVINOModel):
@@ -306,6 +307,7 @@ class OpenVINOBatchedModel(OpenVINOModel):
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:
             self.engine.close()
+            self.engine = None
         super().close()
 
 
@@ -333,7 +335,7 @@ def load_batched(folder: Path, fmt: str, request: LoadRequest, progress: Progres
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
     if config is None:
         raise Phi3Error(f"{folder} has no config.json, which sizing the KV-cache pool needs.")
-    pool = pool_size(options, config, request.device, context, psutil.virtual_memory().available)
+    pool = pool_size(options, config, request.device, context, available_memory())  # a container's limit counts
     scheduler = ov_genai.SchedulerConfig()
     scheduler.num_kv_blocks = pool.blocks
     scheduler.max_num_seqs = options.max_sequences
