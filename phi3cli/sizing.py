@@ -181,8 +181,9 @@ NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2^63
 
 def cgroup_available(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> int | None:
     """What this process's memory cgroup still allows, on Linux where a limit is set (None elsewhere): the limit
-    less what the group holds, its reclaimable file pages (inactive_file) left out. A limited group's processes
-    are killed at its limit whatever the machine has free, and psutil reports the machine's."""
+    less what the group holds, its file pages that no process maps left out (the page cache the kernel reclaims,
+    which stays charged to the group after the processes that read it end). A limited group's processes are
+    killed at its limit whatever the machine has free, and psutil reports the machine's."""
     try:
         lines = [line.split(":", 2) for line in proc_cgroup.read_text().splitlines() if line.count(":") >= 2]
     except OSError:
@@ -205,7 +206,9 @@ def _v1_room(root: Path, path: str) -> int | None:
     usage = _read_int(folder / "memory.usage_in_bytes")
     if not limit or limit >= NO_LIMIT or usage is None:
         return None
-    return max(0, limit - (usage - stat.get("total_inactive_file", 0)))
+    return max(
+        0, limit - (usage - _unmapped_file(stat, "total_inactive_file", "total_active_file", "total_mapped_file"))
+    )
 
 
 def _v2_room(root: Path, path: str) -> int | None:
@@ -215,11 +218,18 @@ def _v2_room(root: Path, path: str) -> int | None:
     while True:
         limit, usage = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
         if limit is not None and usage is not None:  # "max" (no limit) reads as None
-            here = max(0, limit - (usage - _memory_stat(folder).get("inactive_file", 0)))
+            here = max(
+                0, limit - (usage - _unmapped_file(_memory_stat(folder), "inactive_file", "active_file", "file_mapped"))
+            )
             room = here if room is None else min(room, here)
         if folder == root or root not in folder.parents:
             return room
         folder = folder.parent
+
+
+def _unmapped_file(stat: dict[str, int], inactive: str, active: str, mapped: str) -> int:
+    """The page cache no process maps: the kernel reclaims it before it kills."""
+    return max(0, stat.get(inactive, 0) + stat.get(active, 0) - stat.get(mapped, 0))
 
 
 def _read_int(path: Path) -> int | None:

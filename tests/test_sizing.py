@@ -256,15 +256,21 @@ def _cgroup_files(folder, files: dict[str, str]):
 
 
 def test_a_cgroup_v1_limit_is_what_is_available(tmp_path):
-    """cgroup v1, as this machine has it: the limit less what the group holds beyond its inactive file pages."""
+    """cgroup v1, as this machine has it: the limit less what the group holds beyond the file pages no process maps
+    (page cache, which stays charged to the group after the process that read it ends)."""
     from phi3cli.sizing import cgroup_available
 
     proc = tmp_path / "cgroup"
     proc.write_text("9:pids:/\n4:memory:/box/job\n0::/\n")
-    stat = "cache 900000000\ntotal_inactive_file 700000000\nhierarchical_memory_limit {}\n"
+    stat = (
+        "cache 900000000\ntotal_inactive_file 700000000\ntotal_active_file 300000000\ntotal_mapped_file 200000000\n"
+        "hierarchical_memory_limit {}\n"
+    )
     job = tmp_path / "fs" / "memory" / "box" / "job"
     _cgroup_files(job, {"memory.usage_in_bytes": "1500000000", "memory.stat": stat.format(4_000_000_000)})
-    assert cgroup_available(proc, tmp_path / "fs") == 4_000_000_000 - (1_500_000_000 - 700_000_000)
+    assert cgroup_available(proc, tmp_path / "fs") == 4_000_000_000 - (
+        1_500_000_000 - (700_000_000 + 300_000_000 - 200_000_000)
+    )
     _cgroup_files(job, {"memory.stat": stat.format(9223372036854771712)})  # no limit
     assert cgroup_available(proc, tmp_path / "fs") is None
 
@@ -279,10 +285,10 @@ def test_a_cgroup_v2_limit_anywhere_up_the_tree_counts(tmp_path):
     fs = tmp_path / "fs"
     _cgroup_files(fs, {"cgroup.controllers": "cpu memory\n"})
     _cgroup_files(fs / "user.slice", {"memory.max": "3000000000\n", "memory.current": "2000000000\n",
-                                      "memory.stat": "anon 1500000000\ninactive_file 500000000\n"})  # fmt: skip
+                                      "memory.stat": "anon 1500000000\ninactive_file 500000000\nactive_file 100000000\nfile_mapped 50000000\n"})  # fmt: skip
     app = fs / "user.slice" / "app"
     _cgroup_files(app, {"memory.max": "max\n", "memory.current": "1000000000\n", "memory.stat": "inactive_file 0\n"})
-    assert cgroup_available(proc, fs) == 3_000_000_000 - (2_000_000_000 - 500_000_000)
+    assert cgroup_available(proc, fs) == 3_000_000_000 - (2_000_000_000 - 550_000_000)
     (app / "memory.max").write_text("1200000000\n")
     assert cgroup_available(proc, fs) == 200_000_000
     assert cgroup_available(tmp_path / "absent", fs) is None  # not Linux
