@@ -130,32 +130,33 @@ class ModelPool:
     async def _load(self, name: str) -> None:
         if self.loader is None or self.stopping:
             raise ApiError(f"The model {name!r} is not loaded.", status=503, code=None, type="server_error")
-        import psutil
-
         for closing in self._make_room():  # before loading, so memory holds at most max_loaded models
             await asyncio.to_thread(closing.join)
-        process = psutil.Process()
-        before, start = process.memory_info().rss, time.perf_counter()
         log.info(f"loading {name} (asked for by a request)")
         try:
-            model = await self._load_making_room(name)
+            model, seconds, grown = await self._load_making_room(name)
         except Exception as exc:
             message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
             short = isinstance(exc, NotEnoughMemoryError)  # with every other model unloaded: it never fits here
             raise ApiError(f"The model {name!r} could not be loaded: {message}", status=503 if short else 500,
                            code=None, type="server_error") from None  # fmt: skip
-        seconds = time.perf_counter() - start
-        ctx = self.add(name, model, seconds, max(0, process.memory_info().rss - before))
+        ctx = self.add(name, model, seconds, grown)
         ctx.jobs.start()
         log.info(f"loaded {name} in {seconds:.1f} s · {model.backend} {model.format} on {model.executed_device}")
 
-    async def _load_making_room(self, name: str) -> LoadedModel:
-        """Load name; while the load's memory check refuses it, unload the least recently used model (once its
-        requests are done, so new ones wait) and try again, as Ollama makes room. Where even unloading every model
-        (by the memory each took to load) would not make room, it fails at once, unloading none."""
+    async def _load_making_room(self, name: str) -> tuple[LoadedModel, float, int]:
+        """Load name (the model, the load's seconds and the resident memory it added); while the load's memory check
+        refuses it, unload the least recently used model (once its requests are done, so new ones wait) and try
+        again, as Ollama makes room. Where even unloading every model (by the memory each took to load) would not
+        make room, it fails at once, unloading none."""
+        import psutil
+
+        process = psutil.Process()
         while True:
+            before, start = process.memory_info().rss, time.perf_counter()
             try:
-                return await asyncio.to_thread(self.loader, self.specs.get(name, name))
+                model = await asyncio.to_thread(self.loader, self.specs.get(name, name))
+                return model, time.perf_counter() - start, max(0, process.memory_info().rss - before)
             except NotEnoughMemoryError as exc:
                 held = [ctx.memory_bytes for ctx in self.loaded.values()]
                 if not held or (None not in held and exc.needed > exc.available + sum(held)):
