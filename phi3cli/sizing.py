@@ -206,9 +206,7 @@ def _v1_room(root: Path, path: str) -> int | None:
     usage = _read_int(folder / "memory.usage_in_bytes")
     if not limit or limit >= NO_LIMIT or usage is None:
         return None
-    return max(
-        0, limit - (usage - _unmapped_file(stat, "total_inactive_file", "total_active_file", "total_mapped_file"))
-    )
+    return _room(limit, usage, stat, V1_FILE_PAGES)
 
 
 def _v2_room(root: Path, path: str) -> int | None:
@@ -218,18 +216,22 @@ def _v2_room(root: Path, path: str) -> int | None:
     while True:
         limit, usage = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
         if limit is not None and usage is not None:  # "max" (no limit) reads as None
-            here = max(
-                0, limit - (usage - _unmapped_file(_memory_stat(folder), "inactive_file", "active_file", "file_mapped"))
-            )
+            here = _room(limit, usage, _memory_stat(folder), V2_FILE_PAGES)
             room = here if room is None else min(room, here)
         if folder == root or root not in folder.parents:
             return room
         folder = folder.parent
 
 
-def _unmapped_file(stat: dict[str, int], inactive: str, active: str, mapped: str) -> int:
-    """The page cache no process maps: the kernel reclaims it before it kills."""
-    return max(0, stat.get(inactive, 0) + stat.get(active, 0) - stat.get(mapped, 0))
+# memory.stat's names for a group's inactive, active and mapped file pages, in cgroup v1 (with its children) and v2
+V1_FILE_PAGES = ("total_inactive_file", "total_active_file", "total_mapped_file")
+V2_FILE_PAGES = ("inactive_file", "active_file", "file_mapped")
+
+
+def _room(limit: int, usage: int, stat: dict[str, int], names: tuple[str, str, str]) -> int:
+    """The limit less what the group holds, the page cache no process maps left out (the kernel reclaims it first)."""
+    inactive, active, mapped = (stat.get(name, 0) for name in names)
+    return max(0, limit - (usage - max(0, inactive + active - mapped)))
 
 
 def _read_int(path: Path) -> int | None:
