@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from phi3cli.backends.sampling import SamplingControls
 from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress
+from phi3cli.sizing import Estimate, load_estimate
 from phi3cli.templates import ChatTemplate
 from phi3cli.util import common_prefix_length, package_versions
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
     from phi3cli.backends import BackendSpec
     from phi3cli.routing import Route
-    from phi3cli.sizing import Estimate
     from phi3cli.sources import ModelSource
     from phi3cli.speculation import Speculation
 
@@ -243,6 +243,8 @@ class Backend(ABC):
     """
 
     recipe_version: ClassVar[str] = "1"  # bump when what build() writes changes, so stored variants are rebuilt
+    # A CPU load of this backend's folders was measured to hold about their bytes and a fifth (sizing.load_estimate)
+    cpu_load_from_folder: ClassVar[bool] = False
 
     def __init__(self, spec: BackendSpec):
         self.spec = spec
@@ -279,7 +281,10 @@ class Backend(ABC):
 
     def load_estimate(self, folder: Path, request: LoadRequest) -> Estimate | None:
         """The memory a load of folder holds while it answers a short prompt, for the check before loading (None:
-        unknown). The KV cache grows on top of it with the context."""
+        unknown). The KV cache grows on top of it with the context. By default: from the folder's bytes where
+        cpu_load_from_folder says so, on the CPU only (a GPU's or an NPU's memory was never measured)."""
+        if self.cpu_load_from_folder and request.device == "cpu":
+            return load_estimate(folder)
         return None
 
     def build_target(self, device: str) -> str:

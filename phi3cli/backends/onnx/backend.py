@@ -13,11 +13,12 @@ from phi3cli.backends.onnx.quantize import quantize_folder
 from phi3cli.backends.onnx.runtime import load_folder
 from phi3cli.backends.onnx.vision import is_vision_folder, load_vision
 from phi3cli.progress import Progress
-from phi3cli.sizing import GB, Estimate, calibrated_by_default, load_estimate, parameter_count, variant_bytes
+from phi3cli.sizing import GB, Estimate, calibrated_by_default, parameter_count, variant_bytes
 
 
 class OnnxBackend(Backend):
     recipe_version = "5"  # bump when what build() writes changes, so stored variants are rebuilt
+    cpu_load_from_folder = True  # measured at 32 layers (docs/results/2026-12-06-memory.md)
 
     def build_target(self, device: str) -> str:
         """cpu, or the GPU execution provider this ONNX Runtime GenAI has (dml on Windows, else cuda); raises
@@ -45,10 +46,6 @@ class OnnxBackend(Backend):
             disk += variant_bytes(params, "fp32")
             return Estimate(int(peak), "NNCF compresses a float32 graph, which it also runs for calibration", disk)
         return Estimate(int(4.4 * params + 0.5 * GB), "the builder holds the model in float32", disk)
-
-    def load_estimate(self, folder: Path, request: LoadRequest) -> Estimate | None:
-        # Measured on the CPU only; a GPU's or an NPU's memory was never measured here.
-        return load_estimate(folder) if request.device == "cpu" else None
 
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
         quantize_folder(Path(model_dir), recipe, out, progress)

@@ -16,12 +16,13 @@ from phi3cli.backends.openvino.runtime import load_ir, ov_device_for
 from phi3cli.backends.openvino.vision import export_vision, is_vision_config, is_vision_ir, load_vision
 from phi3cli.errors import ConversionError, UnsupportedModelError
 from phi3cli.progress import Progress, SilentProgress
-from phi3cli.sizing import GB, Estimate, checkpoint_dtype, load_estimate, parameter_count, variant_bytes
+from phi3cli.sizing import GB, Estimate, checkpoint_dtype, parameter_count, variant_bytes
 from phi3cli.util import copy_missing
 
 
 class OpenVINOBackend(Backend):
     recipe_version = RECIPE_VERSION
+    cpu_load_from_folder = True  # measured at 32 layers (docs/results/2026-12-06-memory.md)
 
     def check_device(self, device: str) -> None:
         ov_device_for(device, list(ov.Core().available_devices))
@@ -57,10 +58,6 @@ class OpenVINOBackend(Backend):
             calibrated = Estimate(int(4.4 * params + 0.5 * GB), "calibration runs the model beside its fp16 copy", disk)
             return max(export, calibrated, key=lambda e: e.peak_bytes)
         return export
-
-    def load_estimate(self, folder: Path, request: LoadRequest) -> Estimate | None:
-        # Measured on the CPU only; a GPU's or an NPU's memory was never measured here.
-        return load_estimate(folder) if request.device == "cpu" else None
 
     def quantize(self, model_dir: Path, recipe: ConvertRecipe, out: Path, progress: Progress) -> None:
         model_dir = Path(model_dir)
