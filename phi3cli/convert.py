@@ -54,10 +54,11 @@ def check_build(backend: Backend, hf_dir: Path, recipe: ConvertRecipe, what: str
     """The pre-flight check: refuse, in one line, a build that would run out of memory, or of disk where it writes
     (where), before it starts."""
     estimate = backend.build_estimate(model_config(hf_dir), recipe)
-    check_disk(estimate, where, f"{what} for {backend.name} ({recipe.format})")
+    action = f"Converting {what} for {backend.name} ({recipe.format})"
+    check_disk(estimate, where, action)
     check_memory(
         estimate,
-        f"Converting {what} for {backend.name} ({recipe.format})",
+        action,
         hint="Close other programs, or run a ready-made variant instead of converting (`phi3 models catalog` "
         "lists them; `phi3 chat -m NAME` downloads the one for your device).",
     )

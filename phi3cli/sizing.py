@@ -277,14 +277,15 @@ def free_disk(where: Path) -> int:
     return shutil.disk_usage(where).free
 
 
-def check_disk(estimate: Estimate | None, where: Path, what: str) -> None:
-    """Refuse a build whose output will not fit on the disk that receives it, in one line, before it starts."""
+def check_disk(estimate: Estimate | None, where: Path, action: str) -> None:
+    """Refuse a build ("Converting X for openvino (int4)") whose output will not fit on the disk that receives it
+    (where), in one line, before it starts."""
     if estimate is None or not estimate.disk_bytes:
         return
     free = free_disk(where)
     if estimate.disk_bytes > free:
         raise ConversionError(
-            f"Converting {what} writes about {estimate.disk_bytes / GB:.1f} GB; {free / GB:.1f} GB is free on the "
+            f"{action} writes about {estimate.disk_bytes / GB:.1f} GB; {free / GB:.1f} GB is free on the "
             f"disk holding {where}, so it would fail halfway.",
             hint="Free some space (`phi3 models list` shows what phi3 keeps, `phi3 models rm` removes it), or "
             "convert into another disk's folder with -o.",
