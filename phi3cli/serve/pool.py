@@ -137,7 +137,7 @@ class ModelPool:
             model, seconds, grown = await self._load_making_room(name)
         except Exception as exc:
             message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
-            short = isinstance(exc, NotEnoughMemoryError)  # with every other model unloaded: it never fits here
+            short = isinstance(exc, NotEnoughMemoryError)  # unloading the other models would not make room
             raise ApiError(f"The model {name!r} could not be loaded: {message}", status=503 if short else 500,
                            code=None, type="server_error") from None  # fmt: skip
         ctx = self.add(name, model, seconds, grown)
