@@ -14,6 +14,7 @@ import struct
 import pytest
 
 from tests.conftest import run_phi3
+from tests.fakes.scripted_model import write_fake_model
 
 # Phi-3-mini-4k-instruct's widths with the demo's vocabulary, as scripts/make_shaped_model.py --layers 32 writes.
 PHI3_MINI_SHAPED = {
@@ -139,9 +140,7 @@ def test_estimates_of_both_converters():
 
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
 def test_convert_refuses_what_does_not_fit(tmp_path, backend):
-    model = tmp_path / "phi3-mini-shaped"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(PHI3_MINI_SHAPED))
+    model = write_fake_model(tmp_path / "phi3-mini-shaped", PHI3_MINI_SHAPED)
     out = tmp_path / "out"
     proc = run_phi3(
         "convert",
@@ -166,9 +165,7 @@ def test_convert_refuses_what_does_not_fit(tmp_path, backend):
 def test_convert_refuses_what_the_disk_cannot_hold(tmp_path, backend, into):
     """int4 at Phi-3-mini's size writes about 2.7 GB (OpenVINO: 10 GB at its peak, with the fp16 IR it compresses):
     with 2 GB free where it writes, one line says so before anything is written, into a folder or the store."""
-    model = tmp_path / "phi3-mini-shaped"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(PHI3_MINI_SHAPED))
+    model = write_fake_model(tmp_path / "phi3-mini-shaped", PHI3_MINI_SHAPED)
     home, out = tmp_path / "home", tmp_path / "out"
     where = ["-o", str(out)] if into == "folder" else []
     env = {"PHI3_DISK_FREE_GB": "2", "PHI3_MEMORY_LIMIT_GB": "64", "PHI3_HOME": str(home)}
@@ -228,9 +225,7 @@ def test_a_torch_load_is_estimated_at_what_it_was_measured_to_need(tmp_path, lay
     from phi3cli.backends import get_backend
     from phi3cli.backends.base import LoadRequest
 
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({**PHI3_MINI_SHAPED, "num_hidden_layers": layers}))
+    folder = write_fake_model(tmp_path / "model", {**PHI3_MINI_SHAPED, "num_hidden_layers": layers})
     estimate = get_backend("torch").load_estimate(folder, LoadRequest(source=None, device="cpu", format=fmt))
     assert killed < estimate.peak_bytes <= ran, estimate
 

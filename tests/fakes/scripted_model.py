@@ -129,12 +129,13 @@ CONFIG = {  # a config.json that resolves as a Phi-3 model folder (its shape is 
 BLOB = "fake-compiled.blob"  # what the fake "runtime" keeps in LoadRequest.cache_dir, as OpenVINO keeps compiled models
 
 
-def write_fake_model(folder: Path) -> Path:
-    """A folder that resolves as a Hugging Face Phi-3 model (a config, no weights): the FAKE backend loads it."""
+def write_fake_model(folder: Path, config: dict | None = None) -> Path:
+    """A folder that resolves as a Hugging Face Phi-3 model (a config, no weights): the FAKE backend loads it; with
+    config, that config.json (what the checks before a conversion or a load read)."""
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(CONFIG))
+    (folder / "config.json").write_text(json.dumps(config or CONFIG))
     return folder
 
 
